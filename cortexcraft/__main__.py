@@ -1,0 +1,3 @@
+from cortexcraft.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, presets, pipeline.
+
+Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
+Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cortexcraft.errors import CortexCraftError
+
+log = logging.getLogger("cortexcraft")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CORTEXCRAFT_DATA_DIR", "data"))
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="tinyshakespeare (default) | openwebtext | openwebtext-10k | "
+                        "hf:REPO[@REV][:SPLIT] | a local file, directory or glob | an http(s) URL")
+    parser.add_argument("--tokenizer", choices=["char", "bpe"])
+    parser.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    parser.add_argument("--vocab", dest="vocab_file", help="use this vocab.txt instead of extracting one")
+    parser.add_argument("--allow-unk", action="store_true", default=None,
+                        help="map characters outside --vocab to <unk> instead of failing")
+    parser.add_argument("--special-tokens", nargs="*", help="extra tokens, e.g. <pad> <unk> <bos> <eos>")
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--max-docs", type=int)
+    parser.add_argument("--max-bytes", type=int)
+    parser.add_argument("--shard-tokens", type=int)
+    parser.add_argument("--text-column")
+    parser.add_argument("--separator", help="document separator (default: blank line, or <|endoftext|> for BPE)")
+
+
+def _data_config_from_args(args: argparse.Namespace):
+    from cortexcraft.config import DataConfig, validate_config
+
+    fields = {name: getattr(args, name) for name in DataConfig.model_fields if getattr(args, name, None) is not None}
+    return validate_config({"data": fields}).data
+
+
+def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    parser.add_argument("--preset", default=default_preset, help=f"named preset (default {default_preset}); see `cortexcraft presets`")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config value, e.g. --set n_layer=8 --set train.lr=1e-3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cortexcraft", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="download a corpus, build vocab.txt and write train/val token shards")
+    _add_data_options(p)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--cache-dir", type=Path, help="download cache (default: DATA_DIR/downloads)")
+
+    p = sub.add_parser("train", help="train a GPT on prepared shards")
+    p.add_argument("--data", required=True, type=Path, help="directory written by `cortexcraft prepare`")
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics)")
+    _add_config_options(p, "cpu")
+    p.add_argument("--max-iters", type=int)
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget; ends with a checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+
+    p = sub.add_parser("generate", help="sample text from a trained run (text to stdout, logs to stderr)")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false")
+
+    p = sub.add_parser("evaluate", help="val loss and bits per character of a checkpoint")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    p.add_argument("--batches", type=int, help="evaluate on this many random batches instead of the whole split")
+
+    p = sub.add_parser("presets", help="list presets with their parameter counts")
+    p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
+    p.add_argument("--fields", action="store_true", help="list every setting --set accepts")
+
+    p = sub.add_parser("pipeline", help="run the full Prefect pipeline in-process")
+    _add_config_options(p, "cpu")
+    p.add_argument("--source", help="corpus spec, as for prepare (default: the preset's)")
+    p.add_argument("--data-dir", type=Path, help="where stage outputs and the cache live (default ./data)")
+    p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE",
+                   help="force these stages to re-run: download vocab shards train report, or all")
+    return parser
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from cortexcraft.prepare import prepare
+
+    cache_dir = args.cache_dir or default_data_dir() / "downloads"
+    manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir)
+    splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
+    print(f"wrote {args.out}: vocab_size {manifest['vocab_size']}, {splits}", file=sys.stderr)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cortexcraft.config import build_config
+    from cortexcraft.train import train
+
+    overrides = list(args.overrides)
+    if args.max_iters is not None:
+        overrides.append(f"train.max_iters={args.max_iters}")
+    if args.max_minutes is not None:
+        overrides.append(f"train.max_minutes={args.max_minutes}")
+    config = build_config(args.preset, overrides)
+    summary = train(config, args.data, args.out, resume=args.resume)
+    print(f"best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}; "
+          f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from cortexcraft.generate import generate_from_run
+
+    streaming = sys.stdout.isatty()
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    text = generate_from_run(
+        args.run, checkpoint=args.checkpoint, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        kv_cache=args.kv_cache, on_text=write if streaming else None,
+    )
+    if not streaming:
+        sys.stdout.write(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cortexcraft.train import evaluate_run
+
+    result = evaluate_run(args.run, args.data, checkpoint=args.checkpoint, batches=args.batches)
+    print(f"val loss {result['val_loss']:.4f}  bits/char {result['bits_per_char']:.4f}  "
+          f"({result['tokens']:,} tokens, checkpoint {result['checkpoint']})")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from cortexcraft.config import RunConfig, build_config, preset_description, preset_names, SECTIONS
+
+    if args.fields:
+        for section in SECTIONS:
+            for name, field in RunConfig.model_fields[section].annotation.model_fields.items():
+                print(f"{section}.{name:<20} {field.description or ''}".rstrip())
+        return 0
+    if args.show:
+        print(json.dumps(build_config(args.show).model_dump(mode="json"), indent=2))
+        return 0
+    from cortexcraft.model import parameter_count
+    from cortexcraft.tokenizer import preset_vocab_size
+
+    print(f"{'preset':<18} {'params':>12}  {'layers':>6} {'heads':>5} {'n_embd':>6} {'block':>5}  description")
+    for name in preset_names():
+        config = build_config(name)
+        m = config.model
+        params = parameter_count(m, preset_vocab_size(config.data))
+        print(f"{name:<18} {params:>12,}  {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>6} {m.block_size:>5}  {preset_description(name)}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline_from_cli
+
+    return run_pipeline_from_cli(
+        preset=args.preset, overrides=args.overrides, source=args.source,
+        data_dir=args.data_dir or default_data_dir(), refresh=args.refresh,
+    )
+
+
+COMMANDS = {
+    "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
+    "evaluate": _cmd_evaluate, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except CortexCraftError as exc:
+        print(f"cortexcraft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cortexcraft {args.command}: interrupted", file=sys.stderr)
+        return 130

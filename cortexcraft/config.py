@@ -1,0 +1,214 @@
+"""One typed config for a run: data preparation, model, training and sampling.
+
+Presets are JSON files in ``cortexcraft/presets/``; a preset is a partial ``RunConfig``
+(only the values that differ from the defaults below). ``--set key=value`` overrides any
+field, by its bare name when that is unambiguous (``n_layer=8``) or by ``section.name``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cortexcraft.errors import CortexCraftError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = "tinyshakespeare"
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: Optional[int] = Field(None, gt=0, description="BPE vocabulary size")
+    vocab_file: Optional[str] = Field(None, description="use this vocab.txt instead of extracting one")
+    allow_unk: bool = Field(False, description="map characters outside --vocab to <unk>")
+    special_tokens: list[str] = Field(default_factory=list, description="e.g. <pad> <unk> <bos> <eos>")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_docs: Optional[int] = Field(None, gt=0)
+    max_bytes: Optional[int] = Field(None, gt=0)
+    shard_tokens: int = Field(100_000_000, gt=0, description="maximum tokens per shard file")
+    text_column: str = "text"
+    separator: Optional[str] = Field(None, description="document separator; default blank line or <|endoftext|>")
+
+
+class ModelConfig(_Section):
+    block_size: int = Field(256, gt=0, description="context length in tokens")
+    n_layer: int = Field(6, gt=0)
+    n_head: int = Field(6, gt=0)
+    n_embd: int = Field(384, gt=0)
+    d_ff: Optional[int] = Field(None, gt=0, description="feed-forward width; default 4*n_embd")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    max_positions: Optional[int] = Field(None, gt=0, description="positional table size; default block_size")
+    activation: Literal["relu", "gelu"] = "relu"
+    norm: Literal["pre", "post"] = "pre"
+    tie_weights: bool = False
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"choose n_head among the divisors of n_embd"
+            )
+        if self.max_positions is not None and self.block_size > self.max_positions:
+            raise ValueError(
+                f"block_size={self.block_size} exceeds the positional table (max_positions="
+                f"{self.max_positions}); lower block_size or raise max_positions"
+            )
+        return self
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+    @property
+    def positions(self) -> int:
+        return self.max_positions or self.block_size
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_iters: int = Field(5000, gt=0)
+    max_epochs: Optional[float] = Field(None, gt=0, description="train for this many passes over the train tokens instead of max_iters")
+    max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget, checked inside the loop")
+    lr: float = Field(3e-4, gt=0)
+    min_lr: Optional[float] = Field(None, ge=0, description="cosine floor; default lr/10")
+    lr_schedule: Literal["cosine", "constant"] = "constant"
+    warmup_iters: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.999, gt=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    eval_interval: int = Field(500, gt=0)
+    eval_iters: int = Field(200, gt=0)
+    checkpoint_interval: int = Field(1000, gt=0)
+    keep_last: int = Field(2, gt=0, description="periodic checkpoints kept besides the best")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+
+
+class SampleConfig(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["\n", "ROMEO:", "First Citizen:"])
+    max_new_tokens: int = Field(500, gt=0)
+    temperature: float = Field(0.8, ge=0.0, description="0 means greedy")
+    top_k: Optional[int] = Field(None, gt=0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: int = 1337
+    kv_cache: bool = True
+
+
+class RunConfig(_Section):
+    preset: str = "custom"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, for content-addressed stage directories."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+SECTIONS = ("data", "model", "train", "sample")
+
+
+def preset_names() -> list[str]:
+    files = resources.files("cortexcraft.presets").iterdir()
+    return sorted(f.name[: -len(".json")] for f in files if f.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise CortexCraftError(
+            f"unknown preset {name!r}; choose one of: {', '.join(preset_names())} (see `cortexcraft presets`)"
+        )
+    text = resources.files("cortexcraft.presets").joinpath(f"{name}.json").read_text()
+    data = json.loads(text)
+    data.pop("description", None)
+    return data
+
+
+def preset_description(name: str) -> str:
+    text = resources.files("cortexcraft.presets").joinpath(f"{name}.json").read_text()
+    return json.loads(text).get("description", "")
+
+
+def _field_owner(key: str) -> str:
+    owners = [s for s in SECTIONS if key in RunConfig.model_fields[s].annotation.model_fields]
+    if not owners:
+        raise CortexCraftError(f"unknown setting {key!r} in --set; see `cortexcraft presets --fields` for valid names")
+    if len(owners) > 1:
+        raise CortexCraftError(
+            f"setting {key!r} is ambiguous; write it as one of {', '.join(o + '.' + key for o in owners)}"
+        )
+    return owners[0]
+
+
+def _parse_value(raw: str) -> Any:
+    # JSON first so numbers, booleans, null and lists get their types; anything else is a string.
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Turn ``["n_layer=8", "train.lr=1e-3"]`` into ``{"model": {"n_layer": 8}, "train": {"lr": 0.001}}``."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CortexCraftError(f"--set {item!r} is not key=value; write e.g. --set n_layer=8")
+        if "." in key:
+            section, _, name = key.partition(".")
+            if section not in SECTIONS:
+                raise CortexCraftError(f"unknown section {section!r} in --set {item!r}; use one of {', '.join(SECTIONS)}")
+            if name not in RunConfig.model_fields[section].annotation.model_fields:
+                raise CortexCraftError(f"unknown setting {key!r} in --set; see `cortexcraft presets --fields` for valid names")
+        else:
+            section, name = _field_owner(key), key
+        nested.setdefault(section, {})[name] = _parse_value(raw.strip())
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(preset: str = "cpu", overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """The run config of ``preset`` with ``overrides`` (``--set`` strings or a nested dict) applied."""
+    data = load_preset(preset)
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    data = _merge(data, extra)
+    data["preset"] = preset
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a config dict, turning pydantic's report into one line per problem."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise CortexCraftError("invalid config: " + "; ".join(problems)) from None
