@@ -1,0 +1,229 @@
+"""Checkpoints: everything needed to resume training exactly, without pickling objects.
+
+Layout of a run directory (written by ``cortexcraft.train.train``)::
+
+    RUN_DIR/
+      run.json                     the run config, data directory and device, written at start
+      vocab.txt | tokenizer files  the tokenizer (``Tokenizer.save``), so the run dir is self-contained
+      metrics.jsonl                one JSON object per evaluation (step, train_loss, val_loss, lr, ...)
+      summary.json                 the result of the last ``train`` call
+      checkpoints/
+        step_00001000/
+          model.safetensors        model weights (the unwrapped model's state_dict)
+          training.safetensors     optimizer tensors ("optimizer.<param>.<name>") and RNG states
+                                   ("rng.<rank>.cpu", "rng.<rank>.cuda<i>") of every rank
+          state.json               step, val_loss, best_val_loss/best_step, tokens_seen, the config,
+                                   vocab_size, optimizer scalars and param groups, grad-scaler state,
+                                   and the sha256 of both .safetensors files
+
+A checkpoint directory is built under a temporary name and renamed into place, so it either
+exists complete or not at all; the recorded hashes catch a file damaged afterwards. ``last`` is
+the valid checkpoint with the highest step, ``best`` the valid one with the lowest val_loss.
+Batches are a pure function of the step, so the step is the data sampler's position.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save
+
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cortexcraft-checkpoint/1"
+MODEL_FILE = "model.safetensors"
+TRAINING_FILE = "training.safetensors"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(CortexCraftError):
+    """A checkpoint directory that is missing, incomplete or damaged."""
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _tensor_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
+
+
+def _split_optimizer_state(optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer tensors go to safetensors; scalars and param groups go to JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in optimizer_state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optimizer_state["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    rng_states: list[dict[str, torch.Tensor]],
+    state: dict[str, Any],
+) -> Path:
+    """Write ``checkpoints/step_<step>/`` atomically and return its path.
+
+    ``rng_states`` holds one dict of RNG state tensors per rank; ``state`` is the JSON part
+    (step, losses, config, ...), completed here with the optimizer scalars and file hashes.
+    """
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
+    training = dict(optimizer_tensors)
+    for rank, rank_states in enumerate(rng_states):
+        training.update({f"rng.{rank}.{name}": t for name, t in rank_states.items()})
+    atomic_write_bytes(tmp / MODEL_FILE, save(_tensor_dict(model_state)))
+    atomic_write_bytes(tmp / TRAINING_FILE, save(_tensor_dict(training)))
+    record = {
+        **state,
+        "format": FORMAT,
+        "step": step,
+        "optimizer": optimizer_meta,
+        "sha256": {name: sha256_file(tmp / name) for name in (MODEL_FILE, TRAINING_FILE)},
+    }
+    atomic_write_json(tmp / STATE_FILE, record)
+    if final.exists():
+        # Only a damaged leftover or a re-save of the same step (a resumed run) can be here.
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def read_checkpoint_state(ckpt_dir: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's state.json; with ``verify`` also check both files against their hashes."""
+    ckpt_dir = Path(ckpt_dir)
+    state_path = ckpt_dir / STATE_FILE
+    try:
+        state = read_json(state_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no {STATE_FILE}; pass a checkpoint directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {state_path} is not valid JSON (damaged); use another checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is not a {FORMAT} checkpoint; use another checkpoint")
+    if verify:
+        for name, expected in state["sha256"].items():
+            path = ckpt_dir / name
+            if not path.is_file() or sha256_file(path) != expected:
+                raise CheckpointError(f"checkpoint file {path} is missing or damaged (hash mismatch); use another checkpoint")
+    return state
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Step directories under RUN_DIR/checkpoints, oldest first (validity not checked)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def valid_checkpoints(run_dir: str | os.PathLike, verify: bool = True) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, state) of every checkpoint that verifies, oldest first; damaged ones are logged by name."""
+    valid = []
+    for path in list_checkpoints(run_dir):
+        try:
+            valid.append((path, read_checkpoint_state(path, verify)))
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+    return valid
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The newest valid checkpoint, or None when the run has none."""
+    valid = valid_checkpoints(run_dir)
+    return valid[-1] if valid else None
+
+
+def _best_of(valid: list[tuple[Path, dict[str, Any]]]) -> Optional[tuple[Path, dict[str, Any]]]:
+    scored = [(s["val_loss"], s["step"], p, s) for p, s in valid if s.get("val_loss") is not None]
+    if not scored:
+        return valid[-1] if valid else None
+    _, _, path, state = min(scored, key=lambda item: (item[0], item[1]))
+    return path, state
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike = "best") -> tuple[Path, dict[str, Any]]:
+    """``"best"`` | ``"last"`` | a checkpoint directory (or a file inside one) -> (path, verified state)."""
+    if which in ("best", "last"):
+        valid = valid_checkpoints(run_dir)
+        chosen = _best_of(valid) if which == "best" else (valid[-1] if valid else None)
+        if chosen is None:
+            raise CheckpointError(f"no valid checkpoint in {checkpoints_dir(run_dir)}; train the run first (cortexcraft train --out {run_dir})")
+        return chosen
+    path = Path(which)
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; use best, last or a directory under {checkpoints_dir(run_dir)}")
+    return path, read_checkpoint_state(path)
+
+
+def load_model_state(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
+
+
+def load_training_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """(optimizer state_dict, per-rank RNG state tensors) of a checkpoint."""
+    tensors = load_file(str(Path(ckpt_dir) / TRAINING_FILE))
+    rng: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            _, rank, name = key.split(".", 2)
+            rng.setdefault(int(rank), {})[name] = value
+    return _join_optimizer_state(tensors, state["optimizer"]), [rng[r] for r in sorted(rng)]
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` valid checkpoints and the best one, plus any damaged
+    checkpoint or temporary directory older than the newest valid checkpoint.
+
+    Hashes are not re-checked: the trainer just wrote these, and hashing large ones each time is slow.
+    """
+    valid = valid_checkpoints(run_dir, verify=False)
+    keep = {p for p, _ in valid[-keep_last:]}
+    best = _best_of(valid)
+    if best is not None:
+        keep.add(best[0])
+    newest = valid[-1][0].name if valid else ""
+    for path in list_checkpoints(run_dir):
+        if path not in keep and path.name < newest:
+            shutil.rmtree(path, ignore_errors=True)
+    for tmp in checkpoints_dir(run_dir).glob(".step_*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)

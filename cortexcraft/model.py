@@ -1,0 +1,184 @@
+"""A decoder-only transformer (GPT), configurable to cover every seed project.
+
+Token embedding + positional encoding (learned table or fixed sinusoids) -> ``n_layer`` blocks of
+masked multi-head self-attention and a feed-forward network, each wrapped in a residual connection
+and a LayerNorm (pre-norm: ``x + f(ln(x))``; post-norm: ``ln(x + f(x))``) -> final LayerNorm ->
+linear head over the vocabulary. Attention runs through ``F.scaled_dot_product_attention`` (flash
+kernels on GPU) with a fused QKV projection.
+
+Generation can pass a ``KVCache``: the keys and values of earlier positions are kept so each new
+token costs one position instead of the whole context.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from cortexcraft.config import ModelConfig
+from cortexcraft.errors import CortexCraftError
+
+
+def check_model_config(cfg: ModelConfig, vocab_size: int) -> None:
+    """Reject shapes that cannot work, before any tensor is allocated."""
+    if cfg.n_embd % cfg.n_head:
+        raise CortexCraftError(
+            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; choose n_head among the divisors of n_embd"
+        )
+    if cfg.block_size > cfg.positions:
+        raise CortexCraftError(
+            f"block_size={cfg.block_size} exceeds the positional table ({cfg.positions} positions); "
+            f"lower block_size or raise max_positions"
+        )
+    if vocab_size < 1:
+        raise CortexCraftError(f"vocab_size={vocab_size} is not positive; prepare the data again")
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one (k, v) pair per layer."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * n_layer
+        self.length = 0
+
+    def reset(self) -> None:
+        self.layers = [None] * len(self.layers)
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = cache.layers[layer] if cache is not None else None
+        if past is not None:
+            # After the prefill the cache grows one token at a time, and that one newest query may
+            # attend to every cached key: no mask needed.
+            if T > 1:
+                raise ValueError("a filled KVCache is extended one token at a time")
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        if cache is not None:
+            cache.layers[layer] = (k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None and T > 1
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, cfg.ff_width, bias=cfg.bias)
+        self.act = nn.GELU() if cfg.activation == "gelu" else nn.ReLU()
+        self.proj = nn.Linear(cfg.ff_width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), cache, layer)
+            return x + self.ff(self.ln2(x))
+        x = self.ln1(x + self.attn(x, cache, layer))
+        return self.ln2(x + self.ff(x))
+
+
+def sinusoidal_table(positions: int, n_embd: int) -> torch.Tensor:
+    """The fixed sin/cos position encodings of "Attention Is All You Need"."""
+    position = torch.arange(positions, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(positions, n_embd)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: n_embd // 2])
+    return table
+
+
+class GPT(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        check_model_config(model_cfg, vocab_size)
+        self.config = model_cfg
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, model_cfg.n_embd)
+        if model_cfg.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(model_cfg.positions, model_cfg.n_embd)
+        else:
+            # A buffer, not a parameter: fixed, and rebuilt rather than stored in checkpoints.
+            self.register_buffer("pos_table", sinusoidal_table(model_cfg.positions, model_cfg.n_embd), persistent=False)
+        self.drop = nn.Dropout(model_cfg.dropout)
+        self.blocks = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.n_layer))
+        self.ln_f = nn.LayerNorm(model_cfg.n_embd, bias=model_cfg.bias)
+        # Tied weights reuse the embedding matrix as the head, so there is no second copy to save.
+        self.lm_head = None if model_cfg.tie_weights else nn.Linear(model_cfg.n_embd, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by depth.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * model_cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits for every position and the mean cross-entropy when ``targets`` are given.
+
+        Without targets only the last position's logits are computed (all generation needs).
+        """
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the {self.config.positions} positions")
+        pos = torch.arange(start, start + T, device=idx.device)
+        pos_enc = self.pos_emb(pos) if self.config.pos_encoding == "learned" else self.pos_table[pos]
+        x = self.drop(self.tok_emb(idx) + pos_enc)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if targets is None:
+            return self.head(x[:, [-1], :]), None
+        logits = self.head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+
+
+def parameter_count(model_cfg: ModelConfig, vocab_size: int) -> int:
+    """Trainable parameters of ``GPT(model_cfg, vocab_size)``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(model_cfg, vocab_size)
+    return sum(p.numel() for p in model.parameters())
