@@ -1,0 +1,140 @@
+"""Sampling text from a trained model: temperature, top-k, top-p, greedy, with or without a KV cache.
+
+With the cache and without it, the next token is always predicted from the same context, the last
+``block_size`` tokens, so both paths give the same text for the same seed. Positions are absolute
+(learned or sinusoidal), so once the context window slides every cached key sits at the wrong
+position: from then on each step rebuilds the cache from the cropped window (a full forward pass).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.nn import functional as F
+
+from cortexcraft.checkpoint import load_model_state, resolve_checkpoint
+from cortexcraft.config import ModelConfig
+from cortexcraft.device import select_device
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """One token id per row of ``logits`` (B, vocab); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the most likely always stays.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    kv_cache: bool = True,
+    on_token: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + max_new_tokens).
+
+    ``on_token`` gets each new token id of row 0 as soon as it is sampled.
+    """
+    model.eval()
+    block_size = model.config.block_size
+    cache = KVCache(model.config.n_layer) if kv_cache else None
+    for _ in range(max_new_tokens):
+        if cache is not None and 0 < cache.length < block_size:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        else:
+            if cache is not None:
+                cache.reset()
+            logits, _ = model(idx[:, -block_size:], cache=cache)
+        next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        idx = torch.cat([idx, next_id], dim=1)
+        if on_token is not None:
+            on_token(int(next_id[0, 0]))
+    return idx
+
+
+def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
+    path, state = resolve_checkpoint(run_dir, checkpoint)
+    model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
+    model.load_state_dict(load_model_state(path))
+    log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
+    return model.to(device).eval(), {**state, "path": str(path)}
+
+
+def generate_from_run(
+    run_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike = "best",
+    prompt: str = "\n",
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 1337,
+    kv_cache: bool = True,
+    on_text: Optional[Callable[[str], None]] = None,
+) -> str:
+    """Sample a continuation of ``prompt`` from a trained run; returns only the new text.
+
+    ``on_text`` receives the text in pieces as it is produced (whole characters only).
+    """
+    from cortexcraft.tokenizer import load_tokenizer
+
+    if not prompt:
+        raise CortexCraftError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
+    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise CortexCraftError("invalid sampling settings; use max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1")
+    run_dir = Path(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    prompt_ids = tokenizer.encode(prompt)
+    device = select_device("auto")
+    model, _ = load_model(run_dir, checkpoint, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new_ids: list[int] = []
+    emitted = ""
+
+    def stream(token: int) -> None:
+        nonlocal emitted
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        # A multi-byte character split across BPE tokens decodes to U+FFFD until it is complete.
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+            emitted = text
+
+    idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache,
+                   on_token=stream if on_text is not None else None)
+    text = tokenizer.decode(out[0, idx.size(1):].tolist())
+    if on_text is not None and len(text) > len(emitted):
+        on_text(text[len(emitted):])
+    return text
