@@ -1,0 +1,161 @@
+"""The run report: markdown with samples, metrics and the loss curve as an embedded SVG image.
+
+Pure functions of a run's eval history and summary, so the Prefect report task, the report file
+and tests all render the same text. The curve is a data:image/svg+xml;base64 URI because UIs that
+render markdown (Prefect's included) strip inline <svg>.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from cortexcraft.config import RunConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The eval records of RUN_DIR/metrics.jsonl in step order; a torn last line is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    # A resumed run re-evaluates steps it had already logged; the newest record of a step wins.
+    by_step = {r["step"]: r for r in records if "step" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def bits(loss: float | None) -> float | None:
+    """Cross-entropy in nats per token -> bits per token (bits per char for a char tokenizer)."""
+    return None if loss is None else loss / math.log(2)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def eval_rows(history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation, for a table artifact."""
+    return [{
+        "step": r["step"],
+        "train_loss": round(r["train_loss"], 4) if r.get("train_loss") is not None else None,
+        "val_loss": round(r["val_loss"], 4) if r.get("val_loss") is not None else None,
+        "val_bits_per_token": round(bits(r["val_loss"]), 4) if r.get("val_loss") is not None else None,
+        "lr": r.get("lr"),
+        "tokens_seen": r.get("tokens_seen"),
+        "elapsed_seconds": round(r["elapsed_seconds"], 1) if r.get("elapsed_seconds") is not None else None,
+    } for r in history]
+
+
+def loss_curve_svg(history: list[dict[str, Any]], width: int = 640, height: int = 300) -> str:
+    """Train and val loss against step, as a standalone SVG document."""
+    left, right, top, bottom = 56, 16, 16, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    series = {name: [(r["step"], r[name]) for r in history if r.get(name) is not None]
+              for name in ("train_loss", "val_loss")}
+    points = [p for s in series.values() for p in s]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>']
+    if not points:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no evaluations yet</text></svg>')
+        return "".join(parts)
+    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
+    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1e-3)
+    pad = 0.05 * (y_hi - y_lo)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def sx(x: float) -> float:
+        return left + (x - x_lo) / (x_hi - x_lo) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (y_hi - y) / (y_hi - y_lo) * plot_h
+
+    for i in range(5):
+        y = y_lo + (y_hi - y_lo) * i / 4
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+        x = x_lo + (x_hi - x_lo) * i / 4
+        parts.append(f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x:,.0f}</text>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>'
+                 f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">step</text>'
+                 f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + plot_h / 2})">loss (nats/token)</text>')
+    colours = {"train_loss": "#1f77b4", "val_loss": "#d62728"}
+    for n, (name, pts) in enumerate(series.items()):
+        if not pts:
+            continue
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
+        parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colours[name]}"/>' for x, y in pts)
+        lx, ly = left + plot_w - 110, top + 16 + 16 * n
+        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colours[name]}" stroke-width="2"/>'
+                     f'<text x="{lx + 24}" y="{ly}">{name.replace("_", " ")}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_data_uri(svg: str) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
+
+
+def _fence(text: str) -> str:
+    # A fence longer than any backtick run in the sample, so generated text cannot close it.
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def _best(history: list[dict[str, Any]], name: str) -> float | None:
+    values = [r[name] for r in history if r.get(name) is not None]
+    return min(values) if values else None
+
+
+def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[dict[str, Any]],
+                  samples: list[tuple[str, str]], parameters: int, vocab_size: int,
+                  run_dir: str | os.PathLike, checkpoint: str | os.PathLike,
+                  continued: dict[str, Any] | None = None) -> str:
+    """The report as markdown: training outcome, loss curve, samples, config."""
+    unit = "char" if config.data.tokenizer == "char" else "token"
+    final = history[-1] if history else {}
+    best_train, best_val = _best(history, "train_loss"), _best(history, "val_loss")
+    lines = [f"# CortexCraft run report: `{config.preset}`", ""]
+    if continued:
+        lines += [f"**Scheduled retraining:** continued from step {continued['from_step']:,} to step "
+                  f"{continued['to_step']:,}" + ("" if continued["from_step"] else " (no earlier checkpoint: trained from scratch)")
+                  + ".", ""]
+    lines += [
+        "| | |", "|---|---|",
+        f"| parameters | {parameters:,} |",
+        f"| vocab size | {vocab_size:,} ({config.data.tokenizer}) |",
+        f"| steps | {final.get('step', 0):,} |",
+        f"| tokens seen | {summary.get('tokens_seen', final.get('tokens_seen', 0)):,} |",
+        f"| wall time | {summary.get('wall_seconds', 0.0):.1f} s |",
+        f"| best train loss | {_fmt(best_train)} ({_fmt(bits(best_train))} bits/{unit}) |",
+        f"| best val loss | {_fmt(best_val)} ({_fmt(bits(best_val))} bits/{unit}) |",
+        f"| final train loss | {_fmt(final.get('train_loss'))} ({_fmt(bits(final.get('train_loss')))} bits/{unit}) |",
+        f"| final val loss | {_fmt(final.get('val_loss'))} ({_fmt(bits(final.get('val_loss')))} bits/{unit}) |",
+        f"| checkpoint | `{checkpoint}` |",
+        f"| run directory | `{run_dir}` |",
+        "",
+        "## Loss curve", "",
+        f"![loss curve]({svg_data_uri(loss_curve_svg(history))})", "",
+        "## Samples", "",
+        f"temperature {config.sample.temperature}, top_k {config.sample.top_k}, top_p {config.sample.top_p}, "
+        f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed}", "",
+    ]
+    for prompt, text in samples:
+        lines += [f"**Prompt** `{json.dumps(prompt, ensure_ascii=False)}`", "", _fence(text), ""]
+    lines += ["## Config", "", _fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Typed flow parameters: the Prefect UI renders them as a form and rejects bad values, with the
+config problem named, before any stage runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from cortexcraft.config import RunConfig, build_config, parse_overrides
+from cortexcraft.errors import CortexCraftError
+from tasks.stage import STAGES
+
+Stage = Literal["download", "vocab", "shards", "train", "report", "all"]
+
+
+class PipelineParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = Field("cpu", description="named preset, see `cortexcraft presets`")
+    overrides: list[str] = Field(default_factory=list, description="config overrides as key=value, like --set: n_layer=8, train.lr=1e-3")
+    source: Optional[str] = Field(None, description="corpus spec (tinyshakespeare, hf:REPO, a URL, a local file); default: the preset's")
+    data_dir: str = Field("data", description="where stage outputs and Prefect's result cache live")
+    refresh: list[Stage] = Field(default_factory=list, description="stages to re-run even if cached")
+    continue_training_iters: Optional[int] = Field(
+        None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
+
+    _config: RunConfig = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_config(self) -> "PipelineParams":
+        try:
+            extra = parse_overrides(self.overrides)
+            if self.source:
+                extra.setdefault("data", {})["source"] = self.source
+            self._config = build_config(self.preset, extra)
+        except CortexCraftError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def run_config(self) -> RunConfig:
+        return self._config
+
+    def refreshed(self) -> set[str]:
+        return set(STAGES) if "all" in self.refresh else set(self.refresh)
+
+    def data_path(self) -> str:
+        # Absolute, so every task of the run resolves the same directory whatever its cwd.
+        return str(Path(self.data_dir).expanduser().resolve())
+
+
+def params_from_cli(**values) -> PipelineParams:
+    """PipelineParams, or the validation problem as a one-line CortexCraftError."""
+    try:
+        return PipelineParams(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise CortexCraftError(problems.removeprefix("parameters: ")) from None

@@ -1,0 +1,50 @@
+"""The full pipeline flow: download -> vocab -> shards -> train -> report.
+
+The stages run as tasks of this one flow (subflows would cost ~1 s each); the stage-group flows
+``prepare``, ``train`` and ``report`` reuse the same functions.
+
+    python -m flows.pipeline --source ../shared/data/tinyshakespeare/input.txt [--set k=v ...]
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from prefect import flow
+
+from cortexcraft.report import bits
+from flows.params import PipelineParams, params_from_cli
+from flows.prepare import run_prepare
+from flows.report import run_report
+from flows.train import run_train
+
+
+@flow(name="pipeline")
+def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, dict[str, Any]]:
+    """Prepare data, train a GPT and write its report; every stage is cached by content."""
+    config = params.run_config()
+    records = run_prepare(config, params)
+    records["train"] = run_train(records["shards"], config, params)
+    records["report"] = run_report(records["train"], records["shards"], config, params)
+    return records
+
+
+def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
+                          data_dir: str | os.PathLike, refresh: list[str]) -> int:
+    """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary."""
+    params = params_from_cli(preset=preset, overrides=overrides, source=source,
+                             data_dir=str(data_dir), refresh=refresh)
+    records = pipeline(params)
+    summary = records["train"]["summary"]
+    unit = "char" if params.run_config().data.tokenizer == "char" else "token"
+    print(records["report"]["report"])
+    print(f"best val loss {summary['best_val_loss']:.4f} ({bits(summary['best_val_loss']):.3f} bits/{unit}) "
+          f"at step {summary['best_step']:,}; {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    from cortexcraft.cli import main
+
+    sys.exit(main(["pipeline", *sys.argv[1:]]))

@@ -1,0 +1,62 @@
+"""report stage: samples for every prompt plus the run's metrics, as artifacts and report.md."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from cortexcraft.fileio import atomic_write_text
+from tasks.stage import cache_key, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
+
+STAGE = "report"
+REPORT_FILE = "report.md"
+
+
+def report_key(run: dict[str, Any], config: dict[str, Any]) -> str:
+    return stage_key(STAGE, [run["content"]], {"sample": config["sample"]})
+
+
+@task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
+      retry_condition_fn=retry_unless_user_error,
+      cache_key_fn=lambda ctx, p: cache_key(STAGE, report_key(p["run"], p["config"])))
+def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    from cortexcraft.checkpoint import resolve_checkpoint
+    from cortexcraft.config import RunConfig
+    from cortexcraft.generate import generate_from_run
+    from cortexcraft.model import parameter_count
+    from cortexcraft.report import eval_rows, read_history, render_report
+
+    logger = get_run_logger()
+    key = report_key(run, config)
+    run_config = RunConfig.model_validate(config)
+    run_dir = resolve(data_dir, run["dir"])
+    checkpoint, _ = resolve_checkpoint(run_dir, "best")
+    s = run_config.sample
+    samples = []
+    for prompt in s.prompts:
+        text = generate_from_run(run_dir, checkpoint="best", prompt=prompt, max_new_tokens=s.max_new_tokens,
+                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                 kv_cache=s.kv_cache)
+        logger.info("sample for %r: %r", prompt, text[:80])
+        samples.append((prompt, text))
+    history = read_history(run_dir)
+    markdown = render_report(
+        config=run_config, summary=run["summary"], history=history, samples=samples,
+        parameters=parameter_count(run_config.model, shards["vocab_size"]), vocab_size=shards["vocab_size"],
+        run_dir=run_dir, checkpoint=checkpoint, continued=run.get("continued"),
+    )
+    out_file = stage_dir(data_dir, STAGE, key) / REPORT_FILE
+    atomic_write_text(out_file, markdown)
+
+    # Keyed by the run, so a report re-rendered with new sampling settings is a new version.
+    run_key = run["key"]
+    create_markdown_artifact(key=f"report-{run_key}", markdown=markdown, description=f"Run report ({out_file})")
+    create_table_artifact(key=f"eval-history-{run_key}", table=eval_rows(history),
+                          description=f"Evaluations of {run_dir}")
+    create_link_artifact(key=f"checkpoint-{run_key}", link=checkpoint.as_uri(), link_text=str(checkpoint),
+                         description="Best checkpoint (lowest val loss)")
+    create_link_artifact(key=f"run-dir-{run_key}", link=run_dir.as_uri(), link_text=str(run_dir),
+                         description="Run directory: run.json, metrics.jsonl, summary.json, checkpoints/")
+    logger.info("report written to %s", out_file)
+    return write_record(data_dir, STAGE, key, [out_file], report=str(out_file))

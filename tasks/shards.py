@@ -1,0 +1,37 @@
+"""shards stage: train/val token shards plus the tokenizer, in one directory training reads."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from cortexcraft.config import DataConfig
+from tasks.stage import cache_key, files_under, retry_unless_user_error, stage_dir, stage_key, write_record
+
+STAGE = "shards"
+
+
+def shards_key(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str, Any]) -> str:
+    return stage_key(STAGE, [corpus["content"], vocab["content"]], data_cfg)
+
+
+@task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
+      retry_condition_fn=retry_unless_user_error,
+      cache_key_fn=lambda ctx, p: cache_key(STAGE, shards_key(p["corpus"], p["vocab"], p["data_cfg"])))
+def write_shards_task(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str, Any],
+                      data_dir: str) -> dict[str, Any]:
+    from cortexcraft.shards import write_shards
+
+    key = shards_key(corpus, vocab, data_cfg)
+    out_dir = stage_dir(data_dir, STAGE, key)
+    manifest = write_shards(corpus["manifest"], vocab["manifest"], DataConfig(**data_cfg), out_dir)
+    record = write_record(data_dir, STAGE, key, files_under(out_dir),
+                          vocab_size=manifest["vocab_size"], splits=manifest["splits"])
+    rows = [{"split": split, "file": f["name"], "tokens": f["tokens"], "sha256": f["sha256"][:12]}
+            for split, info in manifest["splits"].items() for f in info["files"]]
+    get_run_logger().info("shards in %s: %s", out_dir, ", ".join(
+        f"{split} {info['tokens']:,} tokens" for split, info in manifest["splits"].items()))
+    create_table_artifact(key=f"shards-{key}", table=rows,
+                          description=f"Token shards in {out_dir} (vocab size {manifest['vocab_size']}, dtype {manifest['dtype']})")
+    return record

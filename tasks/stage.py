@@ -1,0 +1,171 @@
+"""What every stage task shares: content-addressed output directories, a cache key over input
+content + config + code, and an on-disk record that lets the flow check a cached result.
+
+A stage's key is the sha256 of (stage name, the content hashes of its inputs, its config, the
+source of the code it runs). Its outputs live in ``DATA_DIR/<stage dir>/<key>/`` (``runs/<key>`` for train) beside a
+``stage.json`` record (files with sizes and sha256) that is also the task's result. Prefect's cache
+record for the key lives in ``DATA_DIR/.prefect-results``, so it travels with the data, not with
+``~/.prefect``. Prefect cannot see that an output was deleted after the record was written, so
+``run_stage`` checks ``stage.json`` against the files first and refreshes the cache if it fails.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from prefect import Task
+from prefect.states import State
+
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_json, read_json, sha256_file, sha256_json
+
+STAGES = ("download", "vocab", "shards", "train", "report")
+# Directory under DATA_DIR holding each stage's keyed outputs.
+STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports"}
+RECORD_NAME = "stage.json"
+KEY_CHARS = 20
+_OWN_PACKAGES = ("cortexcraft", "tasks")
+
+
+def results_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir).resolve() / ".prefect-results"
+
+
+def stage_dir(data_dir: str | os.PathLike, stage: str, key: str) -> Path:
+    return Path(data_dir).resolve() / STAGE_DIRS[stage] / key
+
+
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] in _OWN_PACKAGES}
+
+
+@lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """sha256 over the source of ``module`` and every project module it imports, transitively.
+
+    Read from disk without importing, so a cached run never pays for importing torch.
+    """
+    seen: dict[str, str] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or (path := _module_file(name)) is None:
+            continue
+        seen[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        todo.extend(_imported_modules(path))
+    return sha256_json(seen)
+
+
+def stage_key(stage: str, inputs: Iterable[str], config: Any) -> str:
+    """The content address of a stage: what it reads, how it is configured, and its code."""
+    payload = {"stage": stage, "inputs": list(inputs), "config": config,
+               "code": code_version(f"tasks.{stage}")}
+    return sha256_json(payload)[:KEY_CHARS]
+
+
+def cache_key(stage: str, key: str) -> str:
+    return f"{stage}-{key}"
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def _relative(path: Path, data_dir: Path) -> str:
+    path = path.resolve()
+    return path.relative_to(data_dir).as_posix() if path.is_relative_to(data_dir) else str(path)
+
+
+def write_record(data_dir: str | os.PathLike, stage: str, key: str, files: Iterable[Path],
+                 **extra: Any) -> dict[str, Any]:
+    """Hash ``files`` and save the stage record; its ``content`` hash is what later stages key on."""
+    data_dir = Path(data_dir).resolve()
+    entries = {_relative(Path(f), data_dir): _file_entry(Path(f)) for f in sorted(set(files))}
+    record = {
+        "stage": stage,
+        "key": key,
+        "dir": _relative(stage_dir(data_dir, stage, key), data_dir),
+        "files": entries,
+        # Content only: rewriting byte-identical outputs must not invalidate later stages.
+        "content": sha256_json({name: e["sha256"] for name, e in entries.items()}),
+        **extra,
+    }
+    atomic_write_json(stage_dir(data_dir, stage, key) / RECORD_NAME, record)
+    return record
+
+
+def files_under(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file() and p.name != RECORD_NAME and not p.name.endswith(".tmp")]
+
+
+def valid_record(data_dir: str | os.PathLike, stage: str, key: str) -> dict[str, Any] | None:
+    """The saved record if every file it lists is still there with the same content, else None.
+
+    Size and mtime unchanged means unchanged; otherwise the file is re-hashed, so touching a file
+    costs a hash but a rewrite with different bytes is always caught.
+    """
+    data_dir = Path(data_dir).resolve()
+    path = stage_dir(data_dir, stage, key) / RECORD_NAME
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    for name, entry in record.get("files", {}).items():
+        file = data_dir / name
+        try:
+            stat = file.stat()
+        except OSError:
+            return None
+        if stat.st_size != entry["bytes"]:
+            return None
+        if stat.st_mtime_ns != entry["mtime_ns"] and sha256_file(file) != entry["sha256"]:
+            return None
+    return record
+
+
+def resolve(data_dir: str | os.PathLike, name: str) -> Path:
+    """A path from a record: relative to the data directory unless it was outside it."""
+    return Path(data_dir).resolve() / name
+
+
+def run_stage(task: Task, stage: str, key: str, data_dir: str | os.PathLike, refresh: Iterable[str],
+              **parameters: Any) -> dict[str, Any]:
+    """Call a stage task with the project's result storage, refreshing its cache when forced or
+    when the outputs behind a cached result are missing or changed."""
+    refresh_cache = stage in refresh or valid_record(data_dir, stage, key) is None
+    configured = task.with_options(result_storage=results_dir(data_dir), refresh_cache=refresh_cache)
+    return configured(**parameters)
+
+
+def retry_unless_user_error(task: Task, task_run: Any, state: State) -> bool:
+    """Retry crashes and transient failures, never a CortexCraftError (bad input stays bad)."""
+    try:
+        state.result()
+    except CortexCraftError:
+        return False
+    except Exception:
+        return True
+    return True

@@ -1,0 +1,42 @@
+"""vocab stage: the tokenizer (vocab.txt or tokenizer.json) of a corpus."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from cortexcraft.config import DataConfig
+from tasks.stage import cache_key, files_under, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.download import file_digest
+
+STAGE = "vocab"
+
+
+def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any]) -> str:
+    inputs = [corpus["content"]]
+    if data_cfg.get("vocab_file"):
+        inputs.append(file_digest(data_cfg["vocab_file"]))
+    return stage_key(STAGE, inputs, data_cfg)
+
+
+@task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
+      retry_condition_fn=retry_unless_user_error,
+      cache_key_fn=lambda ctx, p: cache_key(STAGE, vocab_key(p["corpus"], p["data_cfg"])))
+def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    from cortexcraft.tokenizer import build_vocab
+
+    key = vocab_key(corpus, data_cfg)
+    out_dir = stage_dir(data_dir, STAGE, key)
+    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir)
+    record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
+    preview = manifest.get("preview", "")
+    get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["type"], out_dir)
+    create_markdown_artifact(
+        key=f"vocab-{key}",
+        description="Tokenizer of the corpus",
+        markdown=(f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['type']} |\n"
+                  f"| vocab size | {manifest['vocab_size']:,} |\n| directory | `{out_dir}` |\n\n"
+                  f"Preview:\n\n```\n{preview}\n```\n"),
+    )
+    return record
