@@ -1,0 +1,88 @@
+"""Training windows read straight from the shard memmaps.
+
+A split is the concatenation of its shard files; a window may span two shards. ``batch(step)``
+is a pure function of (seed, split, stream, step), so a resumed run that stores only the step
+draws exactly the batches it would have drawn without the interruption.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.shards import verify_shards
+
+# Targets already scored by an earlier window of `sequential` carry this id; it is the default
+# ignore_index of torch.nn.functional.cross_entropy.
+IGNORE_INDEX = -100
+
+
+class TokenWindows:
+    def __init__(self, data_dir: Path, split: str, block_size: int, batch_size: int, seed: int, device: str = "cpu"):
+        manifest = verify_shards(data_dir)
+        if split not in manifest["splits"]:
+            raise CortexCraftError(f"split {split!r} not in {data_dir}; use one of {', '.join(manifest['splits'])}")
+        files = manifest["splits"][split]["files"]
+        dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        self.shards = [np.memmap(Path(data_dir) / f["name"], dtype=dtype, mode="r") for f in files if f["tokens"]]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.tokens = int(self.offsets[-1])
+        if self.tokens < block_size + 1:
+            raise CortexCraftError(
+                f"the {split} split of {data_dir} has {self.tokens:,} tokens, fewer than block_size+1 = {block_size + 1}; "
+                f"lower block_size or prepare with a smaller --val-fraction / larger corpus"
+            )
+        self.split, self.block_size, self.batch_size, self.seed = split, block_size, batch_size, seed
+        self.device = torch.device(device)
+        self._split_key = zlib.crc32(split.encode())
+        self._span = np.arange(block_size + 1)
+
+    def _gather(self, starts: np.ndarray) -> np.ndarray:
+        """Rows ``tokens[start : start + block_size + 1]`` of the concatenated split, as int64."""
+        positions = starts[:, None] + self._span
+        if len(self.shards) == 1:
+            return self.shards[0][positions].astype(np.int64)
+        shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
+        out = np.empty(positions.shape, dtype=np.int64)
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            out[mask] = self.shards[shard][positions[mask] - self.offsets[shard]]
+        return out
+
+    def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def batch(self, step: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random (x, y) windows, int64 of shape (batch_size, block_size), y shifted by one."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._split_key, stream, step])
+        starts = rng.integers(0, self.tokens - self.block_size, size=self.batch_size)
+        rows = self._gather(starts)
+        return self._to_device(rows[:, :-1], rows[:, 1:])
+
+    def sequential(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive non-overlapping windows covering every target of the split exactly once.
+
+        The last window is aligned to the end of the split; its targets that an earlier window
+        already scored are set to IGNORE_INDEX, so summed cross-entropy over all batches divided by
+        ``(y != IGNORE_INDEX).sum()`` is the exact mean loss of the split."""
+        batch_size = batch_size or self.batch_size
+        block = self.block_size
+        starts = np.arange(0, self.tokens - block, block)
+        covered = int(starts[-1]) + block + 1
+        tail = covered < self.tokens
+        if tail:
+            starts = np.append(starts, self.tokens - block - 1)
+        for first in range(0, len(starts), batch_size):
+            chunk = starts[first:first + batch_size]
+            rows = self._gather(chunk)
+            x, y = rows[:, :-1], rows[:, 1:].copy()
+            if tail and first + len(chunk) == len(starts):
+                y[-1, :covered - 1 - int(chunk[-1])] = IGNORE_INDEX
+            yield self._to_device(x, y)

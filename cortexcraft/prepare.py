@@ -1,0 +1,34 @@
+"""``cortexcraft prepare``: download + vocabulary + shards into one directory."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from cortexcraft.shards import check_out_dir, write_shards
+from cortexcraft.sources import download
+from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
+
+log = logging.getLogger(__name__)
+
+
+def prepare(data_cfg, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
+
+    Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``)."""
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
+    check_out_dir(out_dir)
+    check_tokenizer_config(data_cfg)
+    corpus = download(data_cfg, cache_dir)
+    log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
+             f"{corpus['documents']:,}", corpus["origin"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    vocab_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".vocab", dir=out_dir.parent))
+    try:
+        vocab = build_vocab(corpus, data_cfg, vocab_dir)
+        log.info("vocabulary: %s", vocab["preview"])
+        return write_shards(corpus, vocab, data_cfg, out_dir)
+    finally:
+        shutil.rmtree(vocab_dir, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""Token shards: the corpus encoded into raw little-endian id files, split train/val, with a manifest.
+
+A shard reads back with a bare ``np.memmap(path, dtype, mode="r")`` (like nanoGPT's train.bin).
+``write_shards`` builds the whole directory in a temp dir beside ``out_dir`` and renames it into
+place, so a killed run never leaves a directory ``verify_shards`` accepts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.sources import corpus_chunks, train_val_cut
+from cortexcraft.tokenizer import Tokenizer, load_tokenizer
+
+SHARDS_FORMAT = "cortexcraft-shards/1"
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+
+
+def _encode_stream(tok: Tokenizer, chunks: Iterable[str]) -> Iterator[np.ndarray]:
+    """Encode text chunks so the ids equal encoding the whole text at once.
+
+    Each chunk is cut just before its last newline that precedes a non-space character: BPE's
+    byte-level pre-tokenizer never joins pieces across that point, and special tokens (no
+    whitespace) cannot straddle it. The rest is carried into the next chunk."""
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        cut = len(text)
+        position = text.rfind("\n")
+        while position > 0 and (position + 1 >= len(text) or text[position + 1].isspace()):
+            position = text.rfind("\n", 0, position)
+        if position > 0:
+            cut = position
+        carry = text[cut:]
+        yield tok.encode(text[:cut])
+    if carry:
+        yield tok.encode(carry)
+
+
+class _SplitWriter:
+    """Writes one split as files of at most ``shard_tokens`` ids, hashing them on the way."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.files: list[dict] = []
+        self._handle = None
+
+    def _open_next(self) -> None:
+        self._close()
+        name = f"{self.split}_{len(self.files):03d}.bin"
+        self._handle = open(self.directory / name, "wb")
+        self._digest = hashlib.sha256()
+        self.files.append({"name": name, "tokens": 0, "sha256": None})
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self.files[-1]["sha256"] = self._digest.hexdigest()
+            self._handle = None
+
+    def write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype.newbyteorder("<"), copy=False)
+        while data.size:
+            if self._handle is None or self.files[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.files[-1]["tokens"]
+            piece = data[:room]
+            raw = piece.tobytes()
+            self._handle.write(raw)
+            self._digest.update(raw)
+            self.files[-1]["tokens"] += piece.size
+            data = data[room:]
+
+    def finish(self) -> dict:
+        self._close()
+        return {"tokens": sum(f["tokens"] for f in self.files), "files": self.files}
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a path that is not ours: a file, or a non-empty non-shard directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CortexCraftError(f"--out {out_dir} is a file; choose a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise CortexCraftError(f"--out {out_dir} is a non-empty directory without a shard manifest; choose a new or empty directory")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_shards(corpus: dict, vocab: dict, data_cfg, out_dir: Path) -> dict:
+    """Encode the corpus with the tokenizer of ``vocab`` into ``out_dir``; returns the manifest.
+
+    Train is the first ``1 - val_fraction`` of the characters (see ``sources.train_val_cut``)."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    tok = load_tokenizer(Path(vocab["dir"]))
+    cut = train_val_cut(corpus, data_cfg.val_fraction)
+    if Path(corpus["path"]).stat().st_size != corpus["bytes"]:
+        raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+    try:
+        section = tok.save(tmp)
+        splits = {}
+        for split, (start, stop) in zip(SPLITS, ((0, cut), (cut, corpus["chars"]))):
+            writer = _SplitWriter(tmp, split, tok.dtype, data_cfg.shard_tokens)
+            for ids in _encode_stream(tok, corpus_chunks(corpus, start, stop)):
+                writer.write(ids)
+            splits[split] = writer.finish()
+            if splits[split]["tokens"] < 2:
+                raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
+        manifest = {
+            "format": SHARDS_FORMAT,
+            "tokenizer": section,
+            "vocab_size": tok.vocab_size,
+            "dtype": tok.dtype.name,
+            "splits": splits,
+            "split_char": cut,
+            "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
+            "data_config": data_cfg.model_dump(mode="json"),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def verify_shards(data_dir: Path, check_hashes: bool = False) -> dict:
+    """The manifest of ``data_dir`` after checking every file it lists (sizes always, sha256 on
+    demand); CortexCraftError naming the file, the problem and the fix otherwise."""
+    data_dir = Path(data_dir)
+    fix = f"re-run `cortexcraft prepare --out {data_dir}`"
+    if not data_dir.is_dir():
+        raise CortexCraftError(f"shard directory {data_dir} does not exist; run `cortexcraft prepare --out {data_dir}` first")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise CortexCraftError(f"{path} is missing (prepare did not finish); {fix}")
+    try:
+        manifest = read_json(path)
+        if manifest.get("format") != SHARDS_FORMAT:
+            raise CortexCraftError(f"{path} has format {manifest.get('format')!r}, expected {SHARDS_FORMAT!r}; {fix}")
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        tokenizer_file = data_dir / manifest["tokenizer"]["file"]
+        checks = [(tokenizer_file, None, manifest["tokenizer"]["sha256"])]
+        for split in SPLITS:
+            info = manifest["splits"][split]
+            if sum(f["tokens"] for f in info["files"]) != info["tokens"]:
+                raise CortexCraftError(f"{path}: the {split} files do not add up to {info['tokens']:,} tokens; {fix}")
+            checks += [(data_dir / f["name"], f["tokens"] * itemsize, f["sha256"]) for f in info["files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CortexCraftError(f"{path} is not a valid shard manifest ({type(exc).__name__}: {exc}); {fix}") from None
+    for file, size, sha in checks:
+        if not file.is_file():
+            raise CortexCraftError(f"{file} listed in {MANIFEST} is missing; {fix}")
+        if size is not None and file.stat().st_size != size:
+            raise CortexCraftError(f"{file} is {file.stat().st_size:,} bytes, the manifest says {size:,}; {fix}")
+        if check_hashes and sha256_file(file) != sha:
+            raise CortexCraftError(f"{file} does not match its sha256 in {MANIFEST}; {fix}")
+    return manifest

@@ -1,0 +1,414 @@
+"""Source specs -> one UTF-8 corpus file (documents joined by a separator) plus its manifest.
+
+Specs: ``tinyshakespeare`` | ``openwebtext`` | ``openwebtext-10k`` | ``hf:REPO[@REVISION][:SPLIT]``
+| an http(s) URL | a local file, directory (every file below it, sorted) or glob.
+
+A single local file is used in place (fingerprinted by its content). Everything else is written
+to a cache entry ``cache_dir/<kind>-<key>/`` holding ``corpus.txt``, ``doc_starts.npy`` (character
+offset where each document starts, when there are several) and ``corpus.json`` (the manifest). An
+entry is built in a temp dir and renamed into place when complete, so a failed or partial download
+is never cached; a complete entry is reused without touching the network.
+
+Hub and URL sources are probed with a short timeout first (and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE
+are honoured) so an unreachable network is one immediate, clear error rather than a slow retry
+storm or a misleading "file not found".
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+
+CORPUS_FORMAT = "cortexcraft-corpus/1"
+TINYSHAKESPEARE_REPO = "karpathy/tiny_shakespeare"
+TINYSHAKESPEARE_REVISION = "refs/convert/parquet"
+TINYSHAKESPEARE_SPLITS = ("train", "validation", "test")
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_CHARS = 1_115_394
+HUB_ALIASES = {"openwebtext": "dvruette/openwebtext", "openwebtext-10k": "sam2ai/openwebtext-10k"}
+PROBE_TIMEOUT_SECONDS = 5.0
+READ_BYTES = 1 << 22
+STREAM_BATCH_ROWS = 256
+
+
+def default_separator(data_cfg) -> str:
+    if data_cfg.separator is not None:
+        return data_cfg.separator
+    return "<|endoftext|>" if data_cfg.tokenizer == "bpe" else "\n\n"
+
+
+def local_copy_hint(spec: str) -> str:
+    name = "input.txt" if spec == "tinyshakespeare" else "the text"
+    return f"download {name} and pass --source /path/to/{'input.txt' if spec == 'tinyshakespeare' else 'file.txt'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a corpus
+
+
+def iter_text(path: Path, start: int = 0, stop: int | None = None, chunk_bytes: int = READ_BYTES) -> Iterator[str]:
+    """Chunks of the UTF-8 file ``path`` covering characters ``[start, stop)``, in bounded memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    position = 0
+    with open(path, "rb") as handle:
+        while True:
+            raw = handle.read(chunk_bytes)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise CortexCraftError(f"{path} is not UTF-8 text ({exc.reason} near byte {handle.tell() - len(raw) + exc.start:,}); convert it to UTF-8") from None
+            lo, hi = max(start - position, 0), len(text) if stop is None else min(stop - position, len(text))
+            if lo < hi:
+                yield text[lo:hi]
+            position += len(text)
+            if not raw or (stop is not None and position >= stop):
+                return
+
+
+def corpus_chunks(corpus: dict, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    return iter_text(Path(corpus["path"]), start, stop)
+
+
+def document_starts(corpus: dict) -> np.ndarray:
+    if corpus.get("doc_starts") is None:
+        return np.zeros(1, dtype=np.int64)
+    return np.load(corpus["doc_starts"])
+
+
+def train_val_cut(corpus: dict, val_fraction: float) -> int:
+    """Character offset where validation starts: nanoGPT's ``int(n * (1 - f))``, moved to the nearest
+    document start when the corpus has several documents (documents are never cut)."""
+    chars = corpus["chars"]
+    cut = int(chars * (1 - val_fraction))
+    if corpus["documents"] > 1:
+        starts = document_starts(corpus)[1:]
+        cut = int(starts[np.argmin(np.abs(starts - cut))])
+    for name, size in (("train", cut), ("val", chars - cut)):
+        if size < 2:
+            raise CortexCraftError(
+                f"--val-fraction {val_fraction} leaves the {name} split with {size} characters of {chars:,} "
+                f"({corpus['documents']:,} documents); use a larger corpus or a different --val-fraction"
+            )
+    return cut
+
+
+# ---------------------------------------------------------------------------------------------
+# cache entries
+
+
+class CorpusWriter:
+    """Builds a cache entry in a temp dir; ``commit`` renames it into place with its manifest."""
+
+    def __init__(self, entry: Path, info: dict, separator: str):
+        self.entry = entry
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
+        self.tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should not be
+        self.info = info
+        self.separator = separator
+        self.handle = open(self.tmp / "corpus.txt", "wb")
+        self.digest = hashlib.sha256()
+        self.starts = array("q")
+        self.chars = 0
+        self.bytes = 0
+
+    def add(self, text: str) -> None:
+        if self.starts:
+            self._write(self.separator)
+        self.starts.append(self.chars)
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.handle.write(data)
+        self.digest.update(data)
+        self.chars += len(text)
+        self.bytes += len(data)
+
+    def commit(self) -> dict:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        sha = self.digest.hexdigest()
+        doc_starts_sha = None
+        if len(self.starts) > 1:
+            starts = np.frombuffer(self.starts, dtype=np.int64)
+            np.save(self.tmp / "doc_starts.npy", starts)
+            doc_starts_sha = hashlib.sha256(starts.tobytes()).hexdigest()
+        manifest = dict(self.info, format=CORPUS_FORMAT, sha256=sha, bytes=self.bytes, chars=self.chars,
+                        documents=len(self.starts), separator=self.separator,
+                        fingerprint=sha256_json({"corpus": sha, "doc_starts": doc_starts_sha}))
+        atomic_write_json(self.tmp / "corpus.json", manifest)
+        if self.entry.exists():
+            shutil.rmtree(self.entry)
+        os.replace(self.tmp, self.entry)
+        fsync_dir(self.entry.parent)
+        return _with_paths(manifest, self.entry)
+
+    def abort(self) -> None:
+        self.handle.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "CorpusWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _with_paths(manifest: dict, entry: Path) -> dict:
+    doc_starts = entry / "doc_starts.npy"
+    return dict(manifest, path=str((entry / "corpus.txt").resolve()),
+                doc_starts=str(doc_starts.resolve()) if manifest["documents"] > 1 else None)
+
+
+def _cached(entry: Path) -> dict | None:
+    try:
+        manifest = read_json(entry / "corpus.json")
+        if (entry / "corpus.txt").stat().st_size == manifest["bytes"]:
+            return _with_paths(manifest, entry)
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _entry(cache_dir: Path, kind: str, key: dict) -> Path:
+    return Path(cache_dir) / f"{kind}-{sha256_json(key)[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# network
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def probe(url: str) -> tuple[int | None, str | None]:
+    """(HTTP status, None) when a server answered ``url``, (None, reason) when none could be reached."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_SECONDS) as response:
+            return response.status, None
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except (urllib.error.URLError, OSError) as exc:
+        return None, str(getattr(exc, "reason", exc))
+
+
+def _require_hub(spec: str) -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_true(name):
+            raise CortexCraftError(f"{name} is set, so source {spec!r} cannot be downloaded; unset it or {local_copy_hint(spec)}")
+    _, reason = probe(hub_endpoint())
+    if reason is not None:
+        raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({reason}); {local_copy_hint(spec)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+
+
+def _load_dataset(*args, **kwargs):
+    import datasets
+
+    return datasets.load_dataset(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:REPO[@REVISION][:SPLIT]`` -> (repo, revision, split)."""
+    body = spec[len("hf:"):]
+    body, _, split = body.partition(":")
+    repo, _, revision = body.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise CortexCraftError(f"source {spec!r} is not hf:OWNER/NAME[@REVISION][:SPLIT]; write e.g. hf:sam2ai/openwebtext-10k:train")
+    return repo, revision or None, split or "train"
+
+
+def _download_tinyshakespeare(data_cfg, cache_dir: Path) -> dict:
+    spec = "tinyshakespeare"
+    entry = _entry(cache_dir, spec, {"repo": TINYSHAKESPEARE_REPO, "revision": TINYSHAKESPEARE_REVISION})
+    if (hit := _cached(entry)) is not None:
+        return hit
+    text, origin = None, None
+    hub_error = None
+    if not any(_env_true(n) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        _, hub_error = probe(hub_endpoint())
+        if hub_error is None:
+            try:
+                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=str(Path(cache_dir) / "hf"))
+                text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
+                origin = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
+            except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
+                hub_error = _first_line(exc)
+                log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
+    else:
+        hub_error = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    if text is None:
+        status, reason = probe(TINYSHAKESPEARE_URL)
+        if reason is not None or status >= 400:
+            raise CortexCraftError(
+                f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw file URL "
+                f"({reason or f'HTTP {status}'}); {local_copy_hint(spec)}"
+            )
+        text = "".join(_url_documents(TINYSHAKESPEARE_URL, cache_dir, spec))
+        origin = TINYSHAKESPEARE_URL
+    if len(text) != TINYSHAKESPEARE_CHARS:
+        raise CortexCraftError(f"source 'tinyshakespeare' from {origin} has {len(text):,} characters, expected {TINYSHAKESPEARE_CHARS:,}; {local_copy_hint(spec)}")
+    with CorpusWriter(entry, {"spec": spec, "kind": "tinyshakespeare", "origin": origin}, default_separator(data_cfg)) as writer:
+        writer.add(text)
+        return writer.commit()
+
+
+def _url_documents(url: str, cache_dir: Path, spec: str) -> Iterator[str]:
+    # The `text` builder with sample_by="document" yields each file whole (it turns \r\n into \n).
+    try:
+        dataset = _load_dataset("text", data_files=url, sample_by="document", split="train", cache_dir=str(Path(cache_dir) / "hf"))
+    except Exception as exc:  # noqa: BLE001 -- report any datasets failure as one line
+        raise CortexCraftError(f"downloading source {spec!r} failed ({_first_line(exc)}); {local_copy_hint(spec)}") from None
+    yield from dataset["text"]
+
+
+def _download_url(data_cfg, cache_dir: Path) -> dict:
+    url = data_cfg.source
+    entry = _entry(cache_dir, "url", {"url": url, "separator": default_separator(data_cfg)})
+    if (hit := _cached(entry)) is not None:
+        return hit
+    status, reason = probe(url)
+    if reason is not None:
+        raise CortexCraftError(f"cannot reach {url} ({reason}); {local_copy_hint(url)}")
+    if status >= 400:
+        raise CortexCraftError(f"{url} answered HTTP {status}; check the URL or {local_copy_hint(url)}")
+    with CorpusWriter(entry, {"spec": url, "kind": "url", "origin": url}, default_separator(data_cfg)) as writer:
+        for document in _url_documents(url, cache_dir, url):
+            writer.add(document)
+        return writer.commit()
+
+
+def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_cfg, cache_dir: Path) -> dict:
+    limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
+    key = {"repo": repo, "revision": revision, "split": split, "column": data_cfg.text_column,
+           "separator": default_separator(data_cfg), **limits}
+    entry = _entry(cache_dir, "hub-" + repo.replace("/", "--"), key)
+    if (hit := _cached(entry)) is not None:
+        return hit
+    _require_hub(spec)
+    try:
+        stream = _load_dataset(repo, revision=revision, split=split, streaming=True, cache_dir=str(Path(cache_dir) / "hf"))
+    except Exception as exc:  # noqa: BLE001 -- report any datasets failure as one line
+        raise CortexCraftError(f"loading source {spec!r} from the hub failed ({_first_line(exc)}); check the id or {local_copy_hint(spec)}") from None
+    column = data_cfg.text_column
+    info = {"spec": spec, "kind": "hub", "origin": f"hub {repo}@{revision or 'main'}:{split}", "text_column": column, **limits}
+    with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
+        try:
+            for batch in stream.iter(batch_size=STREAM_BATCH_ROWS):
+                if column not in batch:
+                    raise CortexCraftError(f"source {spec!r} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column NAME")
+                for text in batch[column]:
+                    writer.add(text or "")
+                    if _limit_reached(writer, data_cfg):
+                        return writer.commit()
+        except CortexCraftError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a broken stream is one line, and nothing is cached
+            raise CortexCraftError(f"streaming source {spec!r} failed after {len(writer.starts):,} documents ({_first_line(exc)}); re-run to retry or {local_copy_hint(spec)}") from None
+        if not writer.starts:
+            raise CortexCraftError(f"source {spec!r} split {split!r} has no rows; choose another split with hf:{repo}:SPLIT")
+        return writer.commit()
+
+
+def _limit_reached(writer: CorpusWriter, data_cfg) -> bool:
+    # max_bytes stops after the document that reaches it: documents are never cut.
+    return ((data_cfg.max_docs is not None and len(writer.starts) >= data_cfg.max_docs)
+            or (data_cfg.max_bytes is not None and writer.bytes >= data_cfg.max_bytes))
+
+
+def _local_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise CortexCraftError(f"source directory {path} holds no files; put text files in it or pass a file")
+        return files
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise CortexCraftError(f"source glob {spec!r} matches no files; check the pattern")
+        return files
+    raise CortexCraftError(
+        f"source {spec!r} is not a known name (tinyshakespeare, openwebtext, openwebtext-10k), hf:REPO, "
+        f"an http(s) URL, nor an existing file, directory or glob; check the spelling or path"
+    )
+
+
+def _describe_local_file(path: Path, spec: str) -> dict:
+    chars = sum(len(chunk) for chunk in iter_text(path))
+    if chars == 0:
+        raise CortexCraftError(f"source file {path} is empty; pass a file with text")
+    sha = sha256_file(path)
+    return {"format": CORPUS_FORMAT, "spec": spec, "kind": "file", "origin": str(path.resolve()),
+            "path": str(path.resolve()), "doc_starts": None, "sha256": sha, "bytes": path.stat().st_size,
+            "chars": chars, "documents": 1, "separator": None,
+            "fingerprint": sha256_json({"corpus": sha, "doc_starts": None})}
+
+
+def _download_local(data_cfg, cache_dir: Path) -> dict:
+    spec = data_cfg.source
+    files = _local_files(spec)
+    if len(files) == 1 and Path(spec).expanduser().is_file():
+        return _describe_local_file(files[0], spec)
+    described = [_describe_local_file(f, spec) for f in files]
+    key = {"files": [(d["origin"], d["sha256"]) for d in described], "separator": default_separator(data_cfg)}
+    entry = _entry(cache_dir, "local", key)
+    if (hit := _cached(entry)) is not None:
+        return hit
+    info = {"spec": spec, "kind": "files", "origin": f"{len(files)} files from {spec}"}
+    with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
+        for path in files:
+            writer.add("".join(iter_text(path)))
+        return writer.commit()
+
+
+def download(data_cfg, cache_dir: Path) -> dict:
+    """Resolve ``data_cfg.source`` to a corpus manifest, downloading into ``cache_dir`` when needed.
+
+    The manifest (JSON-serialisable) holds ``path`` (the UTF-8 corpus), ``doc_starts`` (``.npy`` of
+    document start offsets, or None for one document), ``sha256``, ``bytes``, ``chars``,
+    ``documents``, ``separator``, ``spec``, ``origin`` and ``fingerprint`` (content hash)."""
+    spec = data_cfg.source.strip()
+    if spec == "tinyshakespeare":
+        return _download_tinyshakespeare(data_cfg, cache_dir)
+    if spec in HUB_ALIASES:
+        return _download_hub(spec, HUB_ALIASES[spec], None, "train", data_cfg, cache_dir)
+    if spec.startswith("hf:"):
+        repo, revision, split = parse_hub_spec(spec)
+        return _download_hub(spec, repo, revision, split, data_cfg, cache_dir)
+    if spec.startswith(("http://", "https://")):
+        return _download_url(data_cfg, cache_dir)
+    return _download_local(data_cfg, cache_dir)
