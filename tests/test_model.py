@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from cortexcraft.config import ModelConfig, build_config
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.model import GPT, KVCache, parameter_count
+
+VOCAB = 11
+
+
+def tiny(**fields) -> ModelConfig:
+    base = dict(block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    return ModelConfig(**{**base, **fields})
+
+
+VARIANTS = [
+    dict(pos_encoding="learned", norm="pre", activation="relu"),
+    dict(pos_encoding="sinusoidal", norm="post", activation="gelu"),
+    dict(pos_encoding="learned", norm="post", activation="gelu", tie_weights=True, bias=False),
+    dict(pos_encoding="sinusoidal", norm="pre", activation="relu", d_ff=24),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_gives_logits_and_a_loss_near_uniform_at_init(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), VOCAB)
+    idx = torch.randint(0, VOCAB, (3, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 8, VOCAB)
+    # GPT-2 init keeps the untrained prediction close to uniform.
+    assert abs(loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 0.3
+    last, no_loss = model(idx)
+    assert no_loss is None and last.shape == (3, 1, VOCAB)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_attention_is_causal(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), VOCAB).eval()
+    idx = torch.randint(0, VOCAB, (1, 8))
+    changed = idx.clone()
+    changed[0, 5] = (idx[0, 5] + 1) % VOCAB
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_gives_the_same_logits_as_a_full_forward(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), VOCAB).eval()
+    idx = torch.randint(0, VOCAB, (2, 8))
+    cache = KVCache(model.config.n_layer)
+    model(idx[:, :3], cache=cache)
+    for t in range(3, 8):
+        cached, _ = model(idx[:, t : t + 1], cache=cache)
+        full, _ = model(idx[:, : t + 1])
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 8
+
+
+def test_sinusoidal_positions_are_fixed_and_not_saved():
+    model = GPT(tiny(pos_encoding="sinusoidal"), VOCAB)
+    assert not any("pos" in name for name in model.state_dict())
+    learned = GPT(tiny(pos_encoding="learned"), VOCAB)
+    assert "pos_emb.weight" in learned.state_dict()
+
+
+def test_tied_weights_share_the_embedding_and_save_it_once():
+    model = GPT(tiny(tie_weights=True), VOCAB)
+    untied = GPT(tiny(), VOCAB)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(model) == VOCAB * 16
+    assert not any(name.startswith("lm_head") for name in model.state_dict())
+
+
+def test_residual_projections_get_the_depth_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=8, n_layer=8, n_head=4, n_embd=256), VOCAB)
+    proj_std = model.blocks[0].ff.proj.weight.std().item()
+    up_std = model.blocks[0].ff.up.weight.std().item()
+    assert up_std == pytest.approx(0.02, rel=0.05)
+    assert proj_std == pytest.approx(0.02 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "micro", "cortexcraft", "shakespeare-char", "gpt1-lecture", "gpt2-small"])
+def test_parameter_count_matches_a_built_model(preset):
+    m = build_config(preset).model
+    shrunk = m.model_copy(update=dict(n_layer=1, n_embd=m.n_head * 4, d_ff=None if m.d_ff is None else 24))
+    assert parameter_count(shrunk, 65) == sum(p.numel() for p in GPT(shrunk, 65).parameters())
+
+
+def test_parameter_count_of_the_largest_preset_needs_no_memory():
+    # ~85M parameters: counted on the meta device, so this is instant and allocates nothing.
+    assert parameter_count(build_config("gpt2-small").model, 65) > 80_000_000
+
+
+def test_shapes_that_cannot_work_are_rejected_before_allocation():
+    with pytest.raises(CortexCraftError, match="not divisible by n_head"):
+        build_config("cpu", ["n_embd=130", "n_head=4"])
+    with pytest.raises(CortexCraftError, match="exceeds the positional table"):
+        build_config("gpt2-small", ["block_size=2048"])
+    # A config built without validation is still checked by the model itself.
+    bad = ModelConfig.model_construct(**{**tiny().model_dump(), "n_embd": 15})
+    with pytest.raises(CortexCraftError, match="n_head"):
+        GPT(bad, VOCAB)
+    with pytest.raises(CortexCraftError, match="vocab_size"):
+        GPT(tiny(), 0)
+
+
+def test_a_sequence_longer_than_the_positions_is_refused():
+    model = GPT(tiny(), VOCAB)
+    with pytest.raises(ValueError, match="exceeds"):
+        model(torch.zeros(1, 9, dtype=torch.long))
