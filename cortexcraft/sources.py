@@ -54,21 +54,22 @@ def default_separator(data_cfg) -> str:
 
 
 def local_copy_hint(spec: str) -> str:
-    name = "input.txt" if spec == "tinyshakespeare" else "the text"
-    return f"download {name} and pass --source /path/to/{'input.txt' if spec == 'tinyshakespeare' else 'file.txt'}"
+    if spec == "tinyshakespeare":
+        return "download input.txt and pass --source /path/to/input.txt"
+    return "download the text and pass --source /path/to/local/copy"
 
 
 # ---------------------------------------------------------------------------------------------
 # reading a corpus
 
 
-def iter_text(path: Path, start: int = 0, stop: int | None = None, chunk_bytes: int = READ_BYTES) -> Iterator[str]:
-    """Chunks of the UTF-8 file ``path`` covering characters ``[start, stop)``, in bounded memory."""
+def iter_text(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Chunks of the UTF-8 file ``path`` (about READ_BYTES each) covering characters ``[start, stop)``."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     position = 0
     with open(path, "rb") as handle:
         while True:
-            raw = handle.read(chunk_bytes)
+            raw = handle.read(READ_BYTES)
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
@@ -216,10 +217,14 @@ def probe(url: str) -> tuple[int | None, str | None]:
         return None, str(getattr(exc, "reason", exc))
 
 
-def _require_hub(spec: str) -> None:
+def _require_online(spec: str) -> None:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if _env_true(name):
             raise CortexCraftError(f"{name} is set, so source {spec!r} cannot be downloaded; unset it or {local_copy_hint(spec)}")
+
+
+def _require_hub(spec: str) -> None:
+    _require_online(spec)
     _, reason = probe(hub_endpoint())
     if reason is not None:
         raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({reason}); {local_copy_hint(spec)}")
@@ -254,20 +259,17 @@ def _download_tinyshakespeare(data_cfg, cache_dir: Path) -> dict:
     entry = _entry(cache_dir, spec, {"repo": TINYSHAKESPEARE_REPO, "revision": TINYSHAKESPEARE_REVISION})
     if (hit := _cached(entry)) is not None:
         return hit
+    _require_online(spec)
     text, origin = None, None
-    hub_error = None
-    if not any(_env_true(n) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        _, hub_error = probe(hub_endpoint())
-        if hub_error is None:
-            try:
-                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=str(Path(cache_dir) / "hf"))
-                text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
-                origin = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
-            except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
-                hub_error = _first_line(exc)
-                log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
-    else:
-        hub_error = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    _, hub_error = probe(hub_endpoint())
+    if hub_error is None:
+        try:
+            parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=str(Path(cache_dir) / "hf"))
+            text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
+            origin = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
+        except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
+            hub_error = _first_line(exc)
+            log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
     if text is None:
         status, reason = probe(TINYSHAKESPEARE_URL)
         if reason is not None or status >= 400:
@@ -298,6 +300,7 @@ def _download_url(data_cfg, cache_dir: Path) -> dict:
     entry = _entry(cache_dir, "url", {"url": url, "separator": default_separator(data_cfg)})
     if (hit := _cached(entry)) is not None:
         return hit
+    _require_online(url)
     status, reason = probe(url)
     if reason is not None:
         raise CortexCraftError(f"cannot reach {url} ({reason}); {local_copy_hint(url)}")
