@@ -109,6 +109,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cortexcraft.checkpoint import latest_checkpoint
     from cortexcraft.config import build_config
     from cortexcraft.train import train
 
@@ -118,7 +119,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.max_minutes is not None:
         overrides.append(f"train.max_minutes={args.max_minutes}")
     config = build_config(args.preset, overrides)
-    summary = train(config, args.data, args.out, resume=args.resume)
+    # Re-running into an existing run dir always continues it; --resume only insists that it can.
+    if args.resume and latest_checkpoint(args.out) is None:
+        raise CortexCraftError(f"--resume: no valid checkpoint in {args.out}; drop --resume to start a new run there")
+    summary = train(config, args.data, args.out, resume=True)
     print(f"best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}; "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s", file=sys.stderr)
     return 0

@@ -1,0 +1,444 @@
+"""Training: AdamW with warmup + cosine, periodic evaluation, checkpoints and exact resume.
+
+``train(config, data_dir, run_dir)`` runs until ``max_iters`` (or ``max_epochs``, or the
+``max_minutes`` budget), evaluating every ``eval_interval`` steps (mean loss over ``eval_iters``
+fixed train and val batches, appended to RUN_DIR/metrics.jsonl) and checkpointing every
+``checkpoint_interval`` steps, whenever val loss improves, and at the end (layout: see
+``cortexcraft.checkpoint``). Re-running into the same RUN_DIR continues from the newest valid
+checkpoint; because batches are a pure function of the step and every RNG state is restored, a
+resumed CPU run ends bitwise identical to an uninterrupted one.
+
+Under ``torchrun`` it runs data-parallel (DDP, gloo on CPU, nccl on GPU): each rank draws its own
+batches, rank 0 writes every file, and all ranks resume from the same checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from cortexcraft.batches import IGNORE_INDEX, TokenWindows
+from cortexcraft.checkpoint import (
+    latest_checkpoint, list_checkpoints, load_model_state, load_training_state, prune_checkpoints,
+    resolve_checkpoint, save_checkpoint,
+)
+from cortexcraft.config import RunConfig, TrainConfig
+from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_json, atomic_write_text, sha256_json
+from cortexcraft.model import GPT, check_model_config
+from cortexcraft.shards import verify_shards
+from cortexcraft.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# Evaluation batches come from their own stream, far from the training streams (one per rank).
+EVAL_STREAM = 1 << 20
+
+
+def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup, then constant or cosine decay to min_lr (default lr/10) at max_steps."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_steps - cfg.warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays only matrices and embeddings (>= 2-D), never biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def max_steps_for(cfg: TrainConfig, train_tokens: int, tokens_per_step: int) -> int:
+    """max_iters, or enough steps to draw ``max_epochs`` times the train split's tokens."""
+    if cfg.max_epochs is None:
+        return cfg.max_iters
+    return max(1, math.ceil(cfg.max_epochs * train_tokens / tokens_per_step))
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The eval records of a run, oldest first. A line torn by a kill is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("ignoring a torn line in %s", path)
+    return records
+
+
+def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    # One short write per line: a kill tears at most the last line, which read_metrics skips and
+    # the resume rewrites away.
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+class Distributed:
+    """Rank and world size; initialises the process group when started by torchrun."""
+
+    def __init__(self, device_name: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world_size > 1 and not dist.is_initialized():
+            use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            self.owns_group = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+class ProgressBar:
+    """A one-line bar on stderr with step, loss and tokens/s, redrawn in place."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.monotonic()
+
+    def update(self, step: int, loss: float, tokens_per_second: float) -> None:
+        width = 30
+        filled = int(width * step / max(1, self.total))
+        done = step - self.start
+        eta = (time.monotonic() - self.t0) / done * (self.total - step) if done else 0.0
+        sys.stderr.write(f"\r{step:>7}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"loss {loss:.4f}  {tokens_per_second:,.0f} tok/s  eta {eta:,.0f}s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, windows: dict, eval_iters: int, device: torch.device,
+                  dtype: torch.dtype, ddp: Distributed) -> dict[str, float]:
+    """Mean loss over the same ``eval_iters`` batches of each split every time (shared among ranks)."""
+    model.eval()
+    out = {}
+    for split, source in windows.items():
+        total = torch.zeros(2, device=device)
+        for i in range(ddp.rank, eval_iters, ddp.world_size):
+            x, y = source.batch(i, stream=EVAL_STREAM)
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp.enabled:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, run_dir: Path) -> None:
+    saved = dict(state["config"]["model"])
+    wanted = config.model.model_dump(mode="json")
+    # Dropout does not change any tensor shape; every other model field does or changes the maths.
+    changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if k != "dropout" and saved.get(k) != wanted[k]]
+    if changed:
+        raise CortexCraftError(
+            f"{run_dir} holds a model with a different shape ({', '.join(changed)}); use a new --out or the run's original settings"
+        )
+    if state["vocab_size"] != vocab_size:
+        raise CortexCraftError(
+            f"{run_dir} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; use the run's data or a new --out"
+        )
+
+
+def train(
+    config: RunConfig,
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    resume: bool = True,
+    on_eval: Optional[Callable[[dict], None]] = None,
+    progress: Optional[bool] = None,
+) -> dict[str, Any]:
+    """Train (or continue training) the run in ``run_dir`` on the shards in ``data_dir``.
+
+    ``resume=True`` continues from the newest valid checkpoint when there is one; ``resume=False``
+    refuses a run dir that already has checkpoints. ``on_eval`` gets every eval record (rank 0).
+    ``progress`` draws a progress bar on stderr (default: when stderr is a terminal).
+    Returns the summary also written to RUN_DIR/summary.json.
+    """
+    t_start = time.monotonic()
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    tcfg, mcfg = config.train, config.model
+    manifest = verify_shards(data_dir)
+    vocab_size = manifest["vocab_size"]
+    check_model_config(mcfg, vocab_size)
+    if not resume and list_checkpoints(run_dir):
+        raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
+    previous = latest_checkpoint(run_dir) if resume else None
+    if previous is not None:
+        _check_resumable(previous[1], config, vocab_size, run_dir)
+
+    ddp = Distributed(tcfg.device)
+    try:
+        return _train(config, data_dir, run_dir, manifest, previous, ddp, on_eval, progress, t_start)
+    finally:
+        ddp.close()
+
+
+def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str, Any],
+           previous: Optional[tuple[Path, dict[str, Any]]], ddp: Distributed,
+           on_eval: Optional[Callable[[dict], None]], progress: Optional[bool], t_start: float) -> dict[str, Any]:
+    tcfg, mcfg = config.train, config.model
+    vocab_size = manifest["vocab_size"]
+    device = select_device(tcfg.device, ddp.local_rank)
+    dtype = select_dtype(device, tcfg.dtype)
+    windows = {split: TokenWindows(data_dir, split, mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
+               for split in ("train", "val")}
+    tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum * ddp.world_size
+    max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
+
+    torch.manual_seed(tcfg.seed + ddp.rank)
+    model = GPT(mcfg, vocab_size).to(device)
+    optimizer = make_optimizer(model, tcfg, device)
+    scaler = grad_scaler(device, dtype)
+    step, tokens_seen, best_val, best_step = 0, 0, math.inf, None
+    if previous is not None:
+        path, state = previous
+        model.load_state_dict(load_model_state(path, device))
+        optimizer_state, rng_states = load_training_state(path, state)
+        optimizer.load_state_dict(optimizer_state)
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
+        if ddp.rank < len(rng_states):
+            _set_rng_state(rng_states[ddp.rank], device)
+        else:
+            log.warning("%s has no RNG state for rank %d (world size changed); dropout is reseeded", path, ddp.rank)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+        best_step = state["best_step"]
+        log.info("resuming %s from %s (step %d)", run_dir, path.name, step)
+    start_step = step
+    params = sum(p.numel() for p in model.parameters())
+
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        load_tokenizer(data_dir).save(run_dir)
+        atomic_write_json(run_dir / "run.json", {
+            "config": config.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
+            "data_manifest_sha256": sha256_json(manifest), "vocab_size": vocab_size, "params": params,
+            "device": str(device), "dtype": dtype_name(dtype), "world_size": ddp.world_size,
+        })
+        # The history must end where the checkpoint does, so it equals an uninterrupted run's.
+        _write_metrics(run_dir, [r for r in read_metrics(run_dir) if r["step"] <= start_step] if previous else [])
+        prune_checkpoints(run_dir, tcfg.keep_last)
+    ddp.barrier()
+
+    raw_model = model
+    if tcfg.compile:
+        model = torch.compile(model)
+    eval_model = model
+    if ddp.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    show_bar = ddp.is_main and (sys.stderr.isatty() if progress is None else progress)
+    bar = ProgressBar(max_steps, start_step) if show_bar else None
+    log_interval = max(1, min(10, tcfg.eval_interval))
+    log.info("training %s: %s params, %d steps from %d, %s/%s, world size %d", config.preset, f"{params:,}",
+             max_steps, start_step, device, dtype_name(dtype), ddp.world_size)
+
+    history = read_metrics(run_dir) if previous else []
+    last_record: Optional[dict[str, Any]] = history[-1] if history else None
+    last_ckpt = previous[0] if previous else None
+    stopped_by = "max_epochs" if tcfg.max_epochs is not None else "max_iters"
+    out_of_time = False
+    t_loop = time.monotonic()
+    t_log, tokens_at_log = t_loop, tokens_seen
+    loss = None
+    while True:
+        at_end = step >= max_steps or out_of_time
+        new_step = step > start_step or previous is None
+        record, improved = None, False
+        if new_step and (step % tcfg.eval_interval == 0 or at_end):
+            losses = estimate_loss(eval_model, windows, tcfg.eval_iters, device, dtype, ddp)
+            record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps), "tokens_seen": tokens_seen,
+                      "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
+            improved = step > 0 and record["val_loss"] < best_val
+            if improved:
+                best_val, best_step = record["val_loss"], step
+            last_record = record
+            if ddp.is_main:
+                _append_metrics(run_dir, record)
+                if bar is None:
+                    log.info("step %d/%d: train loss %.4f, val loss %.4f", step, max_steps, record["train_loss"], record["val_loss"])
+                if on_eval is not None:
+                    on_eval(dict(record))
+        if new_step and step > 0 and (step % tcfg.checkpoint_interval == 0 or at_end or improved):
+            rng_states = ddp.gather(_rng_state(device))
+            if ddp.is_main:
+                last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(), optimizer.state_dict(), rng_states, {
+                    "val_loss": record["val_loss"] if record else None, "best_val_loss": best_val if best_step is not None else None,
+                    "best_step": best_step, "tokens_seen": tokens_seen, "vocab_size": vocab_size,
+                    "config": config.model_dump(mode="json"),
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                })
+                prune_checkpoints(run_dir, tcfg.keep_last)
+            ddp.barrier()
+        if at_end:
+            break
+
+        lr = learning_rate(step, tcfg, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(tcfg.grad_accum):
+            x, y = windows["train"].batch(step * tcfg.grad_accum + micro, stream=ddp.rank)
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = nullcontext() if not ddp.enabled or micro == tcfg.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                loss = loss / tcfg.grad_accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        if tcfg.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+
+        if step % log_interval == 0:
+            if bar is not None:
+                now = time.monotonic()
+                bar.update(step, loss.item() * tcfg.grad_accum, (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9))
+                t_log, tokens_at_log = now, tokens_seen
+        if tcfg.max_minutes is not None:
+            out_of_time = ddp.any(time.monotonic() - t_start > 60 * tcfg.max_minutes, device)
+            if out_of_time:
+                stopped_by = "max_minutes"
+                log.info("time budget of %s min reached at step %d; saving a checkpoint", tcfg.max_minutes, step)
+    if bar is not None:
+        bar.close()
+
+    train_seconds = time.monotonic() - t_loop
+    trained_tokens = (step - start_step) * tokens_per_step
+    best = resolve_checkpoint(run_dir, "best")[0] if last_ckpt is not None else None
+    summary = {
+        "steps": step, "max_steps": max_steps, "stopped_by": stopped_by if step > start_step or out_of_time else "already_done",
+        "best_step": best_step, "best_val_loss": best_val if best_step is not None else None,
+        "final_train_loss": last_record["train_loss"] if last_record else None,
+        "final_val_loss": last_record["val_loss"] if last_record else None,
+        "tokens_seen": tokens_seen, "wall_seconds": round(time.monotonic() - t_start, 3),
+        "tokens_per_second": round(trained_tokens / train_seconds, 1) if trained_tokens else None,
+        "params": params, "resumed_from_step": start_step if previous is not None else None,
+        "checkpoint_best": str(best) if best else None, "checkpoint_last": str(last_ckpt) if last_ckpt else None,
+        "metrics_path": str(run_dir / METRICS_FILE), "run_dir": str(run_dir), "device": str(device),
+        "dtype": dtype_name(dtype), "world_size": ddp.world_size,
+    }
+    if ddp.is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, checkpoint: str = "best",
+                 batches: Optional[int] = None) -> dict[str, Any]:
+    """Val loss of a checkpoint over the whole val split (or ``batches`` random batches) and bits
+    per character (char tokenizer) or per token (BPE, where ``bits_per_char`` is None)."""
+    from cortexcraft.generate import load_model
+
+    manifest = verify_shards(data_dir)
+    device = select_device("auto")
+    model, state = load_model(run_dir, checkpoint, device)
+    if manifest["vocab_size"] != state["vocab_size"]:
+        raise CortexCraftError(
+            f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint expects {state['vocab_size']}; evaluate on the run's data"
+        )
+    run_cfg = RunConfig.model_validate(state["config"])
+    windows = TokenWindows(data_dir, "val", run_cfg.model.block_size, run_cfg.train.batch_size, run_cfg.train.seed, device)
+    source = (windows.batch(i, stream=EVAL_STREAM) for i in range(batches)) if batches else windows.sequential(run_cfg.train.batch_size)
+    total_loss, tokens = 0.0, 0
+    for x, y in source:
+        _, loss = model(x, y)
+        # The loss is a mean over scored targets; the end of `sequential` marks re-scored ones.
+        scored = int((y != IGNORE_INDEX).sum())
+        total_loss += loss.item() * scored
+        tokens += scored
+    if tokens == 0:
+        raise CortexCraftError(f"the val split of {data_dir} is shorter than one window of {run_cfg.model.block_size} tokens; prepare more data")
+    val_loss = total_loss / tokens
+    bits = val_loss / math.log(2)
+    is_char = manifest["tokenizer"]["type"] == "char"
+    return {"val_loss": val_loss, "bits_per_token": bits, "bits_per_char": bits if is_char else None,
+            "tokens": tokens, "checkpoint": state["path"], "step": state["step"]}
