@@ -11,28 +11,9 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Iterable
 
 from cortexcraft.config import RunConfig
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The eval records of RUN_DIR/metrics.jsonl in step order; a torn last line is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    # A resumed run re-evaluates steps it had already logged; the newest record of a step wins.
-    by_step = {r["step"]: r for r in records if "step" in r}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def bits(loss: float | None) -> float | None:

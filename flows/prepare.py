@@ -17,11 +17,11 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     """The data stages as tasks of the current flow; returns their records by stage."""
     data_cfg = config.data.model_dump(mode="json")
     data_dir, refresh = params.data_path(), params.refreshed()
-    corpus = run_stage(download_task, "download", download_key(data_cfg), data_dir, refresh,
+    corpus = run_stage(download_task, download_key(data_cfg), refresh,
                        data_cfg=data_cfg, data_dir=data_dir)
-    vocab = run_stage(build_vocab_task, "vocab", vocab_key(corpus, data_cfg), data_dir, refresh,
+    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg), refresh,
                       corpus=corpus, data_cfg=data_cfg, data_dir=data_dir)
-    shards = run_stage(write_shards_task, "shards", shards_key(corpus, vocab, data_cfg), data_dir, refresh,
+    shards = run_stage(write_shards_task, shards_key(corpus, vocab, data_cfg), refresh,
                        corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir)
     return {"download": corpus, "vocab": vocab, "shards": shards}
 

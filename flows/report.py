@@ -15,7 +15,7 @@ def run_report(run: dict[str, Any], shards: dict[str, Any], config: RunConfig, p
     """The report stage as a task of the current flow."""
     config_dict = config.model_dump(mode="json")
     data_dir = params.data_path()
-    return run_stage(report_task, "report", report_key(run, config_dict), data_dir, params.refreshed(),
+    return run_stage(report_task, report_key(run, config_dict), params.refreshed(),
                      run=run, shards=shards, config=config_dict, data_dir=data_dir)
 
 

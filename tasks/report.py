@@ -24,8 +24,8 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
     from cortexcraft.checkpoint import resolve_checkpoint
     from cortexcraft.config import RunConfig
     from cortexcraft.generate import generate_from_run
-    from cortexcraft.model import parameter_count
-    from cortexcraft.report import eval_rows, read_history, render_report
+    from cortexcraft.report import eval_rows, render_report
+    from cortexcraft.train import read_metrics
 
     logger = get_run_logger()
     key = report_key(run, config)
@@ -40,10 +40,10 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
                                  kv_cache=s.kv_cache)
         logger.info("sample for %r: %r", prompt, text[:80])
         samples.append((prompt, text))
-    history = read_history(run_dir)
+    history = read_metrics(run_dir)
     markdown = render_report(
         config=run_config, summary=run["summary"], history=history, samples=samples,
-        parameters=parameter_count(run_config.model, shards["vocab_size"]), vocab_size=shards["vocab_size"],
+        parameters=run["summary"]["params"], vocab_size=shards["vocab_size"],
         run_dir=run_dir, checkpoint=checkpoint, continued=run.get("continued"),
     )
     out_file = stage_dir(data_dir, STAGE, key) / REPORT_FILE

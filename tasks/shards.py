@@ -1,6 +1,7 @@
 """shards stage: train/val token shards plus the tokenizer, in one directory training reads."""
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -21,10 +22,13 @@ def shards_key(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str
       cache_key_fn=lambda ctx, p: cache_key(STAGE, shards_key(p["corpus"], p["vocab"], p["data_cfg"])))
 def write_shards_task(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str, Any],
                       data_dir: str) -> dict[str, Any]:
-    from cortexcraft.shards import write_shards
+    from cortexcraft.shards import MANIFEST as SHARDS_MANIFEST, write_shards
 
     key = shards_key(corpus, vocab, data_cfg)
     out_dir = stage_dir(data_dir, STAGE, key)
+    if not (out_dir / SHARDS_MANIFEST).is_file():
+        # Leftovers of a damaged stage (e.g. only stage.json): write_shards refuses to replace them.
+        shutil.rmtree(out_dir, ignore_errors=True)
     manifest = write_shards(corpus["manifest"], vocab["manifest"], DataConfig(**data_cfg), out_dir)
     record = write_record(data_dir, STAGE, key, files_under(out_dir),
                           vocab_size=manifest["vocab_size"], splits=manifest["splits"])

@@ -41,40 +41,45 @@ def stage_dir(data_dir: str | os.PathLike, stage: str, key: str) -> Path:
 
 
 def _module_file(name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
+    """Source file of a project module, found without importing it (or its parents) so that a
+    cached run never pays for importing torch."""
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin)
+    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest)
+    candidates = ([base.with_suffix(".py")] if rest else []) + [base / "__init__.py"]
+    return next((c for c in candidates if c.is_file()), None)
 
 
-def _imported_modules(path: Path) -> set[str]:
+@lru_cache(maxsize=None)
+def _source_info(name: str) -> tuple[str, frozenset[str]] | None:
+    """(sha256 of the source, project modules it imports) of module ``name``, None if not ours."""
+    path = _module_file(name)
+    if path is None:
+        return None
+    source = path.read_bytes()
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] in _OWN_PACKAGES}
+    own = frozenset(n for n in names if n.split(".")[0] in _OWN_PACKAGES)
+    return hashlib.sha256(source).hexdigest(), own
 
 
-@lru_cache(maxsize=None)
 def code_version(module: str) -> str:
-    """sha256 over the source of ``module`` and every project module it imports, transitively.
-
-    Read from disk without importing, so a cached run never pays for importing torch.
-    """
+    """sha256 over the source of ``module`` and every project module it imports, transitively."""
     seen: dict[str, str] = {}
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or (path := _module_file(name)) is None:
+        if name in seen or (info := _source_info(name)) is None:
             continue
-        seen[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-        todo.extend(_imported_modules(path))
+        seen[name], imports = info
+        todo.extend(imports)
     return sha256_json(seen)
 
 
@@ -151,11 +156,11 @@ def resolve(data_dir: str | os.PathLike, name: str) -> Path:
     return Path(data_dir).resolve() / name
 
 
-def run_stage(task: Task, stage: str, key: str, data_dir: str | os.PathLike, refresh: Iterable[str],
-              **parameters: Any) -> dict[str, Any]:
-    """Call a stage task with the project's result storage, refreshing its cache when forced or
-    when the outputs behind a cached result are missing or changed."""
-    refresh_cache = stage in refresh or valid_record(data_dir, stage, key) is None
+def run_stage(task: Task, key: str, refresh: Iterable[str], **parameters: Any) -> dict[str, Any]:
+    """Call a stage task (named after its stage) with the project's result storage, refreshing its
+    cache when forced or when the outputs behind a cached result are missing or changed."""
+    data_dir = parameters["data_dir"]
+    refresh_cache = task.name in refresh or valid_record(data_dir, task.name, key) is None
     configured = task.with_options(result_storage=results_dir(data_dir), refresh_cache=refresh_cache)
     return configured(**parameters)
 

@@ -31,11 +31,11 @@ def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir:
     manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir)
     record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
     preview = manifest.get("preview", "")
-    get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["type"], out_dir)
+    get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["tokenizer"]["type"], out_dir)
     create_markdown_artifact(
         key=f"vocab-{key}",
         description="Tokenizer of the corpus",
-        markdown=(f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['type']} |\n"
+        markdown=(f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['tokenizer']['type']} |\n"
                   f"| vocab size | {manifest['vocab_size']:,} |\n| directory | `{out_dir}` |\n\n"
                   f"Preview:\n\n```\n{preview}\n```\n"),
     )
