@@ -123,6 +123,9 @@ class CorpusWriter:
         self.tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should not be
         self.info = info
         self.separator = separator
+        # datasets' own download cache lives in the entry's temp dir and is dropped on commit:
+        # the entry's corpus.txt is the cache.
+        self.scratch = str(self.tmp / "datasets")
         self.handle = open(self.tmp / "corpus.txt", "wb")
         self.digest = hashlib.sha256()
         self.starts = array("q")
@@ -155,6 +158,7 @@ class CorpusWriter:
         manifest = dict(self.info, format=CORPUS_FORMAT, sha256=sha, bytes=self.bytes, chars=self.chars,
                         documents=len(self.starts), separator=self.separator,
                         fingerprint=sha256_json({"corpus": sha, "doc_starts": doc_starts_sha}))
+        shutil.rmtree(self.scratch, ignore_errors=True)
         atomic_write_json(self.tmp / "corpus.json", manifest)
         if self.entry.exists():
             shutil.rmtree(self.entry)
@@ -260,36 +264,37 @@ def _download_tinyshakespeare(data_cfg, cache_dir: Path) -> dict:
     if (hit := _cached(entry)) is not None:
         return hit
     _require_online(spec)
-    text, origin = None, None
-    _, hub_error = probe(hub_endpoint())
-    if hub_error is None:
-        try:
-            parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=str(Path(cache_dir) / "hf"))
-            text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
-            origin = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
-        except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
-            hub_error = _first_line(exc)
-            log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
-    if text is None:
-        status, reason = probe(TINYSHAKESPEARE_URL)
-        if reason is not None or status >= 400:
-            raise CortexCraftError(
-                f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw file URL "
-                f"({reason or f'HTTP {status}'}); {local_copy_hint(spec)}"
-            )
-        text = "".join(_url_documents(TINYSHAKESPEARE_URL, cache_dir, spec))
-        origin = TINYSHAKESPEARE_URL
-    if len(text) != TINYSHAKESPEARE_CHARS:
-        raise CortexCraftError(f"source 'tinyshakespeare' from {origin} has {len(text):,} characters, expected {TINYSHAKESPEARE_CHARS:,}; {local_copy_hint(spec)}")
-    with CorpusWriter(entry, {"spec": spec, "kind": "tinyshakespeare", "origin": origin}, default_separator(data_cfg)) as writer:
+    with CorpusWriter(entry, {"spec": spec, "kind": "tinyshakespeare"}, default_separator(data_cfg)) as writer:
+        text = None
+        _, hub_error = probe(hub_endpoint())
+        if hub_error is None:
+            try:
+                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=writer.scratch)
+                text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
+                writer.info["origin"] = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
+            except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
+                hub_error = _first_line(exc)
+                log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
+        if text is None:
+            status, reason = probe(TINYSHAKESPEARE_URL)
+            if reason is not None or status >= 400:
+                raise CortexCraftError(
+                    f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw file URL "
+                    f"({reason or f'HTTP {status}'}); {local_copy_hint(spec)}"
+                )
+            text = "".join(_url_documents(TINYSHAKESPEARE_URL, writer.scratch, spec))
+            writer.info["origin"] = TINYSHAKESPEARE_URL
+        if len(text) != TINYSHAKESPEARE_CHARS:
+            raise CortexCraftError(f"source 'tinyshakespeare' from {writer.info['origin']} has {len(text):,} characters, "
+                                   f"expected {TINYSHAKESPEARE_CHARS:,}; {local_copy_hint(spec)}")
         writer.add(text)
         return writer.commit()
 
 
-def _url_documents(url: str, cache_dir: Path, spec: str) -> Iterator[str]:
+def _url_documents(url: str, scratch: str, spec: str) -> Iterator[str]:
     # The `text` builder with sample_by="document" yields each file whole (it turns \r\n into \n).
     try:
-        dataset = _load_dataset("text", data_files=url, sample_by="document", split="train", cache_dir=str(Path(cache_dir) / "hf"))
+        dataset = _load_dataset("text", data_files=url, sample_by="document", split="train", cache_dir=scratch)
     except Exception as exc:  # noqa: BLE001 -- report any datasets failure as one line
         raise CortexCraftError(f"downloading source {spec!r} failed ({_first_line(exc)}); {local_copy_hint(spec)}") from None
     yield from dataset["text"]
@@ -307,27 +312,24 @@ def _download_url(data_cfg, cache_dir: Path) -> dict:
     if status >= 400:
         raise CortexCraftError(f"{url} answered HTTP {status}; check the URL or {local_copy_hint(url)}")
     with CorpusWriter(entry, {"spec": url, "kind": "url", "origin": url}, default_separator(data_cfg)) as writer:
-        for document in _url_documents(url, cache_dir, url):
+        for document in _url_documents(url, writer.scratch, url):
             writer.add(document)
         return writer.commit()
 
 
 def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_cfg, cache_dir: Path) -> dict:
     limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
-    key = {"repo": repo, "revision": revision, "split": split, "column": data_cfg.text_column,
+    column = data_cfg.text_column
+    key = {"repo": repo, "revision": revision, "split": split, "column": column,
            "separator": default_separator(data_cfg), **limits}
     entry = _entry(cache_dir, "hub-" + repo.replace("/", "--"), key)
     if (hit := _cached(entry)) is not None:
         return hit
     _require_hub(spec)
-    try:
-        stream = _load_dataset(repo, revision=revision, split=split, streaming=True, cache_dir=str(Path(cache_dir) / "hf"))
-    except Exception as exc:  # noqa: BLE001 -- report any datasets failure as one line
-        raise CortexCraftError(f"loading source {spec!r} from the hub failed ({_first_line(exc)}); check the id or {local_copy_hint(spec)}") from None
-    column = data_cfg.text_column
     info = {"spec": spec, "kind": "hub", "origin": f"hub {repo}@{revision or 'main'}:{split}", "text_column": column, **limits}
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         try:
+            stream = _load_dataset(repo, revision=revision, split=split, streaming=True, cache_dir=writer.scratch)
             for batch in stream.iter(batch_size=STREAM_BATCH_ROWS):
                 if column not in batch:
                     raise CortexCraftError(f"source {spec!r} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column NAME")
@@ -338,7 +340,8 @@ def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_c
         except CortexCraftError:
             raise
         except Exception as exc:  # noqa: BLE001 -- a broken stream is one line, and nothing is cached
-            raise CortexCraftError(f"streaming source {spec!r} failed after {len(writer.starts):,} documents ({_first_line(exc)}); re-run to retry or {local_copy_hint(spec)}") from None
+            raise CortexCraftError(f"streaming source {spec!r} from the hub failed after {len(writer.starts):,} documents "
+                                   f"({_first_line(exc)}); check the id, re-run to retry, or {local_copy_hint(spec)}") from None
         if not writer.starts:
             raise CortexCraftError(f"source {spec!r} split {split!r} has no rows; choose another split with hf:{repo}:SPLIT")
         return writer.commit()
