@@ -1,0 +1,180 @@
+"""The Prefect pipeline end to end on Tiny Shakespeare with a tiny model: outputs, artifacts read
+back through Prefect's client, and which stages re-run (Completed) or not (Cached) as inputs change.
+
+All runs share one temporary Prefect server and database (PREFECT_HOME in a temp dir) and one data
+directory, like a user re-running the pipeline in the same project.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+
+import pytest
+
+prefect = pytest.importorskip("prefect")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId)
+from prefect.settings import PREFECT_HOME, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from cortexcraft.errors import CortexCraftError  # noqa: E402
+from flows.params import PipelineParams  # noqa: E402
+from flows.pipeline import pipeline, run_pipeline_from_cli  # noqa: E402
+from tasks.stage import STAGES  # noqa: E402
+
+TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
+        "warmup_iters=2", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10", "max_new_tokens=40",
+        "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tinyshakespeare_path, prefect_server):
+    """A data dir and a private copy of Tiny Shakespeare (one test edits it), after a first run."""
+    root = tmp_path_factory.mktemp("project")
+    source = root / "input.txt"
+    shutil.copyfile(tinyshakespeare_path, source)
+    data_dir = root / "data"
+    state, records = run(source=source, data_dir=data_dir)
+    return {"source": source, "data_dir": data_dir, "first": (state, records)}
+
+
+def run(source, data_dir, overrides=(), **extra):
+    params = PipelineParams(source=str(source), data_dir=str(data_dir), overrides=TINY + list(overrides), **extra)
+    state = pipeline(params, return_state=True)
+    assert state.is_completed(), state.message
+    return state, state.result()
+
+
+def stage_states(state) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
+    assert sorted(states) == sorted(STAGES)
+    return states
+
+
+def latest_artifact(key: str):
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact with key {key}"
+    return found[0]
+
+
+def test_first_run_writes_outputs_and_artifacts(project):
+    state, records = project["first"]
+    assert set(stage_states(state).values()) == {"Completed"}
+    data_dir = project["data_dir"]
+
+    run_dir = data_dir / records["train"]["dir"]
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "summary.json").is_file()
+    assert records["train"]["summary"]["steps"] == 20
+    report_md = (data_dir / records["report"]["dir"] / "report.md").read_text()
+
+    run_key = records["train"]["key"]
+    report = latest_artifact(f"report-{run_key}")
+    assert report.type == "markdown" and report.data == report_md
+    for prompt in ("ROMEO:", "First Citizen:"):
+        assert json.dumps(prompt) in report.data
+    uri = report.data.split("![loss curve](", 1)[1].split(")", 1)[0]
+    assert uri.startswith("data:image/svg+xml;base64,")
+    svg = base64.b64decode(uri.split(",", 1)[1]).decode()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2
+    assert "bits/char" in report.data and f"{records['train']['summary']['params']:,}" in report.data
+
+    history = json.loads(latest_artifact(f"eval-history-{run_key}").data)
+    assert [row["step"] for row in history] == [0, 10, 20]
+    assert latest_artifact(f"train-progress-{run_key}").data == 100.0
+    assert str(run_dir) in latest_artifact(f"run-dir-{run_key}").data
+    assert "checkpoints" in latest_artifact(f"checkpoint-{run_key}").data
+
+    assert "1,115,394" in latest_artifact(f"corpus-{records['download']['key']}").data
+    assert "65" in latest_artifact(f"vocab-{records['vocab']['key']}").data
+    shard_rows = json.loads(latest_artifact(f"shards-{records['shards']['key']}").data)
+    assert {row["split"] for row in shard_rows} == {"train", "val"}
+
+
+def test_rerun_with_nothing_changed_is_all_cached(project):
+    state, records = run(project["source"], project["data_dir"])
+    assert set(stage_states(state).values()) == {"Cached"}
+    assert records["report"] == project["first"][1]["report"]
+
+
+def test_deleted_shard_reruns_only_the_shards(project):
+    data_dir, first = project["data_dir"], project["first"][1]
+    shard = data_dir / first["shards"]["dir"] / "train_000.bin"
+    shard.unlink()
+    state, records = run(project["source"], data_dir)
+    assert stage_states(state) == {"download": "Cached", "vocab": "Cached", "shards": "Completed",
+                                   "train": "Cached", "report": "Cached"}
+    # The rewritten shards are byte-identical, so training (keyed on content) stayed valid.
+    assert shard.is_file() and records["shards"]["content"] == first["shards"]["content"]
+
+
+def test_sampling_change_reruns_only_the_report(project):
+    state, records = run(project["source"], project["data_dir"], overrides=["temperature=0.5"])
+    assert stage_states(state) == {"download": "Cached", "vocab": "Cached", "shards": "Cached",
+                                   "train": "Cached", "report": "Completed"}
+    assert "temperature 0.5" in (project["data_dir"] / records["report"]["dir"] / "report.md").read_text()
+
+
+def test_training_change_reruns_train_and_report(project):
+    state, records = run(project["source"], project["data_dir"], overrides=["lr=1e-3"])
+    assert stage_states(state) == {"download": "Cached", "vocab": "Cached", "shards": "Cached",
+                                   "train": "Completed", "report": "Completed"}
+    assert records["train"]["dir"] != project["first"][1]["train"]["dir"]
+
+
+def test_continue_training_always_trains_further_from_the_last_checkpoint(project):
+    state, records = run(project["source"], project["data_dir"], continue_training_iters=10)
+    states = stage_states(state)
+    assert states["train"] == "Completed" and states["report"] == "Completed"
+    summary = records["train"]["summary"]
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
+    assert records["train"]["dir"] == project["first"][1]["train"]["dir"]
+    report = (project["data_dir"] / records["report"]["dir"] / "report.md").read_text()
+    assert "continued from step 20 to step 30" in report
+
+
+def test_refresh_forces_the_chosen_stage(project):
+    state, _ = run(project["source"], project["data_dir"], refresh=["vocab"])
+    assert stage_states(state) == {"download": "Cached", "vocab": "Completed", "shards": "Cached",
+                                   "train": "Cached", "report": "Cached"}
+
+
+def test_changed_source_reruns_every_stage(project):
+    source = project["source"]
+    original = source.read_bytes()
+    try:
+        source.write_bytes(original.replace(b"ROMEO", b"ROMEA", 1))
+        state, _ = run(source, project["data_dir"])
+        assert set(stage_states(state).values()) == {"Completed"}
+    finally:
+        source.write_bytes(original)
+
+
+def test_bad_parameter_fails_before_any_stage_naming_it(project):
+    state = pipeline(params={"source": str(project["source"]), "overrides": TINY + ["n_layer=0"]},
+                     return_state=True)
+    assert state.is_failed() and "n_layer" in state.message
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert task_runs == []
+
+    with pytest.raises(CortexCraftError, match="n_embd=30 is not divisible by n_head=4"):
+        run_pipeline_from_cli(preset="cpu", overrides=["n_embd=30"], source=str(project["source"]),
+                              data_dir=project["data_dir"], refresh=[])
+    with pytest.raises(CortexCraftError, match="refresh"):
+        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
+                              refresh=["everything"])
