@@ -1,0 +1,111 @@
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cortexcraft.checkpoint import (
+    CheckpointError, latest_checkpoint, list_checkpoints, load_model_state, read_checkpoint_state, resolve_checkpoint,
+)
+from cortexcraft.generate import generate_from_run
+from cortexcraft.train import read_metrics, train
+from tiny_runs import TINY, make_data_dir, tiny_config
+
+# Dropout on, so exact resume also needs the restored RNG state; a cosine schedule, so it needs the step.
+RESUME_SETTINGS = ["dropout=0.1", "max_iters=60", "keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("ckpt"))
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["train_loss"], r["val_loss"], r["lr"], r["tokens_seen"]) for r in read_metrics(run_dir)]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(data_dir, tmp_path):
+    config = tiny_config("cpu", *RESUME_SETTINGS)
+    reference = tmp_path / "uninterrupted"
+    train(config, data_dir, reference)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cortexcraft", "train", "--data", str(data_dir), "--out", str(killed),
+           "--preset", "cpu"] + [arg for s in TINY + RESUME_SETTINGS for arg in ("--set", s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "step_00000010" / "state.json"
+    deadline = time.monotonic() + 60
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the training process ended before it could be killed"
+    interrupted_at = read_checkpoint_state(list_checkpoints(killed)[-1])["step"]
+    assert 10 <= interrupted_at < 60
+
+    summary = train(config, data_dir, killed)
+    assert summary["resumed_from_step"] >= 10 and summary["steps"] == 60
+
+    final_a = load_model_state(resolve_checkpoint(reference, "last")[0])
+    final_b = load_model_state(resolve_checkpoint(killed, "last")[0])
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert losses(killed) == losses(reference)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_good_one_is_used(data_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    config = tiny_config("cpu", "max_iters=30", "keep_last=5")
+    train(config, data_dir, run)
+    newest = list_checkpoints(run)[-1]
+    assert newest.name == "step_00000030"
+    model_file = newest / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # truncated
+
+    with caplog.at_level(logging.WARNING):
+        path, state = latest_checkpoint(run)
+    assert path.name == "step_00000020" and state["step"] == 20
+    assert str(model_file) in caplog.text
+
+    with pytest.raises(CheckpointError, match="step_00000030"):
+        generate_from_run(run, checkpoint=newest, max_new_tokens=5)
+
+    # Training the damaged run again continues from step 20 and rewrites step 30 whole.
+    summary = train(config, data_dir, run)
+    assert summary["resumed_from_step"] == 20
+    assert read_checkpoint_state(newest)["step"] == 30
+    assert [r["step"] for r in read_metrics(run)] == [0, 10, 20, 30]
+
+
+def test_garbage_state_json_and_leftover_temp_dirs_are_skipped(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config("cpu", "max_iters=20"), data_dir, run)
+    (run / "checkpoints" / "step_00000020" / "state.json").write_text("{not json")
+    leftover = run / "checkpoints" / ".step_00000030.tmp-999"
+    leftover.mkdir()
+    assert latest_checkpoint(run)[1]["step"] == 10
+    summary = train(tiny_config("cpu", "max_iters=30"), data_dir, run)
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 30
+    assert not leftover.exists()
+
+
+def test_only_the_last_k_and_the_best_checkpoint_are_kept(data_dir, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config("cpu", "max_iters=50", "keep_last=2"), data_dir, run)
+    names = [p.name for p in list_checkpoints(run)]
+    best = Path(summary["checkpoint_best"]).name
+    assert names[-2:] == ["step_00000040", "step_00000050"]
+    assert set(names) == {"step_00000040", "step_00000050", best}
+    assert read_checkpoint_state(resolve_checkpoint(run, "best")[0])["val_loss"] == summary["best_val_loss"]
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        resolve_checkpoint(tmp_path, "best")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path, tmp_path / "nope")

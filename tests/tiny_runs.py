@@ -1,0 +1,38 @@
+"""Small data and shrunk configs shared by the training, checkpoint, preset and DDP tests."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from cortexcraft.config import DataConfig, RunConfig, build_config
+from cortexcraft.prepare import prepare
+
+# Shrinks any preset to a model that trains in a fraction of a second per few steps.
+TINY = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=8",
+        "eval_iters=4", "eval_interval=10", "checkpoint_interval=10"]
+
+
+def repetitive_text(chars: int = 30_000, seed: int = 0) -> str:
+    """Shakespeare-flavoured sentences from a tiny grammar: easy to learn, never one fixed loop."""
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "HAMLET", "OPHELIA"]
+    verbs = ["loves", "fears", "calls", "follows"]
+    things = ["the moon", "my lord", "the king", "sweet night"]
+    lines = []
+    while sum(len(line) for line in lines) < chars:
+        lines.append(f"{rng.choice(names)}:\nO, {rng.choice(names).lower()} {rng.choice(verbs)} {rng.choice(things)}.\n\n")
+    return "".join(lines)[:chars]
+
+
+def make_data_dir(root: Path, data_cfg: DataConfig | None = None, chars: int = 30_000) -> Path:
+    """Prepare shards for a small local text into ``root/data`` (the preset's data settings kept)."""
+    root.mkdir(parents=True, exist_ok=True)
+    text_file = root / "corpus.txt"
+    text_file.write_text(repetitive_text(chars), encoding="utf-8")
+    cfg = (data_cfg or DataConfig()).model_copy(update={"source": str(text_file)})
+    prepare(cfg, root / "data", cache_dir=root / "downloads")
+    return root / "data"
+
+
+def tiny_config(preset: str = "cpu", *overrides: str) -> RunConfig:
+    return build_config(preset, TINY + list(overrides))
