@@ -1,0 +1,137 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cortexcraft.config import DataConfig, build_config
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.generate import generate_from_run
+from cortexcraft.model import GPT
+from cortexcraft.train import evaluate_run, learning_rate, make_optimizer, max_steps_for, read_metrics, train
+from tiny_runs import make_data_dir, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> tuple[Path, dict, list]:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    records = []
+    summary = train(tiny_config("cpu", "max_iters=60", "lr=3e-3", "warmup_iters=5"), data_dir, run, on_eval=records.append)
+    return run, summary, records
+
+
+def test_summary_metrics_and_callback_describe_the_run(trained_run):
+    run, summary, records = trained_run
+    assert summary["steps"] == 60 and summary["resumed_from_step"] is None
+    assert summary["tokens_seen"] == 60 * 8 * 16
+    assert summary["final_val_loss"] == records[-1]["val_loss"]
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in records[1:])
+    assert Path(summary["checkpoint_best"]).is_dir() and Path(summary["checkpoint_last"]).name == "step_00000060"
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert read_metrics(run) == records
+    assert [r["step"] for r in records] == [0, 10, 20, 30, 40, 50, 60]
+    assert set(records[0]) == {"step", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_seconds", "max_steps"}
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5
+    json.dumps(summary)
+
+
+def test_generate_from_run_returns_only_the_continuation_and_streams_it(trained_run):
+    run, _, _ = trained_run
+    pieces = []
+    text = generate_from_run(run, prompt="ROMEO:", max_new_tokens=40, seed=3, on_text=pieces.append)
+    assert len(text) == 40 and not text.startswith("ROMEO:")
+    assert "".join(pieces) == text
+    assert generate_from_run(run, prompt="ROMEO:", max_new_tokens=40, seed=3, kv_cache=False) == text
+    assert generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0) == \
+        generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0, seed=9)
+
+
+def test_prompt_characters_outside_the_vocabulary_are_named(trained_run):
+    run, _, _ = trained_run
+    with pytest.raises(CortexCraftError, match="Z"):
+        generate_from_run(run, prompt="ZZ top", max_new_tokens=5)
+
+
+def test_evaluate_run_reports_val_loss_and_bits_per_char(trained_run, data_dir):
+    run, summary, _ = trained_run
+    result = evaluate_run(run, data_dir)
+    assert result["checkpoint"] == summary["checkpoint_best"]
+    assert result["bits_per_char"] == pytest.approx(result["val_loss"] / math.log(2))
+    val_tokens = json.loads((data_dir / "manifest.json").read_text())["splits"]["val"]["tokens"]
+    assert result["tokens"] == val_tokens - 1  # every target of the split scored exactly once
+    assert abs(result["val_loss"] - summary["best_val_loss"]) < 0.3
+    assert evaluate_run(run, data_dir, batches=2)["tokens"] == 2 * 8 * 16
+
+
+def test_a_finished_run_continues_when_asked_for_more_iterations(trained_run, data_dir, tmp_path):
+    run, _, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    again = train(tiny_config("cpu", "max_iters=60", "lr=3e-3", "warmup_iters=5"), data_dir, copy)
+    assert again["steps"] == 60 and again["stopped_by"] == "already_done" and again["tokens_per_second"] is None
+    more = train(tiny_config("cpu", "max_iters=70", "lr=3e-3", "warmup_iters=5"), data_dir, copy)
+    assert more["resumed_from_step"] == 60 and more["steps"] == 70
+    assert [r["step"] for r in read_metrics(copy)][-2:] == [60, 70]
+
+
+def test_resume_refuses_a_different_model_shape_and_a_fresh_start_refuses_an_old_run(trained_run, data_dir):
+    run, _, _ = trained_run
+    with pytest.raises(CortexCraftError, match=r"n_layer 1 -> 2"):
+        train(tiny_config("cpu", "max_iters=70", "n_layer=2"), data_dir, run)
+    with pytest.raises(CortexCraftError, match="already has checkpoints"):
+        train(tiny_config("cpu", "max_iters=70"), data_dir, run, resume=False)
+
+
+def test_a_vocabulary_mismatch_is_refused(trained_run, tmp_path):
+    run, _, _ = trained_run
+    other = make_data_dir(tmp_path, DataConfig(special_tokens=["<bos>"]))
+    with pytest.raises(CortexCraftError, match="vocab_size"):
+        train(tiny_config("cpu", "max_iters=70"), other, run)
+    with pytest.raises(CortexCraftError, match="vocab_size"):
+        evaluate_run(run, other)
+
+
+def test_the_time_budget_ends_the_run_with_a_checkpoint(data_dir, tmp_path):
+    summary = train(tiny_config("cpu", "max_iters=100000", "max_minutes=0.0001"), data_dir, tmp_path / "run")
+    assert summary["stopped_by"] == "max_minutes"
+    assert 1 <= summary["steps"] < 100000
+    assert Path(summary["checkpoint_last"]).name == f"step_{summary['steps']:08d}"
+    assert read_metrics(tmp_path / "run")[-1]["step"] == summary["steps"]
+
+
+def test_max_epochs_sets_the_number_of_steps(data_dir, tmp_path):
+    summary = train(tiny_config("cpu", "max_epochs=0.05", "eval_interval=1000"), data_dir, tmp_path / "run")
+    train_tokens = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    assert summary["steps"] == math.ceil(0.05 * train_tokens / (8 * 16))
+
+
+def test_gradient_accumulation_counts_tokens_per_optimizer_step(data_dir, tmp_path):
+    summary = train(tiny_config("cpu", "max_iters=5", "grad_accum=3", "grad_clip=0.5"), data_dir, tmp_path / "run")
+    assert summary["tokens_seen"] == 5 * 3 * 8 * 16
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cfg = build_config("cpu", ["lr=1e-3", "min_lr=1e-4", "warmup_iters=10", "lr_schedule=cosine"]).train
+    assert learning_rate(0, cfg, 100) == pytest.approx(1e-3 / 11)
+    assert learning_rate(10, cfg, 100) == pytest.approx(1e-3)
+    assert learning_rate(55, cfg, 100) == pytest.approx(5.5e-4)
+    assert learning_rate(100, cfg, 100) == pytest.approx(1e-4)
+    constant = cfg.model_copy(update={"lr_schedule": "constant", "warmup_iters": 0})
+    assert learning_rate(99, constant, 100) == 1e-3
+    assert max_steps_for(constant, 1000, 10) == constant.max_iters
+
+
+def test_weight_decay_applies_only_to_matrices():
+    cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "weight_decay=0.1"])
+    model = GPT(cfg.model, 20)
+    decayed, plain = make_optimizer(model, cfg.train, torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
