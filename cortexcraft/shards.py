@@ -75,11 +75,10 @@ class _SplitWriter:
             if self._handle is None or self.files[-1]["tokens"] == self.shard_tokens:
                 self._open_next()
             room = self.shard_tokens - self.files[-1]["tokens"]
-            piece = data[:room]
-            raw = piece.tobytes()
-            self._handle.write(raw)
-            self._digest.update(raw)
-            self.files[-1]["tokens"] += piece.size
+            piece = memoryview(data[:room])
+            self._handle.write(piece)
+            self._digest.update(piece)
+            self.files[-1]["tokens"] += len(piece)
             data = data[room:]
 
     def finish(self) -> dict:
