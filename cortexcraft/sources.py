@@ -390,14 +390,18 @@ def _download_local(data_cfg, cache_dir: Path) -> dict:
     if len(files) == 1 and Path(spec).expanduser().is_file():
         return _describe_local_file(files[0], spec)
     described = [_describe_local_file(f, spec) for f in files]
-    key = {"files": [(d["origin"], d["sha256"]) for d in described], "separator": default_separator(data_cfg)}
+    key = {"files": [(d["origin"], d["sha256"]) for d in described], "separator": default_separator(data_cfg),
+           "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     entry = _entry(cache_dir, "local", key)
     if (hit := _cached(entry)) is not None:
         return hit
-    info = {"spec": spec, "kind": "files", "origin": f"{len(files)} files from {spec}"}
+    info = {"spec": spec, "kind": "files", "origin": f"{len(files)} files from {spec}",
+            "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         for path in files:
             writer.add("".join(iter_text(path)))
+            if _limit_reached(writer, data_cfg):
+                break
         return writer.commit()
 
 
@@ -408,6 +412,12 @@ def download(data_cfg, cache_dir: Path) -> dict:
     document start offsets, or None for one document), ``sha256``, ``bytes``, ``chars``,
     ``documents``, ``separator``, ``spec``, ``origin`` and ``fingerprint`` (content hash)."""
     spec = data_cfg.source.strip()
+    single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or Path(spec).expanduser().is_file()
+    if single_document and (data_cfg.max_docs is not None or data_cfg.max_bytes is not None):
+        raise CortexCraftError(
+            f"--max-docs/--max-bytes pick whole documents from hub, directory and glob sources, but {spec!r} "
+            f"is one document; drop them or pass a directory of documents"
+        )
     if spec == "tinyshakespeare":
         return _download_tinyshakespeare(data_cfg, cache_dir)
     if spec in HUB_ALIASES:

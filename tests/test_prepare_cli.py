@@ -57,6 +57,7 @@ BAD_INPUTS = {
     "vocab lacks chars": (lambda t: ["--source", str(t / "corpus.txt"), "--vocab", _write(t, "v.txt", b"Tobe ")], "characters missing from --vocab"),
     "split too small": (lambda t: ["--source", _write(t, "tiny.txt", b"abcdefghij"), "--val-fraction", "0.95"], "leaves the train split with 0 characters"),
     "bad special token": (lambda t: ["--source", str(t / "corpus.txt"), "--special-tokens", "x"], "must be at least 2 characters"),
+    "limits on one document": (lambda t: ["--source", str(t / "corpus.txt"), "--max-bytes", "100"], "is one document; drop them"),
     "bad val fraction": (lambda t: ["--source", str(t / "corpus.txt"), "--val-fraction", "1.5"], "invalid config: data.val_fraction"),
 }
 

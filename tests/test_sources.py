@@ -38,7 +38,7 @@ def serve():
 
     def start(directory):
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 
@@ -121,6 +121,8 @@ def test_directory_and_glob_sources_are_documents_joined_by_the_separator(tmp_pa
     globbed = download(DataConfig(source=str(docs / "*.txt"), separator="<eos>"), tmp_path / "cache")
     with open(globbed["path"], encoding="utf-8") as handle:
         assert handle.read() == "ay<eos>bee"
+    limited = download(DataConfig(source=str(docs), max_docs=2), tmp_path / "cache")
+    assert limited["documents"] == 2 and limited["chars"] == len("ay\n\nbee")
     (docs / "a.txt").write_text("AY", encoding="utf-8")
     assert download(DataConfig(source=str(docs)), tmp_path / "cache")["fingerprint"] != manifest["fingerprint"]
 
