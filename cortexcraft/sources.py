@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_json
+from cortexcraft.fileio import atomic_open, atomic_write_json, fsync_dir, read_json, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class CorpusWriter:
         doc_starts_sha = None
         if len(self.starts) > 1:
             starts = np.frombuffer(self.starts, dtype=np.int64)
-            np.save(self.tmp / "doc_starts.npy", starts)
+            with atomic_open(self.tmp / "doc_starts.npy") as handle:
+                np.save(handle, starts)
             doc_starts_sha = hashlib.sha256(starts.tobytes()).hexdigest()
         manifest = dict(self.info, format=CORPUS_FORMAT, sha256=sha, bytes=self.bytes, chars=self.chars,
                         documents=len(self.starts), separator=self.separator,
@@ -187,7 +188,8 @@ def _with_paths(manifest: dict, entry: Path) -> dict:
 def _cached(entry: Path) -> dict | None:
     try:
         manifest = read_json(entry / "corpus.json")
-        if (entry / "corpus.txt").stat().st_size == manifest["bytes"]:
+        complete = manifest["documents"] == 1 or (entry / "doc_starts.npy").is_file()
+        if complete and (entry / "corpus.txt").stat().st_size == manifest["bytes"]:
             return _with_paths(manifest, entry)
     except (OSError, ValueError, KeyError):
         pass
