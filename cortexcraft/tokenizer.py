@@ -52,6 +52,7 @@ UNKNOWN_SOURCE_CHARS_ESTIMATE = 256
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
+    dtype: np.dtype  # of the shard files: the smallest unsigned type holding every id
 
     def encode(self, text: str) -> np.ndarray: ...
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -100,21 +101,22 @@ def read_vocab_file(path: Path) -> tuple[list[str], str]:
     if not path.is_file():
         raise CortexCraftError(f"vocab file {path} does not exist; pass an existing vocab.txt to --vocab")
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
+        # newline="" keeps "\r" as written (a seed-format file may hold it as a character).
+        with open(path, encoding="utf-8", newline="") as handle:
+            text = handle.read()
     except UnicodeDecodeError as exc:
         raise CortexCraftError(f"vocab file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
     if not text.startswith("#cortexcraft-vocab/"):
-        # newline="" keeps "\r" as written: read_text would have turned "\r\n" into "\n".
-        with open(path, encoding="utf-8", newline="") as handle:
-            raw = handle.read()
-        return sorted(set(raw)), "seed"
-    header, _, body = text.partition("\n")
+        return sorted(set(text)), "seed"
+    header, *lines = text.split("\n")
     if not header.startswith("#cortexcraft-vocab/1 "):
         raise CortexCraftError(f"vocab file {path} has unsupported header {header[:40]!r}; re-create it with `cortexcraft prepare`")
+    if lines and lines[-1] == "":
+        lines.pop()
     tokens = []
-    for number, line in enumerate(body.split("\n")[:-1], start=2):
+    for number, line in enumerate(lines, start=2):
         try:
-            token = json.loads(line)
+            token = json.loads(line.removesuffix("\r"))  # tolerate an editor's CRLF line ends
         except json.JSONDecodeError:
             token = None
         if not isinstance(token, str) or not token:

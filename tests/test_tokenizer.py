@@ -143,3 +143,11 @@ def test_section_file_describes_the_tokenizer(tmp_path):
     section = CharTokenizer(list("ab")).save(tmp_path)
     assert json.loads((tmp_path / "tokenizer.section.json").read_text()) == section
     assert section["type"] == "char" and section["file"] == "vocab.txt" and section["vocab_size"] == 2
+
+
+def test_hand_written_vocab_with_crlf_and_no_final_newline_is_read_whole(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes((VOCAB_HEADER + '\r\n"a"\r\n"\\r"\r\n"<eos>"').encode())
+    assert read_vocab_file(path) == (["a", "\r", "<eos>"], "cortexcraft")
+    tok = CharTokenizer.from_file(path)
+    assert tok.special_tokens == ["<eos>"] and tok.decode(tok.encode("a\r<eos>")) == "a\r<eos>"
