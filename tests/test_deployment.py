@@ -205,8 +205,8 @@ def test_deployed_pipeline_runs_on_a_worker_and_its_report_shows_in_the_ui(tmp_p
         assert len(sample_lines) == len(prompts)
 
         with sync_playwright() as p:
+            # Leaving sync_playwright closes the browser, also when a check fails.
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            cleanup.callback(browser.close)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{ui}/runs/flow-run/{run_id}")
             page.get_by_text("Artifacts", exact=True).last.click()
