@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cortexcraft.config import DataConfig
 from cortexcraft.shards import check_out_dir, write_shards
 from cortexcraft.sources import download
 from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
@@ -13,7 +14,7 @@ from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
 log = logging.getLogger(__name__)
 
 
-def prepare(data_cfg, out_dir: Path, cache_dir: Path | None = None) -> dict:
+def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
     Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``)."""

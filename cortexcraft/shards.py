@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
 from cortexcraft.sources import corpus_chunks, train_val_cut
@@ -106,7 +107,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_shards(corpus: dict, vocab: dict, data_cfg, out_dir: Path) -> dict:
+def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
     """Encode the corpus with the tokenizer of ``vocab`` into ``out_dir``; returns the manifest.
 
     Train is the first ``1 - val_fraction`` of the characters (see ``sources.train_val_cut``)."""

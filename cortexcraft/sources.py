@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_open, atomic_write_json, fsync_dir, read_json, sha256_file, sha256_json
 
@@ -47,7 +48,7 @@ READ_BYTES = 1 << 22
 STREAM_BATCH_ROWS = 256
 
 
-def default_separator(data_cfg) -> str:
+def default_separator(data_cfg: DataConfig) -> str:
     if data_cfg.separator is not None:
         return data_cfg.separator
     return "<|endoftext|>" if data_cfg.tokenizer == "bpe" else "\n\n"
@@ -260,7 +261,7 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     return repo, revision or None, split or "train"
 
 
-def _download_tinyshakespeare(data_cfg, cache_dir: Path) -> dict:
+def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path) -> dict:
     spec = "tinyshakespeare"
     entry = _entry(cache_dir, spec, {"repo": TINYSHAKESPEARE_REPO, "revision": TINYSHAKESPEARE_REVISION})
     if (hit := _cached(entry)) is not None:
@@ -302,7 +303,7 @@ def _url_documents(url: str, scratch: str, spec: str) -> Iterator[str]:
     yield from dataset["text"]
 
 
-def _download_url(data_cfg, cache_dir: Path) -> dict:
+def _download_url(data_cfg: DataConfig, cache_dir: Path) -> dict:
     url = data_cfg.source
     entry = _entry(cache_dir, "url", {"url": url, "separator": default_separator(data_cfg)})
     if (hit := _cached(entry)) is not None:
@@ -319,7 +320,7 @@ def _download_url(data_cfg, cache_dir: Path) -> dict:
         return writer.commit()
 
 
-def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_cfg, cache_dir: Path) -> dict:
+def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_cfg: DataConfig, cache_dir: Path) -> dict:
     limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     column = data_cfg.text_column
     key = {"repo": repo, "revision": revision, "split": split, "column": column,
@@ -349,7 +350,7 @@ def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_c
         return writer.commit()
 
 
-def _limit_reached(writer: CorpusWriter, data_cfg) -> bool:
+def _limit_reached(writer: CorpusWriter, data_cfg: DataConfig) -> bool:
     # max_bytes stops after the document that reaches it: documents are never cut.
     return ((data_cfg.max_docs is not None and len(writer.starts) >= data_cfg.max_docs)
             or (data_cfg.max_bytes is not None and writer.bytes >= data_cfg.max_bytes))
@@ -386,7 +387,7 @@ def _describe_local_file(path: Path, spec: str) -> dict:
             "fingerprint": sha256_json({"corpus": sha, "doc_starts": None})}
 
 
-def _download_local(data_cfg, cache_dir: Path) -> dict:
+def _download_local(data_cfg: DataConfig, cache_dir: Path) -> dict:
     spec = data_cfg.source
     files = _local_files(spec)
     if len(files) == 1 and Path(spec).expanduser().is_file():
@@ -407,7 +408,7 @@ def _download_local(data_cfg, cache_dir: Path) -> dict:
         return writer.commit()
 
 
-def download(data_cfg, cache_dir: Path) -> dict:
+def download(data_cfg: DataConfig, cache_dir: Path) -> dict:
     """Resolve ``data_cfg.source`` to a corpus manifest, downloading into ``cache_dir`` when needed.
 
     The manifest (JSON-serialisable) holds ``path`` (the UTF-8 corpus), ``doc_starts`` (``.npy`` of

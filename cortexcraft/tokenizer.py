@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
 from cortexcraft.sources import corpus_chunks, default_separator, train_val_cut
@@ -326,7 +327,7 @@ class BPETokenizer:
 # building, loading and sizes
 
 
-def _char_tokenizer_for(corpus: dict, data_cfg) -> CharTokenizer:
+def _char_tokenizer_for(corpus: dict, data_cfg: DataConfig) -> CharTokenizer:
     unk = UNK if data_cfg.allow_unk else None
     counts = count_chars(corpus_chunks(corpus))
     if data_cfg.vocab_file is None:
@@ -341,7 +342,7 @@ def _char_tokenizer_for(corpus: dict, data_cfg) -> CharTokenizer:
     return tok
 
 
-def bpe_special_tokens(data_cfg) -> list[str]:
+def bpe_special_tokens(data_cfg: DataConfig) -> list[str]:
     """The configured special tokens plus the document separator when it is ``<|endoftext|>``."""
     specials = list(data_cfg.special_tokens)
     if default_separator(data_cfg) == BPE_SEPARATOR and BPE_SEPARATOR not in specials:
@@ -349,7 +350,7 @@ def bpe_special_tokens(data_cfg) -> list[str]:
     return specials
 
 
-def check_tokenizer_config(data_cfg) -> None:
+def check_tokenizer_config(data_cfg: DataConfig) -> None:
     """Fail fast on tokenizer settings that would only break after the download."""
     if data_cfg.tokenizer == "bpe":
         if data_cfg.vocab_size is None:
@@ -366,7 +367,7 @@ def check_tokenizer_config(data_cfg) -> None:
         raise CortexCraftError(f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>")
 
 
-def build_vocab(corpus: dict, data_cfg, out_dir: Path) -> dict:
+def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
     Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare), or ``--vocab``.
@@ -412,7 +413,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     return tok
 
 
-def preset_vocab_size(data_cfg) -> int:
+def preset_vocab_size(data_cfg: DataConfig) -> int:
     """Vocabulary size ``data_cfg`` will produce, for parameter counts only (see the constants
     above for which figures are estimates)."""
     extra = len(data_cfg.special_tokens) + (1 if data_cfg.allow_unk and UNK not in data_cfg.special_tokens else 0)
