@@ -296,10 +296,6 @@ class BPETokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
 
-    def encode_batch(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        return np.concatenate([np.asarray(e.ids, dtype=self.dtype) for e in encodings] or [np.empty(0, self.dtype)])
-
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in np.asarray(ids).ravel()]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
