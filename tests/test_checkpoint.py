@@ -14,7 +14,9 @@ from cortexcraft.checkpoint import (
 )
 from cortexcraft.generate import generate_from_run
 from cortexcraft.train import read_metrics, train
-from tiny_runs import TINY, make_data_dir, tiny_config
+from tiny_runs import ONE_THREAD_ENV, TINY, one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Dropout on, so exact resume also needs the restored RNG state; a cosine schedule, so it needs the step.
 RESUME_SETTINGS = ["dropout=0.1", "max_iters=60", "keep_last=10"]
@@ -37,7 +39,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(data_dir
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "cortexcraft", "train", "--data", str(data_dir), "--out", str(killed),
            "--preset", "cpu"] + [arg for s in TINY + RESUME_SETTINGS for arg in ("--set", s)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD_ENV)
     first = killed / "checkpoints" / "step_00000010" / "state.json"
     deadline = time.monotonic() + 60
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:

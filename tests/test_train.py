@@ -11,7 +11,9 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
 from cortexcraft.model import GPT
 from cortexcraft.train import evaluate_run, learning_rate, make_optimizer, max_steps_for, read_metrics, train
-from tiny_runs import make_data_dir, tiny_config
+from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

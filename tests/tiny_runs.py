@@ -1,11 +1,28 @@
 """Small data and shrunk configs shared by the training, checkpoint, preset and DDP tests."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
+import pytest
+import torch
+
 from cortexcraft.config import DataConfig, RunConfig, build_config
 from cortexcraft.prepare import prepare
+
+# For models this small one thread is fastest, and on a busy 2-core machine a second spinning
+# OpenMP thread makes every step ~10x slower. Subprocesses get the same setting through the env.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # Shrinks any preset to a model that trains in a fraction of a second per few steps.
 TINY = ["n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=8",
