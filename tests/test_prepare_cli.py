@@ -2,7 +2,11 @@
 with one line while the previous output stays intact."""
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +94,23 @@ def test_rerun_replaces_the_directory_with_the_new_corpus(tmp_path, previous):
     manifest = read_json(out / "manifest.json")
     assert manifest["source"]["sha256"] == sha256_file(corpus) and manifest["tokenizer"]["special_tokens"] == ["<eos>"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.section.json", "train_000.bin", "val_000.bin", "vocab.txt"]
+
+
+def test_a_killed_prepare_leaves_the_previous_output_as_it_was(tmp_path, previous):
+    out, hashes = previous
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as handle:
+        for _ in range(60):
+            handle.write(b"All the world's a stage, and all the men and women merely players.\n" * 15_000)
+    child = subprocess.Popen([sys.executable, "-m", "cortexcraft", "prepare", "--source", str(big), "--out", str(out)],
+                             stderr=subprocess.DEVNULL)
+    try:
+        # Kill it once it is writing train shards into its temp directory.
+        while child.poll() is None and not any(p.stat().st_size for p in out.parent.glob(f".{out.name}.*.tmp/train_*.bin")):
+            time.sleep(0.002)
+        assert child.poll() is None, "prepare finished before it could be killed; use a larger corpus"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == hashes
+    verify_shards(out, check_hashes=True)

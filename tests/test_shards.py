@@ -146,3 +146,16 @@ def test_verify_reports_a_missing_shard_and_a_corrupt_manifest(shard_dir):
     (shard_dir / "manifest.json").write_text("{not json")
     with pytest.raises(CortexCraftError, match="is not a valid shard manifest"):
         verify_shards(shard_dir)
+
+
+def test_bpe_document_separator_is_one_special_token(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"{i}.txt").write_text(f"Document number {i}.\nIt has two lines.", encoding="utf-8")
+    manifest = prepare(DataConfig(source=str(docs), tokenizer="bpe", vocab_size=280), tmp_path / "out", cache_dir=tmp_path / "cache")
+    tok = load_tokenizer(tmp_path / "out")
+    (separator,) = tok.encode("<|endoftext|>")
+    ids = np.concatenate([_read_split(tmp_path / "out", manifest, split) for split in ("train", "val")])
+    assert (ids == separator).sum() == 5
+    assert tok.decode(ids) == "<|endoftext|>".join(f"Document number {i}.\nIt has two lines." for i in range(6))
