@@ -25,6 +25,8 @@ class PipelineParams(BaseModel):
     continue_training_iters: Optional[int] = Field(
         None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
 
+    nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
+
     _config: RunConfig = PrivateAttr()
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ The stages run as tasks of this one flow (subflows would cost ~1 s each); the st
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -35,12 +36,16 @@ def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
     """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary."""
     params = params_from_cli(preset=preset, overrides=overrides, source=source,
                              data_dir=str(data_dir), refresh=refresh)
+    # The CLI logs at INFO on the root logger, where Prefect's client would add a line per request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     records = pipeline(params)
     summary = records["train"]["summary"]
     unit = "char" if params.run_config().data.tokenizer == "char" else "token"
+    best = summary["best_val_loss"]
+    best_text = "no evaluation yet" if best is None else (
+        f"best val loss {best:.4f} ({bits(best):.3f} bits/{unit}) at step {summary['best_step']:,}")
     print(records["report"]["report"])
-    print(f"best val loss {summary['best_val_loss']:.4f} ({bits(summary['best_val_loss']):.3f} bits/{unit}) "
-          f"at step {summary['best_step']:,}; {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s")
+    print(f"{best_text}; {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s")
     return 0
 
 

@@ -22,7 +22,8 @@ def run_train(shards: dict[str, Any], config: RunConfig, params: PipelineParams)
         continued = continuation(data_dir, shards, config_dict, params.continue_training_iters)
         refresh = refresh | {"train"}
     return run_stage(train_task, train_key(shards, config_dict), refresh,
-                     shards=shards, config=config_dict, data_dir=data_dir, fresh=fresh, continued=continued)
+                     shards=shards, config=config_dict, data_dir=data_dir, fresh=fresh, continued=continued,
+                     nproc=params.nproc)
 
 
 @flow(name="train")

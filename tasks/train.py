@@ -5,17 +5,25 @@ re-run task finds its own checkpoints and the library resumes from the newest va
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
-from typing import Any
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import read_json
 from tasks.stage import (cache_key, files_under, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
 
 STAGE = "train"
+CLI_ERROR = "cortexcraft train: error: "
 
 
 def train_key(shards: dict[str, Any], config: dict[str, Any]) -> str:
@@ -35,13 +43,62 @@ def continuation(data_dir: str, shards: dict[str, Any], config: dict[str, Any], 
     return {"from_step": step, "to_step": step + extra_iters}
 
 
+def torchrun_command(config: dict[str, Any], shards_dir: Path, run_dir: Path, nproc: int) -> list[str]:
+    """`cortexcraft train` under torchrun, with every config value spelled out as --set."""
+    from cortexcraft.checkpoint import list_checkpoints
+
+    resume = ["--resume"] if list_checkpoints(run_dir) else []  # the CLI refuses --resume of nothing
+    settings = [f"--set={section}.{name}={json.dumps(value)}"
+                for section in ("data", "model", "train", "sample") for name, value in config[section].items()]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "cortexcraft", "train", "--data", str(shards_dir), "--out", str(run_dir),
+            "--preset", config["preset"], *resume, *settings]
+
+
+def _new_records(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines appended to metrics.jsonl since byte ``offset``, and the new offset. A resume
+    rewrites the file shorter; then it is read again from the start."""
+    if not metrics.is_file():
+        return [], offset
+    if metrics.stat().st_size < offset:
+        offset = 0
+    with open(metrics, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+
+
+def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: Callable[[dict], None]) -> dict[str, Any]:
+    """Run the trainer processes, logging every line they print and passing each new
+    metrics.jsonl record to ``on_eval`` (the children cannot call back into this process)."""
+    offset, last_lines, error = 0, [], None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as child:
+        for line in child.stdout:
+            line = line.rstrip()
+            logger.info("[torchrun] %s", line)
+            last_lines = (last_lines + [line])[-5:]
+            if CLI_ERROR in line:
+                error = line.split(CLI_ERROR, 1)[1]
+            records, offset = _new_records(run_dir / "metrics.jsonl", offset)
+            for record in records:
+                on_eval(record)
+    if child.returncode and error:  # a CortexCraftError in the children: retrying cannot help
+        raise CortexCraftError(error)
+    if child.returncode:
+        raise RuntimeError(f"torchrun exited with status {child.returncode}: {' | '.join(last_lines)}")
+    return read_json(run_dir / "summary.json")
+
+
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error,
       cache_key_fn=lambda ctx, p: cache_key(STAGE, train_key(p["shards"], p["config"])))
 def train_task(shards: dict[str, Any], config: dict[str, Any], data_dir: str, fresh: bool = False,
-               continued: dict[str, int] | None = None) -> dict[str, Any]:
+               continued: dict[str, int] | None = None, nproc: int = 1) -> dict[str, Any]:
     """Train (or resume) the run. ``fresh`` starts over (``--refresh train``) except on a retry,
-    which resumes what the first attempt checkpointed; ``continued`` trains up to its ``to_step``."""
+    which resumes what the first attempt checkpointed; ``continued`` trains up to its ``to_step``;
+    ``nproc`` > 1 trains with that many torchrun processes."""
     from cortexcraft.config import RunConfig
     from cortexcraft.train import train
 
@@ -65,8 +122,13 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], data_dir: str, fr
                     f"{m['tokens_seen']:,}", m["elapsed_seconds"])
         update_progress_artifact(progress, 100.0 * m["step"] / max(m["max_steps"], 1))
 
-    summary = train(run_config, resolve(data_dir, shards["dir"]), run_dir, resume=True,
-                    on_eval=on_eval, progress=False)
+    shards_dir = resolve(data_dir, shards["dir"])
+    if nproc > 1:
+        command = torchrun_command(run_config.model_dump(mode="json"), shards_dir, run_dir, nproc)
+        summary = _train_in_children(command, run_dir, logger, on_eval)
+    else:
+        summary = train(run_config, shards_dir, run_dir, resume=True, on_eval=on_eval, progress=False)
     update_progress_artifact(progress, 100.0)
-    logger.info("trained %s: best val loss %.4f at step %d", run_dir, summary["best_val_loss"], summary["best_step"])
+    logger.info("trained %s to step %s: best val loss %s at step %s", run_dir, summary["steps"],
+                summary["best_val_loss"], summary["best_step"])
     return write_record(data_dir, STAGE, key, files_under(run_dir), summary=summary, continued=continued)

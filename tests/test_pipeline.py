@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import time
 
 import pytest
 
@@ -16,7 +17,7 @@ prefect = pytest.importorskip("prefect")
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
-    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId)
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId)
 from prefect.settings import PREFECT_HOME, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -150,6 +151,24 @@ def test_refresh_forces_the_chosen_stage(project):
     state, _ = run(project["source"], project["data_dir"], refresh=["vocab"])
     assert stage_states(state) == {"download": "Cached", "vocab": "Completed", "shards": "Cached",
                                    "train": "Cached", "report": "Cached"}
+
+
+def test_torchrun_training_output_reaches_the_run_logs(project):
+    state, records = run(project["source"], project["data_dir"], overrides=["max_iters=10"], nproc=2)
+    assert stage_states(state)["train"] == "Completed"
+    assert records["train"]["summary"]["world_size"] == 2
+    assert latest_artifact(f"train-progress-{records['train']['key']}").data == 100.0
+    flow_run_id = state.state_details.flow_run_id
+    deadline = time.monotonic() + 30  # the log handler ships records in the background
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages = [log.message for log in logs]
+        if any("[torchrun]" in m and "world size 2" in m for m in messages) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert any("[torchrun]" in m and "world size 2" in m for m in messages)
+    assert any(m.startswith("step 10/10: train loss") for m in messages)
 
 
 def test_changed_source_reruns_every_stage(project):
