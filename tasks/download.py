@@ -37,7 +37,7 @@ def local_source_digest(spec: str) -> str | None:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     else:
         return None
-    return sha256_json([[p.name, sha256_file(p)] for p in files])
+    return sha256_json([[p.as_posix(), sha256_file(p)] for p in files])
 
 
 def download_key(data_cfg: dict[str, Any]) -> str:

@@ -2,10 +2,10 @@
 content + config + code, and an on-disk record that lets the flow check a cached result.
 
 A stage's key is the sha256 of (stage name, the content hashes of its inputs, its config, the
-source of the code it runs). Its outputs live in ``DATA_DIR/<stage dir>/<key>/`` (``runs/<key>`` for train) beside a
-``stage.json`` record (files with sizes and sha256) that is also the task's result. Prefect's cache
-record for the key lives in ``DATA_DIR/.prefect-results``, so it travels with the data, not with
-``~/.prefect``. Prefect cannot see that an output was deleted after the record was written, so
+source of the code it runs). Its outputs live in ``DATA_DIR/<stage dir>/<key>/`` (e.g.
+``runs/<key>`` for train) beside a ``stage.json`` record (files with sizes and sha256) that is also
+the task's result. Prefect's cache record for the key lives in ``DATA_DIR/.prefect-results``, so it
+travels with the data, not with ``~/.prefect``. Prefect cannot see that an output was deleted after the record was written, so
 ``run_stage`` checks ``stage.json`` against the files first and refreshes the cache if it fails.
 """
 from __future__ import annotations
