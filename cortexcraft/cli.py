@@ -152,8 +152,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cortexcraft.train import evaluate_run
 
     result = evaluate_run(args.run, args.data, checkpoint=args.checkpoint, batches=args.batches)
-    print(f"val loss {result['val_loss']:.4f}  bits/char {result['bits_per_char']:.4f}  "
-          f"({result['tokens']:,} tokens, checkpoint {result['checkpoint']})")
+    # BPE tokens span several characters, so only bits per token can be reported for them.
+    bits = f"bits/char {result['bits_per_char']:.4f}" if result["bits_per_char"] is not None else \
+        f"bits/token {result['bits_per_token']:.4f} (BPE)"
+    print(f"val loss {result['val_loss']:.4f}  {bits}  ({result['tokens']:,} tokens, checkpoint {result['checkpoint']})")
     return 0
 
 

@@ -20,6 +20,7 @@ from cortexcraft.config import ModelConfig
 from cortexcraft.device import select_device
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.model import GPT, KVCache
+from cortexcraft.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def generate_from_run(
 
     ``on_text`` receives the text in pieces as it is produced (whole characters only).
     """
-    from cortexcraft.tokenizer import load_tokenizer
-
     if not prompt:
         raise CortexCraftError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
     if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cortexcraft.cli import main
 from cortexcraft.config import DataConfig, build_config
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
@@ -137,3 +138,14 @@ def test_weight_decay_applies_only_to_matrices():
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_cli_generate_writes_only_the_text_to_stdout_and_evaluate_prints_bits(trained_run, data_dir, capsys):
+    run, _, _ = trained_run
+    assert main(["generate", "--run", str(run), "--prompt", "JULIET:", "--max-new-tokens", "30", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out == generate_from_run(run, prompt="JULIET:", max_new_tokens=30, seed=5) + "\n"
+    assert main(["evaluate", "--run", str(run), "--data", str(data_dir), "--checkpoint", "last"]) == 0
+    assert "bits/char" in capsys.readouterr().out
+    assert main(["generate", "--run", str(run), "--prompt", "ZZ"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
