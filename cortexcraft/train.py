@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Evaluation batches come from their own stream, far from the training streams (one per rank).
 EVAL_STREAM = 1 << 20
+# Without a terminal progress bar, a progress log line at most this often.
+LOG_SECONDS = 30.0
 
 
 def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
@@ -378,11 +380,15 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         step += 1
         tokens_seen += tokens_per_step
 
-        if step % log_interval == 0:
+        # Reading the loss waits for the device, so it happens only here, never every step.
+        if step % log_interval == 0 and (bar is not None or time.monotonic() - t_log >= LOG_SECONDS):
+            now = time.monotonic()
+            train_loss, rate = loss.item() * tcfg.grad_accum, (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
             if bar is not None:
-                now = time.monotonic()
-                bar.update(step, loss.item() * tcfg.grad_accum, (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9))
-                t_log, tokens_at_log = now, tokens_seen
+                bar.update(step, train_loss, rate)
+            else:
+                log.info("step %d/%d: loss %.4f, %s tok/s", step, max_steps, train_loss, f"{rate:,.0f}")
+            t_log, tokens_at_log = now, tokens_seen
         if tcfg.max_minutes is not None:
             out_of_time = ddp.any(time.monotonic() - t_start > 60 * tcfg.max_minutes, device)
             if out_of_time:

@@ -149,3 +149,9 @@ def test_cli_generate_writes_only_the_text_to_stdout_and_evaluate_prints_bits(tr
     assert "bits/char" in capsys.readouterr().out
     assert main(["generate", "--run", str(run), "--prompt", "ZZ"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_the_progress_bar_shows_step_loss_and_tokens_per_second(data_dir, tmp_path, capsys):
+    train(tiny_config("cpu", "max_iters=20"), data_dir, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "20/20" in err and "loss " in err and "tok/s" in err
