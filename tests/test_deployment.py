@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -195,6 +195,18 @@ def test_deployed_pipeline_runs_on_a_worker_and_its_report_shows_in_the_ui(tmp_p
         run = wait_until("the flow run to finish", finished, 150, worker_log)
         assert run["state_type"] == "COMPLETED", tail(worker_log)
         assert (tmp_path / "data").is_dir()
+
+        # The server's scheduler has turned the nightly cron into upcoming runs that continue training.
+        def scheduled_retraining():
+            response = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={"flow_runs": {
+                "deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+            return response.json()
+
+        upcoming = wait_until("scheduled runs of retrain-nightly", scheduled_retraining, 90, server_log)
+        for scheduled in upcoming:
+            start_time = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
+            assert (start_time.hour, start_time.minute, start_time.tzinfo.utcoffset(start_time)) == (3, 0, timedelta(0))
+            assert scheduled["parameters"] == nightly["parameters"]
 
         response = httpx.post(f"{api}/artifacts/filter", timeout=5,
                               json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
