@@ -45,7 +45,8 @@ def main() -> None:
     prompt = torch.zeros((1, 1), dtype=torch.long)
 
     def run_ours(kv_cache: bool):
-        return generate(ours, prompt, new_tokens, temperature=1.0, seed=1337, kv_cache=kv_cache)
+        generator = torch.Generator().manual_seed(1337)
+        return generate(ours, prompt, new_tokens, temperature=1.0, generator=generator, kv_cache=kv_cache)
 
     def run_seed():
         torch.manual_seed(1337)

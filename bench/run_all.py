@@ -1,0 +1,112 @@
+"""Run every benchmark, one fresh process each, then print the README Performance table.
+
+    python bench/run_all.py [--quick] [--only train generate ...]
+
+Each benchmark prints its own table and writes bench/results/<name>.json; this script adds
+bench/results/summary.json and a markdown table of the headline figures (under 15 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from benchlib import REPO, RESULTS_DIR, machine, markdown_table, parse_args, save_results
+from cortexcraft.fileio import read_json
+
+# name -> (script, extra arguments for a full run, extra arguments for --quick)
+BENCHMARKS = {
+    "train": ("bench_train.py", [], ["--quick"]),
+    "generate": ("bench_generate.py", [], ["--quick"]),
+    "memory": ("bench_memory.py", [], ["--quick"]),
+    "data_prep": ("bench_data_prep.py", [], ["--quick"]),
+    "pipeline": ("bench_pipeline_overhead.py", [], ["--repeats", "1"]),
+}
+
+
+def run(name: str, quick: bool) -> dict:
+    script, full_args, quick_args = BENCHMARKS[name]
+    print(f"\n=== {script} ===", flush=True)
+    start = time.perf_counter()
+    code = subprocess.call([sys.executable, str(REPO / "bench" / script), *(quick_args if quick else full_args)], cwd=REPO)
+    return {"script": script, "exit_code": code, "seconds": time.perf_counter() - start}
+
+
+def _load(name: str):
+    path = RESULTS_DIR / name
+    return read_json(path) if path.is_file() else None
+
+
+def headline_rows() -> list[list[str]]:
+    rows = []
+    train = _load("bench_train.json")
+    if train and "throughput" in train:
+        tps = train["throughput"]["tokens_per_second"]
+        ours = max(tps["ours (bf16 autocast)"], tps["ours (fp32)"])
+        nano, seed = tps["nanoGPT-style reference (fp32)"], tps["seed-style baseline (fp32)"]
+        rows.append(["training tokens/s, nanoGPT CPU config (4x128, block 64, batch 12)",
+                     f"{ours:,.0f}", f"{nano:,.0f} (nanoGPT-style) / {seed:,.0f} (seed-style)",
+                     f"{ours / nano:.2f}x / {ours / seed:.2f}x", ">= 1.3x nanoGPT"])
+    if train and "quality" in train:
+        q = train["quality"]
+        ours, nano = q["cpu_preset"], q["nanogpt_recipe"]
+        rows.append([f"seconds to val <= {train['target_val']} (Tiny Shakespeare)", _num(ours["seconds_to_target"]),
+                     _num(nano["seconds_to_target"]), _ratio(nano["seconds_to_target"], ours["seconds_to_target"]),
+                     "<= 0.5x nanoGPT"])
+        rows.append([f"best val loss within {train['budget_seconds']:.0f} s", _num(ours["best_val_within_budget"], 4),
+                     _num(nano["best_val_within_budget"], 4), "", "<= 1.75 (moonshot)"])
+    gen = _load("bench_generate.json")
+    if gen:
+        tps = {r["generator"]: r["tokens_per_second"] for r in gen["results"]}
+        rows.append([f"generate {gen['new_tokens']} tokens, 6x384 context 256, KV cache (tokens/s)",
+                     f"{tps['ours, KV cache']:,.0f}",
+                     f"{tps['ours, no KV cache']:,.1f} (no cache) / {tps['seed-style generate']:,.1f} (seed-style)",
+                     f"{gen['speedup_cache_vs_nocache']:.1f}x / {gen['speedup_cache_vs_seed']:.1f}x",
+                     ">= 5x / >= 10x; identical output: " + str(gen["kv_cache_output_identical"]).lower()])
+    mem = _load("bench_memory.json")
+    if mem:
+        peaks = {k: max(v) for k, v in mem["peak_rss_mib"].items()}
+        small, large = sorted(peaks, key=int)
+        rows.append([f"training peak RSS, {large} MB vs {small} MB corpus (MiB)", f"{peaks[large]:,.0f}", f"{peaks[small]:,.0f}",
+                     f"{mem['growth_percent']:+.1f}%", "<= +5%"])
+    prep = _load("data_prep.json")
+    if prep:
+        enc = prep["throughput"]["mb_per_s"]["encode + write shards"]
+        rows.append(["char encode + shard write (MB/s)", f"{enc['ours']:,.0f}", f"{enc['seed']:,.1f} (seed-style)",
+                     f"{enc['speedup']:.0f}x", ">= 20x and >= 500 MB/s"])
+    pipe = _load("pipeline_overhead.json")
+    if pipe:
+        for mode, res in pipe["modes"].items():
+            rows.append([f"cached pipeline re-run over a trivial 5-task flow ({mode} server), s",
+                         f"{res['cached']['process_seconds']:.1f}", f"{res['trivial']['process_seconds']:.1f}",
+                         f"+{res['overhead_process_seconds']:.1f} s", "<= +2 s"])
+    return rows
+
+
+def _num(value, digits: int = 1) -> str:
+    return "not reached" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(baseline, ours) -> str:
+    return "" if baseline is None or ours is None else f"{ours / baseline:.2f}x"
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument("--only", nargs="+", choices=list(BENCHMARKS)))
+    start = time.perf_counter()
+    runs = {name: run(name, args.quick) for name in (args.only or BENCHMARKS)}
+    headers = ["measure", "ours", "baseline", "ratio", "goal"]
+    rows = headline_rows()
+    m = machine()
+    table = markdown_table(headers, rows)
+    print(f"\n## Performance\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"Python {m['python']}; load average {m['load_average']:.1f} at the end.\n\n{table}\n\n"
+          f"Reproduce: `python bench/run_all.py` ({time.perf_counter() - start:.0f} s here).\n")
+    failed = [name for name, r in runs.items() if r["exit_code"] != 0]
+    save_results("summary", {"quick": args.quick, "runs": runs, "markdown": table, "failed": failed})
+    if failed:
+        sys.exit(f"benchmarks failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
