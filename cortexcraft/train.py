@@ -230,7 +230,8 @@ def train(
     """Train (or continue training) the run in ``run_dir`` on the shards in ``data_dir``.
 
     ``resume=True`` continues from the newest valid checkpoint when there is one; ``resume=False``
-    refuses a run dir that already has checkpoints. ``on_eval`` gets every eval record (rank 0).
+    refuses a run dir that already has checkpoints. A finished run given a larger ``max_iters``
+    trains on (the cosine schedule is then stretched to the new end). ``on_eval`` gets every eval record (rank 0).
     ``progress`` draws a progress bar on stderr (default: when stderr is a terminal).
     Returns the summary also written to RUN_DIR/summary.json.
     """
