@@ -153,16 +153,15 @@ def api_get(api: str, path: str):
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-@pytest.mark.slow
-def test_deployed_pipeline_runs_on_a_worker_and_its_report_shows_in_the_ui(tmp_path, tinyshakespeare_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found; install Debian's chromium (apt-get install chromium) for the UI test")
-    from playwright.sync_api import sync_playwright
-
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tinyshakespeare_path):
+    """A Prefect server with the prefect.yaml deployments, a process worker, and one finished run
+    of pipeline-on-demand (tiny model, real Tiny Shakespeare). Everything is stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("deployment")
     port = free_port()
-    env = isolated_prefect_env(tmp_path / "prefect-home", port)
-    ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    env = isolated_prefect_env(tmp / "prefect-home", port)
+    api = f"http://127.0.0.1:{port}/api"
+    server_log, worker_log = tmp / "server.log", tmp / "worker.log"
 
     with ExitStack() as cleanup:
         server = start([sys.executable, "-m", "prefect", "server", "start"], env, server_log)
@@ -172,18 +171,10 @@ def test_deployed_pipeline_runs_on_a_worker_and_its_report_shows_in_the_ui(tmp_p
 
         prefect(env, "work-pool", "create", POOL, "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
-        deployment = api_get(api, "/deployments/name/pipeline/pipeline-on-demand")
-        # The pull step points at the clone `prefect deploy` ran in, not a path fixed in prefect.yaml.
-        assert deployment["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-        nightly = api_get(api, "/deployments/name/pipeline/retrain-nightly")
-        assert nightly["schedules"][0]["schedule"]["cron"] == yaml_deployments()["retrain-nightly"]["schedules"][0]["cron"]
-        assert nightly["parameters"]["params"]["continue_training_iters"] > 0
-
         worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, worker_log)
         cleanup.callback(stop, worker, 2)
 
-        params = {"params": {"source": str(tinyshakespeare_path), "data_dir": str(tmp_path / "data"),
+        params = {"params": {"source": str(tinyshakespeare_path), "data_dir": str(tmp / "data"),
                              "overrides": TINY_OVERRIDES}}
         out = prefect(env, "deployment", "run", "pipeline/pipeline-on-demand", "--params", json.dumps(params))
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
@@ -193,53 +184,88 @@ def test_deployed_pipeline_runs_on_a_worker_and_its_report_shows_in_the_ui(tmp_p
             return run if run and run["state_type"] in TERMINAL else None
 
         run = wait_until("the flow run to finish", finished, 150, worker_log)
-        assert run["state_type"] == "COMPLETED", tail(worker_log)
-        assert (tmp_path / "data").is_dir()
+        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "tmp": tmp, "run": run, "params": params["params"],
+               "server_log": server_log, "worker_log": worker_log}
 
-        # The server's scheduler has turned the nightly cron into upcoming runs that continue training.
-        def scheduled_retraining():
-            response = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={"flow_runs": {
-                "deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
-            return response.json()
 
-        upcoming = wait_until("scheduled runs of retrain-nightly", scheduled_retraining, 90, server_log)
-        for scheduled in upcoming:
-            start_time = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
-            assert (start_time.hour, start_time.minute, start_time.tzinfo.utcoffset(start_time)) == (3, 0, timedelta(0))
-            assert scheduled["parameters"] == nightly["parameters"]
+def report_artifact(api: str, run_id: str) -> dict:
+    response = httpx.post(f"{api}/artifacts/filter", timeout=5,
+                          json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
+    (report,) = [a for a in response.json() if a["key"].startswith("report-")]
+    return report
 
-        response = httpx.post(f"{api}/artifacts/filter", timeout=5,
-                              json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
-        (report,) = [a for a in response.json() if a["key"].startswith("report-")]
-        assert "data:image/" in report["data"]
-        prompts = PipelineParams(**params["params"]).run_config().sample.prompts
-        sample_lines = report_sample_first_lines(report["data"])
-        assert len(sample_lines) == len(prompts)
 
-        with sync_playwright() as p:
-            # Leaving sync_playwright closes the browser, also when a check fails.
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{ui}/runs/flow-run/{run_id}")
-            page.get_by_text("Artifacts", exact=True).last.click()
-            page.wait_for_url("**tab=Artifacts**")
-            page.get_by_text(report["key"], exact=True).click()
-            page.wait_for_url(f"**/artifacts/artifact/{report['id']}")
-            image = page.locator('img[src^="data:image/"]')
-            image.wait_for(state="visible")
-            width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            text = page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+@pytest.mark.slow
+def test_on_demand_deployment_runs_on_a_process_worker_in_the_clone(deployed):
+    api, run = deployed["api"], deployed["run"]
+    assert run["state_type"] == "COMPLETED", tail(deployed["worker_log"])
+    deployment = api_get(api, "/deployments/name/pipeline/pipeline-on-demand")
+    assert run["deployment_id"] == deployment["id"]
+    # The pull step points at the clone `prefect deploy` ran in, not a path fixed in prefect.yaml.
+    assert deployment["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert list((deployed["tmp"] / "data" / "reports").glob("*/report.md"))
+    assert "data:image/" in report_artifact(api, run["id"])["data"]
 
-        assert width > 0 and height > 0
-        for heading in ("CortexCraft run report", "Loss curve", "Samples"):
-            assert heading in text
-        for prompt in prompts:
-            assert json.dumps(prompt) in text
-        for line in sample_lines:
-            assert line in text
-        print(f"\nUI report {report['key']}: loss-curve image {width}x{height}; "
-              f"first sample lines {sample_lines}; screenshot {tmp_path / 'report.png'}")
+
+@pytest.mark.slow
+def test_server_schedules_nightly_runs_that_continue_training(deployed):
+    api = deployed["api"]
+    nightly = api_get(api, "/deployments/name/pipeline/retrain-nightly")
+    spec = yaml_deployments()["retrain-nightly"]
+    assert nightly["schedules"][0]["schedule"]["cron"] == spec["schedules"][0]["cron"]
+    assert nightly["parameters"] == spec["parameters"]
+
+    def scheduled_retraining():
+        response = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={"flow_runs": {
+            "deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+        return response.json()
+
+    upcoming = wait_until("scheduled runs of retrain-nightly", scheduled_retraining, 90, deployed["server_log"])
+    for scheduled in upcoming:
+        start_time = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
+        assert (start_time.hour, start_time.minute, start_time.utcoffset()) == (3, 0, timedelta(0))
+        assert scheduled["parameters"]["params"]["continue_training_iters"] == spec["parameters"]["params"]["continue_training_iters"]
+
+
+@pytest.mark.slow
+def test_report_with_samples_and_loss_curve_shows_in_the_prefect_ui(deployed):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found; install Debian's chromium (apt-get install chromium) for the UI test")
+    from playwright.sync_api import sync_playwright
+
+    run = deployed["run"]
+    assert run["state_type"] == "COMPLETED", tail(deployed["worker_log"])
+    report = report_artifact(deployed["api"], run["id"])
+    prompts = PipelineParams(**deployed["params"]).run_config().sample.prompts
+    sample_lines = report_sample_first_lines(report["data"])
+    assert len(sample_lines) == len(prompts)
+    screenshot = deployed["tmp"] / "report.png"
+
+    with sync_playwright() as p:
+        # Leaving sync_playwright closes the browser, also when a check fails.
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{deployed['ui']}/runs/flow-run/{run['id']}")
+        page.get_by_text("Artifacts", exact=True).last.click()
+        page.wait_for_url("**tab=Artifacts**")
+        page.get_by_text(report["key"], exact=True).click()
+        page.wait_for_url(f"**/artifacts/artifact/{report['id']}")
+        image = page.locator('img[src^="data:image/"]')
+        image.wait_for(state="visible")
+        width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        text = page.inner_text("body")
+        page.screenshot(path=str(screenshot), full_page=True)
+
+    assert width > 0 and height > 0
+    for heading in ("CortexCraft run report", "Loss curve", "Samples"):
+        assert heading in text
+    for prompt in prompts:
+        assert json.dumps(prompt) in text
+    for line in sample_lines:
+        assert line in text
+    print(f"\nUI report {report['key']}: loss-curve image {width}x{height}; "
+          f"first sample lines {sample_lines}; screenshot {screenshot}")
 
 
 def report_sample_first_lines(markdown: str) -> list[str]:
