@@ -11,6 +11,7 @@ from cortexcraft.config import DataConfig, build_config
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
 from cortexcraft.model import GPT
+from cortexcraft.prepare import prepare
 from cortexcraft.train import evaluate_run, learning_rate, make_optimizer, max_steps_for, read_metrics, train
 from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
 
@@ -155,3 +156,12 @@ def test_the_progress_bar_shows_step_loss_and_tokens_per_second(data_dir, tmp_pa
     train(tiny_config("cpu", "max_iters=20"), data_dir, tmp_path / "run", progress=True)
     err = capsys.readouterr().err
     assert "20/20" in err and "loss " in err and "tok/s" in err
+
+
+def test_the_cpu_preset_shrunk_trains_on_tiny_shakespeare_and_generates(tinyshakespeare_path, tmp_path):
+    prepare(DataConfig(source=str(tinyshakespeare_path)), tmp_path / "data", cache_dir=tmp_path / "downloads")
+    summary = train(tiny_config("cpu", "max_iters=40", "lr=3e-3"), tmp_path / "data", tmp_path / "run")
+    history = read_metrics(tmp_path / "run")
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.5
+    text = generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=50)
+    assert len(text) == 50 and summary["best_val_loss"] is not None
