@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Iterator, BinaryIO
 
 
+# Read once at import: os.umask can only be read by setting it, which other threads could see.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+DEFAULT_FILE_MODE = 0o666 & ~_UMASK
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -32,6 +38,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; outputs should get the permissions a plain open() gives.
+        os.chmod(tmp, DEFAULT_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
