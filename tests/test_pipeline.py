@@ -24,6 +24,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from cortexcraft.errors import CortexCraftError  # noqa: E402
 from flows.params import PipelineParams  # noqa: E402
 from flows.pipeline import pipeline, run_pipeline_from_cli  # noqa: E402
+from flows.prepare import prepare  # noqa: E402
+from flows.report import report  # noqa: E402
+from flows.train import train  # noqa: E402
 from tasks.stage import STAGES  # noqa: E402
 
 TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
@@ -109,6 +112,14 @@ def test_rerun_with_nothing_changed_is_all_cached(project):
     state, records = run(project["source"], project["data_dir"])
     assert set(stage_states(state).values()) == {"Cached"}
     assert records["report"] == project["first"][1]["report"]
+
+
+def test_stage_group_flows_chain_on_their_own_and_share_the_cache(project):
+    params = PipelineParams(source=str(project["source"]), data_dir=str(project["data_dir"]), overrides=TINY)
+    data = prepare(params)
+    run_record = train(data["shards"], params)
+    report_record = report(run_record, data["shards"], params)
+    assert report_record == project["first"][1]["report"]
 
 
 def test_deleted_shard_reruns_only_the_shards(project):
