@@ -21,7 +21,7 @@ class PipelineParams(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="config overrides as key=value, like --set: n_layer=8, train.lr=1e-3")
     source: Optional[str] = Field(None, description="corpus spec (tinyshakespeare, hf:REPO, a URL, a local file); default: the preset's")
     data_dir: str = Field("data", description="where stage outputs and Prefect's result cache live")
-    refresh: list[Stage] = Field(default_factory=list, description="stages to re-run even if cached")
+    refresh: list[Stage] = Field(default_factory=list, description="stages to re-run even if cached (train then starts from scratch), or all")
     continue_training_iters: Optional[int] = Field(
         None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
 
