@@ -66,13 +66,21 @@ def _new_records(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]
         handle.seek(offset)
         data = handle.read()
     complete = data[: data.rfind(b"\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+    records = []
+    for line in complete.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # read across a rewrite: progress only, so skip it
+            continue
+    return records, offset + len(complete)
 
 
 def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: Callable[[dict], None]) -> dict[str, Any]:
     """Run the trainer processes, logging every line they print and passing each new
     metrics.jsonl record to ``on_eval`` (the children cannot call back into this process)."""
-    offset, last_lines, error = 0, [], None
+    metrics = run_dir / "metrics.jsonl"
+    # Only evaluations made by these children: a resumed run's file already holds earlier ones.
+    offset, last_lines, error = metrics.stat().st_size if metrics.is_file() else 0, [], None
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                           env=dict(os.environ, PYTHONUNBUFFERED="1")) as child:
         for line in child.stdout:
@@ -81,7 +89,7 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
             last_lines = (last_lines + [line])[-5:]
             if CLI_ERROR in line:
                 error = line.split(CLI_ERROR, 1)[1]
-            records, offset = _new_records(run_dir / "metrics.jsonl", offset)
+            records, offset = _new_records(metrics, offset)
             for record in records:
                 on_eval(record)
     if child.returncode and error:  # a CortexCraftError in the children: retrying cannot help
