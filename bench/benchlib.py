@@ -26,9 +26,16 @@ from cortexcraft.fileio import atomic_write_json  # noqa: E402
 def parse_args(description: str, extra=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="smaller, faster run (a smoke test of the benchmark)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core); on a "
+                        "machine shared with other jobs 1 thread avoids OpenMP stalls that make 2 threads 5-20x slower")
     if extra is not None:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def machine() -> dict[str, Any]:

@@ -194,7 +194,7 @@ def train_nanogpt(train_bin: str, val_bin: str, dtype, vocab_size: int, model_cf
     for it in range(tc.max_iters + 1):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it, tc)
-        if it % tc.eval_interval == 0:
+        if it % tc.eval_interval == 0 or it == tc.max_iters:
             losses = estimate_loss(model, bins, dtype, T, bs, tc.eval_iters)
             best_val = min(best_val, losses["val"])
             if on_eval is not None:

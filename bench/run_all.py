@@ -1,6 +1,6 @@
 """Run every benchmark, one fresh process each, then print the README Performance table.
 
-    python bench/run_all.py [--quick] [--only train generate ...]
+    python bench/run_all.py [--quick] [--threads N] [--only train generate ...]
 
 Each benchmark prints its own table and writes bench/results/<name>.json; this script adds
 bench/results/summary.json and a markdown table of the headline figures (under 15 minutes on 2 cores).
@@ -24,11 +24,13 @@ BENCHMARKS = {
 }
 
 
-def run(name: str, quick: bool) -> dict:
+def run(name: str, quick: bool, threads: int | None) -> dict:
     script, full_args, quick_args = BENCHMARKS[name]
+    extra = ["--threads", str(threads)] if threads and name != "pipeline" else []
     print(f"\n=== {script} ===", flush=True)
     start = time.perf_counter()
-    code = subprocess.call([sys.executable, str(REPO / "bench" / script), *(quick_args if quick else full_args)], cwd=REPO)
+    code = subprocess.call([sys.executable, str(REPO / "bench" / script), *(quick_args if quick else full_args), *extra],
+                           cwd=REPO)
     return {"script": script, "exit_code": code, "seconds": time.perf_counter() - start}
 
 
@@ -98,7 +100,7 @@ def _ratio(baseline, ours) -> str:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument("--only", nargs="+", choices=list(BENCHMARKS)))
     start = time.perf_counter()
-    runs = {name: run(name, args.quick) for name in (args.only or BENCHMARKS)}
+    runs = {name: run(name, args.quick, args.threads) for name in (args.only or BENCHMARKS)}
     headers = ["measure", "ours", "baseline", "ratio", "goal"]
     rows = headline_rows()
     m = machine()
