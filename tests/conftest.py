@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Library loggers outside a flow run (plain library tests in a process that imported Prefect) should
+# not warn that they cannot reach the API.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CORTEXCRAFT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
