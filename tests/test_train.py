@@ -165,3 +165,11 @@ def test_the_cpu_preset_shrunk_trains_on_tiny_shakespeare_and_generates(tinyshak
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.5
     text = generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=50)
     assert len(text) == 50 and summary["best_val_loss"] is not None
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_there(data_dir, tmp_path):
+    summary = train(tiny_config("cpu", "max_iters=5", "dtype=bfloat16"), data_dir, tmp_path / "bf16")
+    assert summary["dtype"] == "bfloat16" and summary["final_val_loss"] is not None
+    with pytest.raises(CortexCraftError, match="float16 is not supported on CPU"):
+        train(tiny_config("cpu", "max_iters=5", "dtype=float16", "device=cpu"), data_dir, tmp_path / "fp16")
+    assert not (tmp_path / "fp16").exists()
