@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import markdown_table, parse_args, prepared_tinyshakespeare, print_table, save_results, split_paths
+from benchlib import (RESULTS_DIR, markdown_table, parse_args, prepared_tinyshakespeare, print_table, save_results,
+                      split_paths)
+from cortexcraft.fileio import read_json
 
 TARGET_VAL = 1.89
 BUDGET_SECONDS = 78.0
@@ -203,6 +205,10 @@ def main() -> None:
                        "best val", "steps", "wall s", "best ckpt, full val"]
             print_table("Time to quality on Tiny Shakespeare (val = last 10%; evals included in wall time)", headers, rows)
             results["quality"] = {"runs": runs, "markdown": markdown_table(headers, rows)}
+    previous = RESULTS_DIR / "bench_train.json"
+    if args.part != "all" and previous.is_file():
+        # A partial run keeps the other part's figures from the last run.
+        results = {**{k: v for k, v in read_json(previous).items() if k in ("throughput", "quality")}, **results}
     save_results("bench_train", results)
 
 
