@@ -15,24 +15,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CORTEXCRAFT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}; set CORTEXCRAFT_SHARED_DATA to the folder holding tinyshakespeare/input.txt")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def tinyshakespeare_path(shared_data: Path) -> Path:
-    path = shared_data / "tinyshakespeare" / "input.txt"
+def _shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
     if not path.is_file():
-        pytest.skip(f"{path} not found; set CORTEXCRAFT_SHARED_DATA to the folder holding tinyshakespeare/input.txt")
+        pytest.skip(f"{path} not found; set CORTEXCRAFT_SHARED_DATA to the folder holding {relative}")
     return path
 
 
 @pytest.fixture(scope="session")
-def openwebtext_vocab_path(shared_data: Path) -> Path:
-    path = shared_data / "openwebtext-vocab" / "vocab.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found; set CORTEXCRAFT_SHARED_DATA to the folder holding openwebtext-vocab/vocab.txt")
-    return path
+def tinyshakespeare_path() -> Path:
+    return _shared_file("tinyshakespeare/input.txt")
+
+
+@pytest.fixture(scope="session")
+def openwebtext_vocab_path() -> Path:
+    return _shared_file("openwebtext-vocab/vocab.txt")
