@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="where stage outputs and the cache live (default ./data)")
     p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE",
                    help="force these stages to re-run: download vocab shards train report, or all")
+    p.add_argument("--continue-training-iters", type=int, metavar="N",
+                   help="continue the run's latest checkpoint for N more iterations (what scheduled retraining does)")
+    p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
     return parser
 
 
@@ -190,6 +193,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return run_pipeline_from_cli(
         preset=args.preset, overrides=args.overrides, source=args.source,
         data_dir=args.data_dir or default_data_dir(), refresh=args.refresh,
+        continue_training_iters=args.continue_training_iters, nproc=args.nproc,
     )
 
 

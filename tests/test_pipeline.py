@@ -208,3 +208,6 @@ def test_bad_parameter_fails_before_any_stage_naming_it(project):
     with pytest.raises(CortexCraftError, match="refresh"):
         run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
                               refresh=["everything"])
+    with pytest.raises(CortexCraftError, match="continue_training_iters: Input should be greater than 0"):
+        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
+                              refresh=[], continue_training_iters=0)
