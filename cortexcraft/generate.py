@@ -1,9 +1,11 @@
 """Sampling text from a trained model: temperature, top-k, top-p, greedy, with or without a KV cache.
 
-With the cache and without it, the next token is always predicted from the same context, the last
-``block_size`` tokens, so both paths give the same text for the same seed. Positions are absolute
-(learned or sinusoidal), so once the context window slides every cached key sits at the wrong
-position: from then on each step rebuilds the cache from the cropped window (a full forward pass).
+With the cache and without it, the next token is always predicted from the same context window,
+so both paths give the same text for the same seed. Positions are absolute (learned or
+sinusoidal), so a window that slides puts every cached key at the wrong position and the cache
+must be rebuilt: the window therefore slides by half a block at a time (the context is the last
+``block_size/2`` to ``block_size`` tokens), costing one full forward pass per ``block_size/2`` new
+tokens instead of one per token.
 """
 from __future__ import annotations
 
@@ -68,14 +70,22 @@ def generate(
     """
     model.eval()
     block_size = model.config.block_size
+    # When the context window is full it slides by half a window at once (keeping the newest
+    # half), not by one token: with absolute positions every slide invalidates the KV cache, so
+    # this rebuilds the cache once per block_size/2 tokens instead of on every token. Both paths
+    # use the same windows, so they give the same text.
+    keep = max(1, block_size // 2)
+    start = max(0, idx.size(1) - block_size)
     cache = KVCache(model.config.n_layer) if kv_cache else None
     for _ in range(max_new_tokens):
-        if cache is not None and 0 < cache.length < block_size:
-            logits, _ = model(idx[:, -1:], cache=cache)
-        else:
+        if idx.size(1) - start > block_size:
+            start = idx.size(1) - keep
             if cache is not None:
                 cache.reset()
-            logits, _ = model(idx[:, -block_size:], cache=cache)
+        if cache is not None and cache.length > 0:
+            logits, _ = model(idx[:, -1:], cache=cache)
+        else:
+            logits, _ = model(idx[:, start:], cache=cache)
         next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:
