@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -44,33 +43,14 @@ def run_ours(config, data_dir: Path, work: Path) -> list[dict]:
     return records
 
 
-@contextmanager
-def fused_adamw_on_cpu():
-    """A proposed change measured here, not yet in train.py: the fused AdamW kernel on CPU too."""
-    import cortexcraft.train as train_module
-
-    original = train_module.make_optimizer
-
-    def make_fused(model, cfg, device):
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in original(model, cfg, device).param_groups]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-    train_module.make_optimizer = make_fused
-    try:
-        yield
-    finally:
-        train_module.make_optimizer = original
-
-
-def throughput_ours(data_dir: Path, work: Path, iters: int, dtype: str, fused: bool = False) -> float:
+def throughput_ours(data_dir: Path, work: Path, iters: int, dtype: str) -> float:
     """Seconds per iteration of our trainer, timed between its first and last eval (one batch each)."""
     config = ours_config({
         "model": {**NANOGPT_SHAPE},
         "train": {"batch_size": NANOGPT_BATCH, "max_iters": iters, "eval_interval": iters, "eval_iters": 1,
                   "checkpoint_interval": iters, "dtype": dtype, "max_minutes": None, "warmup_iters": 0},
     })
-    with fused_adamw_on_cpu() if fused else nullcontext():
-        records = run_ours(config, data_dir, work)
+    records = run_ours(config, data_dir, work)
     return (records[-1]["elapsed_seconds"] - records[0]["elapsed_seconds"]) / iters
 
 
@@ -113,8 +93,6 @@ def measure_throughput(data_dir: Path, work: Path, iters: int, rounds: int) -> t
     runners = {
         "ours (bf16 autocast)": lambda: throughput_ours(data_dir, work, iters, "bfloat16"),
         "ours (fp32)": lambda: throughput_ours(data_dir, work, iters, "float32"),
-        "ours (bf16 + fused AdamW, proposed)": lambda: throughput_ours(data_dir, work, iters, "bfloat16", fused=True),
-        "ours (fp32 + fused AdamW, proposed)": lambda: throughput_ours(data_dir, work, iters, "float32", fused=True),
         "nanoGPT-style reference (fp32)": lambda: throughput_nanogpt(data_dir, iters),
         "seed-style baseline (fp32)": lambda: throughput_seed(data_dir, iters),
     }
