@@ -22,13 +22,11 @@ from cortexcraft.shards import verify_shards
 IGNORE_INDEX = -100
 
 
-def _map_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
-    """A read-only memory map of a shard, advised for random access: the kernel's default
-    read-ahead maps ~64 KiB around every window read, so resident memory would grow with corpus size."""
+def _map_tokens(path: Path) -> mmap.mmap:
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype=dtype)
+    return mapped
 
 
 class TokenWindows:
@@ -38,7 +36,8 @@ class TokenWindows:
             raise CortexCraftError(f"split {split!r} not in {data_dir}; use one of {', '.join(manifest['splits'])}")
         files = manifest["splits"][split]["files"]
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        self.shards = [_map_tokens(Path(data_dir) / f["name"], dtype) for f in files if f["tokens"]]
+        self._maps = [_map_tokens(Path(data_dir) / f["name"]) for f in files if f["tokens"]]
+        self.shards = [np.frombuffer(mapped, dtype=dtype) for mapped in self._maps]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.tokens = int(self.offsets[-1])
         if self.tokens < block_size + 1:
@@ -55,12 +54,18 @@ class TokenWindows:
         """Rows ``tokens[start : start + block_size + 1]`` of the concatenated split, as int64."""
         positions = starts[:, None] + self._span
         if len(self.shards) == 1:
-            return self.shards[0][positions].astype(np.int64)
-        shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
-        out = np.empty(positions.shape, dtype=np.int64)
-        for shard in np.unique(shard_of):
-            mask = shard_of == shard
-            out[mask] = self.shards[shard][positions[mask] - self.offsets[shard]]
+            out = self.shards[0][positions].astype(np.int64)
+        else:
+            shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
+            out = np.empty(positions.shape, dtype=np.int64)
+            for shard in np.unique(shard_of):
+                mask = shard_of == shard
+                out[mask] = self.shards[shard][positions[mask] - self.offsets[shard]]
+        # Each window read maps a whole page-cache folio (up to 2 MiB with large folios, whatever
+        # MADV_RANDOM says), so over a run the mapped pages of a big corpus would all count as
+        # resident memory. Unmapping them after the copy keeps RSS flat; the data stays cached.
+        for mapped in self._maps:
+            mapped.madvise(mmap.MADV_DONTNEED)
         return out
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
