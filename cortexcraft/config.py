@@ -202,13 +202,20 @@ def build_config(preset: str = "cpu", overrides: list[str] | dict[str, Any] | No
     return validate_config(data)
 
 
+def describe_validation_error(exc: ValidationError, unnamed: str | None = None) -> str:
+    """pydantic's report on one line: ``field.path: problem; ...``. Problems of the whole model
+    (no field) are labelled ``unnamed``, or left bare when it is None."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or unnamed
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
 def validate_config(data: dict[str, Any]) -> RunConfig:
     """Validate a config dict, turning pydantic's report into one line per problem."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-        raise CortexCraftError("invalid config: " + "; ".join(problems)) from None
+        raise CortexCraftError("invalid config: " + describe_validation_error(exc, "config")) from None

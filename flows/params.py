@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from cortexcraft.config import RunConfig, build_config, parse_overrides
+from cortexcraft.config import RunConfig, build_config, describe_validation_error, parse_overrides
 from cortexcraft.errors import CortexCraftError
 from tasks.stage import STAGES
 
@@ -56,6 +56,4 @@ def params_from_cli(**values) -> PipelineParams:
     try:
         return PipelineParams(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        raise CortexCraftError(problems.removeprefix("parameters: ")) from None
+        raise CortexCraftError(describe_validation_error(exc)) from None
