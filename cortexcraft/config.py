@@ -51,17 +51,20 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"choose n_head among the divisors of n_embd"
-            )
-        if self.max_positions is not None and self.block_size > self.max_positions:
-            raise ValueError(
-                f"block_size={self.block_size} exceeds the positional table (max_positions="
-                f"{self.max_positions}); lower block_size or raise max_positions"
-            )
+        if problems := self.shape_problems():
+            raise ValueError("; ".join(problems))
         return self
+
+    def shape_problems(self) -> list[str]:
+        """Why a model of this shape cannot be built (empty when it can)."""
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                            f"choose n_head among the divisors of n_embd")
+        if self.block_size > self.positions:
+            problems.append(f"block_size={self.block_size} exceeds the positional table (max_positions="
+                            f"{self.positions}); lower block_size or raise max_positions")
+        return problems
 
     @property
     def ff_width(self) -> int:

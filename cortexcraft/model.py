@@ -23,16 +23,10 @@ from cortexcraft.errors import CortexCraftError
 
 
 def check_model_config(cfg: ModelConfig, vocab_size: int) -> None:
-    """Reject shapes that cannot work, before any tensor is allocated."""
-    if cfg.n_embd % cfg.n_head:
-        raise CortexCraftError(
-            f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}; choose n_head among the divisors of n_embd"
-        )
-    if cfg.block_size > cfg.positions:
-        raise CortexCraftError(
-            f"block_size={cfg.block_size} exceeds the positional table ({cfg.positions} positions); "
-            f"lower block_size or raise max_positions"
-        )
+    """Reject shapes that cannot work, before any tensor is allocated (also for configs built
+    without validation, e.g. ``ModelConfig.model_construct``)."""
+    if problems := cfg.shape_problems():
+        raise CortexCraftError("; ".join(problems))
     if vocab_size < 1:
         raise CortexCraftError(f"vocab_size={vocab_size} is not positive; prepare the data again")
 
