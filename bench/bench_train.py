@@ -155,7 +155,7 @@ def main() -> None:
     # The cpu preset with its cosine schedule sized to end near the 1.89 crossing, and to end at ~78 s.
     # (max_iters, stop at the wall-clock budget?)
     ours_runs = ({"cpu preset, max_iters=100": (100, False)} if args.quick else
-                 {"cpu preset, max_iters=1000": (1000, False), "cpu preset, max_iters=2000, stopped at 78 s": (2000, True)})
+                 {"cpu preset, max_iters=700": (700, False), "cpu preset, max_iters=1600, stopped at 78 s": (1600, True)})
     results: dict = {"target_val": TARGET_VAL, "budget_seconds": budget}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
 from typing import ContextManager, Optional
 
 import torch
@@ -29,10 +31,11 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def select_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """The autocast dtype: bf16 on GPUs that have it, fp16 on older GPUs, else fp32.
+    """The autocast dtype: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 where the
+    CPU computes it natively (AVX-512 BF16, AMX, Arm BF16), else fp32.
 
-    CPUs stay fp32 unless asked: even with AVX-512 BF16 here, bf16 autocast was no faster for our
-    small models and converged worse per step (measured for the cpu preset)."""
+    Without native support CPU bf16 is emulated and slower than fp32. With it, bf16 autocast ran the
+    cpu preset's shape 1.4x faster per step than fp32 and converged the same per step (bench_train)."""
     if name != "auto":
         dtype = _DTYPES[name]
         if device.type == "cpu" and dtype == torch.float16:
@@ -40,7 +43,19 @@ def select_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether /proc/cpuinfo lists a bf16 instruction set (False where there is no /proc/cpuinfo)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
