@@ -40,6 +40,8 @@ BPE_SEPARATOR = "<|endoftext|>"
 MAX_CODE_POINT = 0x10FFFF
 # Characters per numpy chunk: ~4 MB of UTF-32, big enough to amortise overhead, small enough for cache.
 CHUNK_CHARS = 1 << 20
+# The byte the ASCII fast path of CharTokenizer gives characters outside the vocabulary.
+ASCII_UNKNOWN = 255
 
 # Vocabulary sizes used only to print parameter counts in `cortexcraft presets`.
 TINYSHAKESPEARE_CHARS = 65
@@ -182,6 +184,10 @@ class CharTokenizer:
         self._table = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int16 if self.vocab_size < 2**15 else np.int32)
         if self.chars:
             self._table[code_points("".join(self.chars))] = np.arange(len(self.chars))
+        # With fewer than 256 ids, one byte value is free to mark unknown ASCII characters.
+        self._ascii_table = None
+        if self.vocab_size < ASCII_UNKNOWN:
+            self._ascii_table = bytes(int(i) if i >= 0 else ASCII_UNKNOWN for i in self._table[:256])
         self._special_re = (
             re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
             if special_tokens else None
@@ -200,16 +206,23 @@ class CharTokenizer:
         extra = [t for t in (special_tokens or []) if t not in specials]
         return cls(chars, specials + extra, unk)
 
+    def _ids(self, chunk: str) -> tuple[np.ndarray, int]:
+        """The ids of a chunk without special tokens, and the value that marks unknown characters."""
+        if self._ascii_table is not None and chunk.isascii():
+            # bytes.translate maps ASCII through a 256-byte table ~2x faster than a numpy gather.
+            return np.frombuffer(chunk.encode("ascii").translate(self._ascii_table), dtype=np.uint8), ASCII_UNKNOWN
+        return np.take(self._table, code_points(chunk)), -1
+
     def _encode_plain(self, text: str, out: np.ndarray) -> None:
         for start in range(0, len(text), CHUNK_CHARS):
-            ids = np.take(self._table, code_points(text[start:start + CHUNK_CHARS]))
-            if ids.size and ids.min() < 0:
+            ids, unknown = self._ids(text[start:start + CHUNK_CHARS])
+            if ids.size and (ids == unknown).any():
                 if self.unk is None:
                     raise CortexCraftError(
                         f"text has characters outside the vocabulary: {describe_chars(self.unknown_chars(text))}; "
                         f"use only characters of the training corpus (or prepare with --allow-unk)"
                     )
-                ids[ids < 0] = self.stoi[self.unk]
+                ids = np.where(ids == unknown, self.stoi[self.unk], ids)
             out[start:start + len(ids)] = ids
 
     def unknown_chars(self, text: str) -> dict[str, int]:
