@@ -6,6 +6,7 @@ draws exactly the batches it would have drawn without the interruption.
 """
 from __future__ import annotations
 
+import bisect
 import mmap
 import zlib
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from cortexcraft.shards import verify_shards
 # Targets already scored by an earlier window of `sequential` carry this id; it is the default
 # ignore_index of torch.nn.functional.cross_entropy.
 IGNORE_INDEX = -100
+# The largest page-cache folio a read maps (PMD size on x86-64 and arm64 with 4 KiB pages).
+FOLIO_BYTES = 2 << 20
 
 
 def _map_tokens(path: Path) -> mmap.mmap:
@@ -38,8 +41,8 @@ class TokenWindows:
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         self._maps = [_map_tokens(Path(data_dir) / f["name"]) for f in files if f["tokens"]]
         self.shards = [np.frombuffer(mapped, dtype=dtype) for mapped in self._maps]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
-        self.tokens = int(self.offsets[-1])
+        self._shard_starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+        self.tokens = self._shard_starts[-1]
         if self.tokens < block_size + 1:
             raise CortexCraftError(
                 f"the {split} split of {data_dir} has {self.tokens:,} tokens, fewer than block_size+1 = {block_size + 1}; "
@@ -48,25 +51,30 @@ class TokenWindows:
         self.split, self.block_size, self.batch_size, self.seed = split, block_size, batch_size, seed
         self.device = torch.device(device)
         self._split_key = zlib.crc32(split.encode())
-        self._span = np.arange(block_size + 1)
 
     def _gather(self, starts: np.ndarray) -> np.ndarray:
         """Rows ``tokens[start : start + block_size + 1]`` of the concatenated split, as int64."""
-        positions = starts[:, None] + self._span
-        if len(self.shards) == 1:
-            out = self.shards[0][positions].astype(np.int64)
-        else:
-            shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
-            out = np.empty(positions.shape, dtype=np.int64)
-            for shard in np.unique(shard_of):
-                mask = shard_of == shard
-                out[mask] = self.shards[shard][positions[mask] - self.offsets[shard]]
-        # Each window read maps a whole page-cache folio (up to 2 MiB with large folios, whatever
-        # MADV_RANDOM says), so over a run the mapped pages of a big corpus would all count as
-        # resident memory. Unmapping them after the copy keeps RSS flat; the data stays cached.
-        for mapped in self._maps:
-            mapped.madvise(mmap.MADV_DONTNEED)
+        span = self.block_size + 1
+        out = np.empty((len(starts), span), dtype=np.int64)
+        for row, start in enumerate(starts.tolist()):
+            filled = 0
+            while filled < span:  # a window may continue in the next shard
+                shard = bisect.bisect_right(self._shard_starts, start + filled) - 1
+                first = start + filled - self._shard_starts[shard]
+                piece = self.shards[shard][first:first + span - filled]
+                out[row, filled:filled + len(piece)] = piece
+                self._unmap(shard, first, len(piece))
+                filled += len(piece)
         return out
+
+    def _unmap(self, shard: int, first: int, count: int) -> None:
+        # Reading a window maps its whole page-cache folio (up to 2 MiB with large folios, whatever
+        # MADV_RANDOM says), so over a run the pages of a big corpus would all count as resident.
+        # Unmapping each window's folios right after its copy keeps RSS flat (the data stays cached).
+        itemsize = self.shards[shard].itemsize
+        lo = first * itemsize // FOLIO_BYTES * FOLIO_BYTES
+        hi = min(len(self._maps[shard]), -(-(first + count) * itemsize // FOLIO_BYTES) * FOLIO_BYTES)
+        self._maps[shard].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
