@@ -79,9 +79,15 @@ def headline_rows() -> list[list[str]]:
                      f"{mem['growth_percent']:+.1f}%", "<= +5%"])
     prep = _load("data_prep.json")
     if prep:
-        enc = prep["throughput"]["mb_per_s"]["encode + write shards"]
-        rows.append(["char encode + shard write (MB/s)", f"{enc['ours']:,.0f}", f"{enc['seed']:,.1f} (seed-style)",
-                     f"{enc['speedup']:.0f}x", ">= 20x and >= 500 MB/s"])
+        speeds = prep["throughput"]["mb_per_s"]
+        rounds = prep["throughput"]["rounds"]
+        encode = speeds["encode (in memory)"]
+        rows.append(["char encode in memory (MB/s)", f"{encode['ours']:,.0f}", f"{encode['seed']:,.1f} (seed-style)",
+                     f"{encode['speedup']:.0f}x", ""])
+        for phase in ("first run", f"best of {rounds}"):
+            write, floor = speeds[f"encode + write shards, {phase}"], speeds[f"(I/O floor: write+sha256+fsync), {phase}"]
+            rows.append([f"char encode + shard write, {phase} (MB/s; I/O floor {floor['ours']:,.0f})", f"{write['ours']:,.0f}",
+                         f"{write['seed']:,.1f} (seed-style)", f"{write['speedup']:.1f}x", ">= 20x and >= 500 MB/s"])
     pipe = _load("pipeline_overhead.json")
     if pipe:
         for mode, res in pipe["modes"].items():
