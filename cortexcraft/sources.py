@@ -87,6 +87,20 @@ def corpus_chunks(corpus: dict, start: int = 0, stop: int | None = None) -> Iter
     return iter_text(Path(corpus["path"]), start, stop)
 
 
+def corpus_ascii_blocks(corpus: dict, start: int, stop: int) -> Iterator[bytes]:
+    """Bytes ``[start, stop)`` of an ASCII corpus, where character offsets are byte offsets."""
+    path = Path(corpus["path"])
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
+        while position < stop:
+            raw = handle.read(min(READ_BYTES, stop - position))
+            if not raw or not raw.isascii():
+                raise CortexCraftError(f"corpus {path} changed since it was read; re-run `cortexcraft prepare`")
+            position += len(raw)
+            yield raw
+
+
 def document_starts(corpus: dict) -> np.ndarray:
     if corpus.get("doc_starts") is None:
         return np.zeros(1, dtype=np.int64)

@@ -218,12 +218,27 @@ class CharTokenizer:
             ids, unknown = self._ids(text[start:start + CHUNK_CHARS])
             if ids.size and (ids == unknown).any():
                 if self.unk is None:
-                    raise CortexCraftError(
-                        f"text has characters outside the vocabulary: {describe_chars(self.unknown_chars(text))}; "
-                        f"use only characters of the training corpus (or prepare with --allow-unk)"
-                    )
+                    raise self._unknown_error(text)
                 ids = np.where(ids == unknown, self.stoi[self.unk], ids)
             out[start:start + len(ids)] = ids
+
+    def _unknown_error(self, text: str) -> CortexCraftError:
+        return CortexCraftError(
+            f"text has characters outside the vocabulary: {describe_chars(self.unknown_chars(text))}; "
+            f"use only characters of the training corpus (or prepare with --allow-unk)"
+        )
+
+    @property
+    def encodes_ascii_bytes(self) -> bool:
+        """Whether ``encode_ascii`` applies: fewer than 255 ids and no special tokens to match."""
+        return self._ascii_table is not None and not self.special_tokens
+
+    def encode_ascii(self, raw: bytes) -> np.ndarray:
+        """``encode(raw.decode("ascii"))`` without building the string (see ``encodes_ascii_bytes``)."""
+        ids = np.frombuffer(raw.translate(self._ascii_table), dtype=np.uint8)
+        if (ids == ASCII_UNKNOWN).any():
+            raise self._unknown_error(raw.decode("ascii"))
+        return ids
 
     def unknown_chars(self, text: str) -> dict[str, int]:
         return self.unknown_in_counts(count_chars([text]))

@@ -159,3 +159,29 @@ def test_bpe_document_separator_is_one_special_token(tmp_path):
     ids = np.concatenate([_read_split(tmp_path / "out", manifest, split) for split in ("train", "val")])
     assert (ids == separator).sum() == 5
     assert tok.decode(ids) == "<|endoftext|>".join(f"Document number {i}.\nIt has two lines." for i in range(6))
+
+
+ASCII_TEXT = "".join(f"{i} To be, or not to be:\r\nthat is the question.\n" for i in range(400))
+
+
+def test_ascii_shards_equal_whole_text_encoding_across_read_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "READ_BYTES", 997)  # many block boundaries inside each split
+    manifest = _prepare_text(tmp_path, ASCII_TEXT, shard_tokens=2000)
+    out = tmp_path / "out"
+    ids = load_tokenizer(out).encode(ASCII_TEXT)
+    cut = manifest["split_char"]
+    assert manifest["source"]["chars"] == manifest["source"]["bytes"] == len(ASCII_TEXT)
+    assert np.array_equal(_read_split(out, manifest, "train"), ids[:cut])
+    assert np.array_equal(_read_split(out, manifest, "val"), ids[cut:])
+
+
+def test_an_ascii_corpus_edited_after_download_is_refused_not_mis_encoded(tmp_path):
+    source = tmp_path / "corpus.txt"
+    source.write_text(ASCII_TEXT, encoding="utf-8", newline="")
+    config = DataConfig(source=str(source))
+    corpus = download(config, tmp_path / "cache")
+    vocab = build_vocab(corpus, config, tmp_path / "vocab")
+    source.write_bytes(ASCII_TEXT[:-2].encode() + "é".encode())  # same size, no longer ASCII
+    with pytest.raises(CortexCraftError, match="changed since it was read"):
+        write_shards(corpus, vocab, config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -151,3 +151,12 @@ def test_hand_written_vocab_with_crlf_and_no_final_newline_is_read_whole(tmp_pat
     assert read_vocab_file(path) == (["a", "\r", "<eos>"], "cortexcraft")
     tok = CharTokenizer.from_file(path)
     assert tok.special_tokens == ["<eos>"] and tok.decode(tok.encode("a\r<eos>")) == "a\r<eos>"
+
+
+def test_ascii_bytes_encode_like_text_and_unknown_bytes_are_named():
+    tok = CharTokenizer(sorted(set("hello world\n")))
+    assert tok.encodes_ascii_bytes
+    assert np.array_equal(tok.encode_ascii(b"hello\nworld"), tok.encode("hello\nworld"))
+    with pytest.raises(CortexCraftError, match=r'outside the vocabulary: "a" \(x1\), "y" \(x1\), "z" \(x1\)'):
+        tok.encode_ascii(b"lazy")
+    assert not CharTokenizer(list("ab"), special_tokens=["<eos>"]).encodes_ascii_bytes
