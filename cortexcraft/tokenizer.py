@@ -209,9 +209,12 @@ class CharTokenizer:
     def _ids(self, chunk: str) -> tuple[np.ndarray, int]:
         """The ids of a chunk without special tokens, and the value that marks unknown characters."""
         if self._ascii_table is not None and chunk.isascii():
-            # bytes.translate maps ASCII through a 256-byte table ~2x faster than a numpy gather.
-            return np.frombuffer(chunk.encode("ascii").translate(self._ascii_table), dtype=np.uint8), ASCII_UNKNOWN
+            return self._ascii_ids(chunk.encode("ascii")), ASCII_UNKNOWN
         return np.take(self._table, code_points(chunk)), -1
+
+    def _ascii_ids(self, raw: bytes) -> np.ndarray:
+        # bytes.translate maps ASCII through a 256-byte table ~2x faster than a numpy gather.
+        return np.frombuffer(raw.translate(self._ascii_table), dtype=np.uint8)
 
     def _encode_plain(self, text: str, out: np.ndarray) -> None:
         for start in range(0, len(text), CHUNK_CHARS):
@@ -235,7 +238,7 @@ class CharTokenizer:
 
     def encode_ascii(self, raw: bytes) -> np.ndarray:
         """``encode(raw.decode("ascii"))`` without building the string (see ``encodes_ascii_bytes``)."""
-        ids = np.frombuffer(raw.translate(self._ascii_table), dtype=np.uint8)
+        ids = self._ascii_ids(raw)
         if (ids == ASCII_UNKNOWN).any():
             raise self._unknown_error(raw.decode("ascii"))
         return ids
