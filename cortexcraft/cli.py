@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.interrupt import Interrupted
 
 log = logging.getLogger("cortexcraft")
 
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except CortexCraftError as exc:
         print(f"cortexcraft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"cortexcraft {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"cortexcraft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import TempDir, atomic_write_json, fsync_dir, read_json, remove_dead_temps, sha256_file
 from cortexcraft.sources import corpus_ascii_blocks, corpus_chunks, train_val_cut
 from cortexcraft.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
@@ -99,12 +98,13 @@ def check_out_dir(out_dir: Path) -> None:
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
+        old = TempDir(out_dir.parent, out_dir.name, kind="old")
+        os.replace(out_dir, old.path / out_dir.name)
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old.path)
+        old.close()
 
 
 def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
@@ -117,9 +117,9 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
     cut = train_val_cut(corpus, data_cfg.val_fraction)
     if Path(corpus["path"]).stat().st_size != corpus["bytes"]:
         raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+    remove_dead_temps(out_dir.parent)
+    temp = TempDir(out_dir.parent, out_dir.name)
+    tmp = temp.path
     try:
         section = tok.save(tmp)
         # An ASCII corpus (one byte per character) is encoded from its bytes, never decoded: 1.2x faster.
@@ -148,6 +148,8 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        temp.close()
     return manifest
 
 

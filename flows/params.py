@@ -26,6 +26,8 @@ class PipelineParams(BaseModel):
         None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
+    crash_retries: int = Field(
+        2, ge=0, description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, resuming from the last checkpoint")
 
     _config: RunConfig = PrivateAttr()
 
