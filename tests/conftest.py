@@ -30,3 +30,13 @@ def tinyshakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def openwebtext_vocab_path() -> Path:
     return _shared_file("openwebtext-vocab/vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """One `prefect server start` for the tests that run several `cortexcraft pipeline` processes
+    against it (PREFECT_API_URL in their env); stopped at the end of the session."""
+    from prefect_server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("api-server"), {"OMP_NUM_THREADS": "1"}) as server:
+        yield server

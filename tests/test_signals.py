@@ -15,13 +15,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from cortexcraft.checkpoint import MODEL_FILE, list_checkpoints, read_checkpoint_state
+from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
 from cortexcraft.fileio import read_json
 from cortexcraft.train import read_metrics, train
 from prefect_server import processes_with_env, wait_until
-from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, one_thread, tiny_config  # noqa: F401
+from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, one_thread, same_weights, tiny_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_SECONDS = 15
@@ -37,11 +36,6 @@ def stop_and_time(proc: subprocess.Popen, signum: int = signal.SIGTERM) -> float
     proc.send_signal(signum)
     proc.wait(timeout=60)
     return time.monotonic() - t0
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a / MODEL_FILE)), load_file(str(b / MODEL_FILE))
-    return wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
 @pytest.fixture(scope="module")
