@@ -188,9 +188,9 @@ class StageLockManager(LockManager):
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
-        if key in self._held:
-            return self._held[key][0] == holder
-        lock = self._lock(key)
+        if key in self._held and self._held[key][0] == holder:
+            return True
+        lock = self._lock(key)  # another holder in this process too: flock makes it wait its turn
         if not lock.acquire(timeout=acquire_timeout):
             return False
         self._held[key] = (holder, lock)
@@ -238,13 +238,14 @@ def stage_lock_manager(data_dir: str | os.PathLike) -> StageLockManager:
     return _LOCK_MANAGERS.setdefault(directory, StageLockManager(directory))
 
 
-def _discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str) -> None:
-    """Under the stage's lock (so no writer is half-way): drop a cache record whose outputs are
-    missing or changed, so the stage computes again, and what killed writers left behind."""
+def _discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str, forced: bool) -> None:
+    """Under the stage's lock (so no writer is half-way): remove what killed writers left behind
+    and, unless the stage is forced anyway, drop a cache record whose outputs are missing or
+    changed, so that the stage computes again."""
     with FileLock(locks_dir(data_dir) / f"{cache_key(stage, key)}.lock"):
         cache_record = results_dir(data_dir) / cache_key(stage, key)
         # Prefect writes its record in place: one torn by a kill must not count as a cache hit.
-        if valid_record(data_dir, stage, key) is None or not _is_json(cache_record):
+        if not forced and (valid_record(data_dir, stage, key) is None or not _is_json(cache_record)):
             cache_record.unlink(missing_ok=True)
         out_dir = stage_dir(data_dir, stage, key)
         remove_dead_temps(out_dir)
@@ -266,8 +267,7 @@ def run_stage(task: Task, key: str, refresh: Iterable[str], **parameters: Any) -
     forced (``refresh``) or when the outputs behind the record are missing or changed."""
     data_dir, stage = parameters["data_dir"], task.name
     forced = stage in refresh
-    if not forced:
-        _discard_stale_outputs(data_dir, stage, key)
+    _discard_stale_outputs(data_dir, stage, key, forced)
     policy = CachePolicy.from_cache_key_fn(lambda *_: cache_key(stage, key)).configure(
         isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=stage_lock_manager(data_dir))
     configured = task.with_options(cache_policy=policy, result_storage=results_dir(data_dir), refresh_cache=forced)
