@@ -79,6 +79,17 @@ def run_summary(data_dir: Path) -> dict:
     return read_json(run / "summary.json")
 
 
+def assert_resumed_bitwise(worker: dict, run_id: str, params: dict, resumed_from: int, tmp: Path) -> None:
+    """The run completes, having resumed at ``resumed_from``, with the uninterrupted run's weights."""
+    done = wait_for_state(worker, run_id, TERMINAL)
+    assert done["state_type"] == "COMPLETED", done["state"]
+    data_dir = Path(params["data_dir"])
+    summary = run_summary(data_dir)
+    assert summary["resumed_from_step"] == resumed_from and summary["steps"] == 240
+    reference = reference_run(params, data_dir, tmp)
+    assert same_weights(Path(summary["checkpoint_last"]), Path(reference["checkpoint_last"]))
+
+
 def params_for(tinyshakespeare_path: Path, data_dir: Path, **extra) -> dict:
     return {"source": str(tinyshakespeare_path), "data_dir": str(data_dir), "overrides": OVERRIDES, **extra}
 
@@ -95,12 +106,7 @@ def test_a_sigkilled_run_is_crashed_and_flow_run_retry_resumes_it_bitwise(worker
     assert state_of(worker, run_id) == "CRASHED"
 
     prefect(worker["env"], "flow-run", "retry", run_id)
-    done = wait_for_state(worker, run_id, TERMINAL)
-    assert done["state_type"] == "COMPLETED", done["state"]
-    summary = run_summary(data_dir)
-    assert summary["resumed_from_step"] == killed_at and summary["steps"] == 240
-    reference = reference_run(params, data_dir, tmp_path)
-    assert same_weights(Path(summary["checkpoint_last"]), Path(reference["checkpoint_last"]))
+    assert_resumed_bitwise(worker, run_id, params, killed_at, tmp_path)
     print(f"\nSIGKILLed at checkpoint step {killed_at}; `prefect flow-run retry` resumed it to 240, bitwise equal")
 
 
@@ -122,13 +128,7 @@ def test_crashed_runs_rerun_automatically_at_most_crash_retries_times_then_a_new
     second_kill_step = newest_step(data_dir)
     assert second_kill_step > first_kill_step
 
-    new_id = deployment_run(worker, params)
-    done = wait_for_state(worker, new_id, TERMINAL)
-    assert done["state_type"] == "COMPLETED", done["state"]
-    summary = run_summary(data_dir)
-    assert summary["resumed_from_step"] == second_kill_step and summary["steps"] == 240
-    reference = reference_run(params, data_dir, tmp_path)
-    assert same_weights(Path(summary["checkpoint_last"]), Path(reference["checkpoint_last"]))
+    assert_resumed_bitwise(worker, deployment_run(worker, params), params, second_kill_step, tmp_path)
     print(f"\nkilled at steps {first_kill_step} and {second_kill_step}: one automatic re-run, then left Crashed; "
           f"a new deployment run resumed it to 240, bitwise equal")
 
