@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from cortexcraft.errors import CortexCraftError
@@ -53,6 +55,8 @@ def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cortexcraft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, also show its traceback and Prefect's own failure logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="download a corpus, build vocab.txt and write train/val token shards")
@@ -197,6 +201,31 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     )
 
 
+def _user_error_names() -> set[str]:
+    names, todo = set(), [CortexCraftError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class HidePrefectReportsOfUserErrors(logging.Filter):
+    """Drops Prefect's own console reports of a task or flow run that failed with a
+    CortexCraftError (a traceback and two "Finished in state Failed" lines): the CLI prints that
+    error as one line. Installed on console handlers only, so the API still gets the full logs."""
+
+    _STATE = re.compile(r"(?:encountered an exception|during execution):? (\w+)\b")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], CortexCraftError):
+            return False
+        match = self._STATE.search(record.getMessage())
+        return not (match and match.group(1) in _user_error_names())
+
+
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
     "evaluate": _cmd_evaluate, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
@@ -207,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(HidePrefectReportsOfUserErrors())
     try:
         return COMMANDS[args.command](args)
     except CortexCraftError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"cortexcraft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
