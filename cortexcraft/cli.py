@@ -1,4 +1,4 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, presets, pipeline.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, presets, pipeline.
 
 Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
 Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", help="best | last | PATH")
     p.add_argument("--batches", type=int, help="evaluate on this many random batches instead of the whole split")
 
+    p = sub.add_parser("verify", help="check every sha256 of a shard directory or a run directory's checkpoints")
+    p.add_argument("dir", type=Path, help="a directory written by `cortexcraft prepare` or `cortexcraft train`")
+
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
     p.add_argument("--fields", action="store_true", help="list every setting --set accepts")
@@ -166,6 +169,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from cortexcraft.checkpoint import checkpoints_dir, verify_run
+    from cortexcraft.shards import MANIFEST, verify_shards
+
+    if (args.dir / MANIFEST).is_file():
+        manifest = verify_shards(args.dir, check_hashes=True)
+        files = [f for split in manifest["splits"].values() for f in split["files"]]
+        print(f"{args.dir}: shard directory OK, the tokenizer and {len(files)} shard files match their sha256")
+    elif checkpoints_dir(args.dir).is_dir():
+        checked = verify_run(args.dir)
+        print(f"{args.dir}: run directory OK, {len(checked)} checkpoints (steps "
+              f"{', '.join(str(state['step']) for _, state in checked)}) match their sha256")
+    else:
+        raise CortexCraftError(f"{args.dir} is neither a shard directory (no {MANIFEST}) nor a run directory "
+                               f"(no checkpoints/); pass one of them")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     import json
 
@@ -228,7 +249,7 @@ class HidePrefectReportsOfUserErrors(logging.Filter):
 
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
-    "evaluate": _cmd_evaluate, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
+    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
 }
 
 
