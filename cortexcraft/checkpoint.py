@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, ensure_free_space, fsync_dir, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +107,28 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
     training = dict(optimizer_tensors)
     for rank, rank_states in enumerate(rng_states):
         training.update({f"rng.{rank}.{name}": t for name, t in rank_states.items()})
-    atomic_write_bytes(tmp / MODEL_FILE, save(_tensor_dict(model_state)))
-    atomic_write_bytes(tmp / TRAINING_FILE, save(_tensor_dict(training)))
-    record = {
-        **state,
-        "format": FORMAT,
-        "step": step,
-        "optimizer": optimizer_meta,
-        "sha256": {name: sha256_file(tmp / name) for name in (MODEL_FILE, TRAINING_FILE)},
-    }
-    atomic_write_json(tmp / STATE_FILE, record)
+    blobs = {MODEL_FILE: save(_tensor_dict(model_state)), TRAINING_FILE: save(_tensor_dict(training))}
+    # The whole checkpoint must fit: better refused up front than a half-written directory.
+    ensure_free_space(final, sum(map(len, blobs.values())))
+    tmp.mkdir()
+    try:
+        for name, blob in blobs.items():
+            atomic_write_bytes(tmp / name, blob)
+        record = {
+            **state,
+            "format": FORMAT,
+            "step": step,
+            "optimizer": optimizer_meta,
+            "sha256": {name: sha256_file(tmp / name) for name in blobs},
+        }
+        atomic_write_json(tmp / STATE_FILE, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         # Only a damaged leftover or a re-save of the same step (a resumed run) can be here.
         shutil.rmtree(final)

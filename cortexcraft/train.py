@@ -34,7 +34,7 @@ from cortexcraft.checkpoint import (
 from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, atomic_write_text, sha256_json
+from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, sha256_json
 from cortexcraft.model import GPT, check_model_config
 from cortexcraft.shards import verify_shards
 from cortexcraft.tokenizer import load_tokenizer
@@ -98,8 +98,7 @@ def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     # One short write per line: a kill tears at most the last line, which read_metrics skips and
     # the resume rewrites away.
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_text(run_dir / METRICS_FILE, json.dumps(record) + "\n")
 
 
 class Distributed:
