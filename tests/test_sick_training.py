@@ -1,7 +1,6 @@
 """Sick training: diverging loss, damaged token ids, and `cortexcraft verify` (real runs, real files)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -16,7 +15,7 @@ from cortexcraft.checkpoint import (
 )
 from cortexcraft.cli import main
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import read_json, sha256_file
+from cortexcraft.fileio import read_json
 from cortexcraft.shards import verify_shards
 from cortexcraft.train import read_metrics, train
 from tiny_runs import TINY, one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
