@@ -24,6 +24,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# --set values that shrink the pipeline's model to seconds of training.
+TINY_OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
+                  "warmup_iters=0", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10",
+                  "max_new_tokens=40"]
 
 
 def free_port() -> int:

@@ -17,11 +17,8 @@ from flows.params import PipelineParams
 from flows.serve import PREFECT_YAML, deployments, entrypoint_flow
 from prefect_server import (CHROMIUM, CHROMIUM_ARGS, POOL, REPO, api_get, open_report_artifact, prefect,
                             prefect_server, report_artifact, report_sample_first_lines, require_chromium,
-                            run_deployment, start, stop, tail, wait_for_flow_run, wait_until)
+                            run_deployment, start, stop, tail, TINY_OVERRIDES, wait_for_flow_run, wait_until)
 
-TINY_OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
-                  "warmup_iters=0", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10",
-                  "max_new_tokens=40"]
 
 
 def yaml_deployments() -> dict[str, dict]:
