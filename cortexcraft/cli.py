@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-training-iters", type=int, metavar="N",
                    help="continue the run's latest checkpoint for N more iterations (what scheduled retraining does)")
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
+    for command in sub.choices.values():  # also accepted after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -26,6 +26,14 @@ def test_a_user_error_outside_a_flow_is_one_line_on_stderr(tmp_path):
         f"run `cortexcraft prepare --out {tmp_path / 'missing'}` first"]
 
 
+def test_debug_adds_the_traceback_before_or_after_the_command_name(tmp_path):
+    for args in (["--debug", "train"], ["train", "--debug"]):
+        result = cortexcraft(*args, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"))
+        assert result.returncode == 2
+        assert result.stderr.startswith("Traceback (most recent call last)")
+        assert result.stderr.splitlines()[-1].startswith("cortexcraft train: error: shard directory ")
+
+
 def unreachable_source() -> str:
     return f"http://127.0.0.1:{free_port()}/corpus.txt"  # nothing listens there
 
