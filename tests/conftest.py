@@ -38,5 +38,6 @@ def api_server(tmp_path_factory):
     against it (PREFECT_API_URL in their env); stopped at the end of the session."""
     from prefect_server import prefect_server
 
-    with prefect_server(tmp_path_factory.mktemp("api-server"), {"OMP_NUM_THREADS": "1"}) as server:
-        yield server
+    tmp = tmp_path_factory.mktemp("api-server")
+    with prefect_server(tmp / "prefect-home", tmp / "server.log") as env:
+        yield {"env": env, "api": env["PREFECT_API_URL"]}

@@ -1,14 +1,17 @@
-"""Real Prefect servers, workers and CLI processes for the slow tests: each started in a session of
-its own and stopped with its whole process group, on free ports, with a private PREFECT_HOME."""
+"""Helpers for tests that run a real Prefect server, workers, deployments and headless Chromium:
+every process in a session of its own (stopped with its children), ports from the OS, PREFECT_*
+settings isolated from the user's."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +20,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "cortexcraft-pool"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# --set values that shrink the pipeline's model to seconds of training.
+TINY_OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
+                  "warmup_iters=0", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10",
+                  "max_new_tokens=40"]
 
 
 def free_port() -> int:
@@ -73,6 +83,8 @@ def isolated_prefect_env(home: Path, port: int) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         # The worker polls every 10 s by default; the run would mostly wait.
         PREFECT_WORKER_QUERY_SECONDS="1",
+        # The tiny models train fastest on one thread, and the machine is shared.
+        OMP_NUM_THREADS="1",
     )
     return env
 
@@ -87,12 +99,32 @@ def wait_until(what: str, check, timeout: float, log: Path | None = None, interv
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail(log) if log else ''}")
 
 
-def api_get(api: str, path: str):
+def api_get(api: str, path: str, auth: tuple[str, str] | None = None):
     try:
-        response = httpx.get(api + path, timeout=5)
+        response = httpx.get(api + path, timeout=5, auth=auth)
     except httpx.TransportError:
         return None
     return response.json() if response.status_code == 200 else None
+
+
+@contextmanager
+def prefect_server(home: Path, log: Path, **settings: str) -> Iterator[dict[str, str]]:
+    """A `prefect server start` on a free port with PREFECT_HOME ``home`` (plus ``settings`` in
+    its environment), stopped on exit. Yields the environment clients use to reach it."""
+    port = free_port()
+    env = isolated_prefect_env(home, port)
+    api = env["PREFECT_API_URL"]
+    server = start([sys.executable, "-m", "prefect", "server", "start"], {**env, **settings}, log)
+    try:
+        def healthy():
+            try:
+                return server.poll() is None and httpx.get(api + "/health", timeout=5).status_code in (200, 401)
+            except httpx.TransportError:
+                return False
+        wait_until("the Prefect server", healthy, 90, log)
+        yield env
+    finally:
+        stop(server)
 
 
 def api_post(api: str, path: str, body: dict):
@@ -102,24 +134,9 @@ def api_post(api: str, path: str, body: dict):
 
 
 @contextmanager
-def prefect_server(tmp: Path, env_extra: dict[str, str] | None = None) -> Iterator[dict]:
-    """A `prefect server start` on a free port; yields its env (for clients), API URL and log."""
-    port = free_port()
-    env = {**isolated_prefect_env(tmp / "prefect-home", port), **(env_extra or {})}
-    api = f"http://127.0.0.1:{port}/api"
-    log = tmp / "server.log"
-    with ExitStack() as cleanup:
-        server = start([sys.executable, "-m", "prefect", "server", "start"], env, log)
-        cleanup.callback(stop, server)
-        wait_until("the Prefect server", lambda: server.poll() is None and api_get(api, "/health"), 120, log)
-        assert server.poll() is None, tail(log)
-        yield {"env": env, "api": api, "ui": f"http://127.0.0.1:{port}", "log": log}
-
-
-@contextmanager
-def deployed_with_worker(tmp: Path, server: dict) -> Iterator[Path]:
-    """The prefect.yaml deployments on a process pool, and a worker for it; yields the worker log."""
-    env = server["env"]
+def deployed_with_worker(tmp: Path, env: dict[str, str]) -> Iterator[Path]:
+    """The prefect.yaml deployments on a process pool of the server in ``env``, and a worker
+    taking its runs (stopped on exit); yields the worker's log."""
     prefect(env, "work-pool", "create", POOL, "--type", "process")
     prefect(env, "--no-prompt", "deploy", "--all")
     log = tmp / "worker.log"
@@ -128,10 +145,6 @@ def deployed_with_worker(tmp: Path, server: dict) -> Iterator[Path]:
         yield log
     finally:
         stop(worker, 2)
-
-
-def flow_run(api: str, run_id: str) -> dict | None:
-    return api_get(api, f"/flow_runs/{run_id}")
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
@@ -150,3 +163,43 @@ def processes_with_env(name: str, value: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def run_deployment(env: dict[str, str], name: str, params: dict) -> str:
+    """Start a run of deployment ``name`` with ``params``; returns the flow run id."""
+    out = prefect(env, "deployment", "run", name, "--params", json.dumps(params))
+    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+
+def wait_for_flow_run(api: str, run_id: str, log: Path, timeout: float = 150, auth: tuple[str, str] | None = None) -> dict:
+    def finished():
+        run = api_get(api, f"/flow_runs/{run_id}", auth)
+        return run if run and run["state_type"] in TERMINAL else None
+    return wait_until("the flow run to finish", finished, timeout, log)
+
+
+def report_artifact(api: str, run_id: str) -> dict:
+    response = httpx.post(f"{api}/artifacts/filter", timeout=5,
+                          json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
+    (report,) = [a for a in response.json() if a["key"].startswith("report-")]
+    return report
+
+
+def require_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found; install Debian's chromium (apt-get install chromium) for the UI test")
+
+
+def open_report_artifact(page, ui: str, run_id: str, report: dict) -> None:
+    """Navigate the Prefect UI from the flow run page to its report artifact, as a user would."""
+    page.goto(f"{ui}/runs/flow-run/{run_id}")
+    page.get_by_text("Artifacts", exact=True).last.click()
+    page.wait_for_url("**tab=Artifacts**")
+    page.get_by_text(report["key"], exact=True).click()
+    page.wait_for_url(f"**/artifacts/artifact/{report['id']}")
+
+
+def report_sample_first_lines(markdown: str) -> list[str]:
+    """The first non-blank line of each generated sample in the report's markdown."""
+    samples = re.findall(r"\*\*Prompt\*\* [^\n]*\n\s*\n(`{3,})[^\n]*\n(.*?)\n\1", markdown, re.S)
+    return [next((l.strip() for l in body.splitlines() if l.strip()), "") for _, body in samples]

@@ -5,7 +5,6 @@ end with weights bitwise equal to an uninterrupted run's. SIGTERM to the flow-ru
 checkpoint and ends the run Cancelled, never re-run by itself."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,7 +17,8 @@ from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
 from cortexcraft.fileio import read_json
 from cortexcraft.train import train
 from flows.params import PipelineParams
-from prefect_server import TERMINAL, deployed_with_worker, flow_run, prefect, prefect_server, processes_with_env, wait_until
+from prefect_server import (TERMINAL, api_get, deployed_with_worker, prefect, prefect_server, processes_with_env,
+                            run_deployment, wait_until)
 from tiny_runs import one_thread, same_weights  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -32,25 +32,27 @@ STOP_SECONDS = 15
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash-retry")
-    # One torch thread in the flow runs, as in the reference runs: bitwise equality needs it.
-    with prefect_server(tmp, {"OMP_NUM_THREADS": "1"}) as server, deployed_with_worker(tmp, server) as log:
-        yield {**server, "worker_log": log, "tmp": tmp}
+    # The server's environment has OMP_NUM_THREADS=1, as the reference runs here: bitwise equality needs it.
+    with prefect_server(tmp / "prefect-home", tmp / "server.log") as env, deployed_with_worker(tmp, env) as log:
+        yield {"env": env, "api": env["PREFECT_API_URL"], "worker_log": log, "tmp": tmp}
 
 
 def deployment_run(worker: dict, params: dict) -> str:
-    out = prefect(worker["env"], "deployment", "run", "pipeline/pipeline-on-demand",
-                  "--params", json.dumps({"params": params}))
-    return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+    return run_deployment(worker["env"], "pipeline/pipeline-on-demand", {"params": params})
+
+
+def flow_run(worker: dict, run_id: str) -> dict | None:
+    return api_get(worker["api"], f"/flow_runs/{run_id}")
 
 
 def state_of(worker: dict, run_id: str) -> str | None:
-    run = flow_run(worker["api"], run_id)
+    run = flow_run(worker, run_id)
     return run["state_type"] if run else None
 
 
 def wait_for_state(worker: dict, run_id: str, states: set[str], timeout: float = 180) -> dict:
     return wait_until(f"flow run {run_id} to reach {states}",
-                      lambda: (r := flow_run(worker["api"], run_id)) and r["state_type"] in states and r,
+                      lambda: (r := flow_run(worker, run_id)) and r["state_type"] in states and r,
                       timeout, worker["worker_log"])
 
 
@@ -123,7 +125,7 @@ def test_crashed_runs_rerun_automatically_at_most_crash_retries_times_then_a_new
     signal_flow_run_process(run_id, first_kill_step, data_dir, signal.SIGKILL, worker["worker_log"])
     crashed = wait_for_state(worker, run_id, {"CRASHED"})
     time.sleep(8)  # a third attempt would be scheduled by now
-    crashed = flow_run(worker["api"], run_id)
+    crashed = flow_run(worker, run_id)
     assert crashed["state_type"] == "CRASHED" and crashed["run_count"] == 2, crashed["state"]
     second_kill_step = newest_step(data_dir)
     assert second_kill_step > first_kill_step
