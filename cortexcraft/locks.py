@@ -99,7 +99,8 @@ class FileLock:
             os.close(fd)
 
     def __enter__(self) -> "FileLock":
-        self.acquire()
+        if not self.held:
+            self.acquire()
         return self
 
     def __exit__(self, *exc: Any) -> None:

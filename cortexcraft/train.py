@@ -467,8 +467,9 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         bar.close()
     if stopping:
         signum = stop.signum or signal.SIGTERM
-        raise Interrupted(signum, f"training stopped by {signal_name(signum)} at step {step}; "
-                                  f"checkpoint {last_ckpt}; run the same command again to resume")
+        saved = f"checkpoint {last_ckpt}" if ddp.is_main else "rank 0 saved the checkpoint"
+        raise Interrupted(signum, f"training stopped by {signal_name(signum)} at step {step}; {saved}; "
+                                  "run the same command again to resume")
 
     train_seconds = time.monotonic() - t_loop
     trained_tokens = (step - start_step) * tokens_per_step

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.locking.protocol import LockManager
 from prefect.states import State
@@ -31,7 +31,7 @@ from prefect.transactions import IsolationLevel
 
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, read_json, remove_dead_temps, sha256_file, sha256_json
-from cortexcraft.locks import FileLock
+from cortexcraft.locks import FileLock, describe_holder, lock_holder
 
 STAGES = ("download", "vocab", "shards", "train", "report")
 # Directory under DATA_DIR holding each stage's keyed outputs.
@@ -242,7 +242,10 @@ def _discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str, fo
     """Under the stage's lock (so no writer is half-way): remove what killed writers left behind
     and, unless the stage is forced anyway, drop a cache record whose outputs are missing or
     changed, so that the stage computes again."""
-    with FileLock(locks_dir(data_dir) / f"{cache_key(stage, key)}.lock"):
+    lock = FileLock(locks_dir(data_dir) / f"{cache_key(stage, key)}.lock")
+    if not lock.try_acquire():
+        get_run_logger().info("waiting for %s, which %s is computing", stage, describe_holder(lock_holder(lock.path)))
+    with lock:
         cache_record = results_dir(data_dir) / cache_key(stage, key)
         # Prefect writes its record in place: one torn by a kill must not count as a cache hit.
         if not forced and (valid_record(data_dir, stage, key) is None or not _is_json(cache_record)):
