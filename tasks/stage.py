@@ -206,7 +206,7 @@ class StageLockManager(LockManager):
         self._held.pop(key)[1].release()
 
     def is_locked(self, key: str) -> bool:
-        return key in self._held or lock_holder_alive(self._lock(key))
+        return key in self._held or lock_holder(self.directory / f"{key}.lock") is not None
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         return key in self._held and self._held[key][0] == holder
@@ -220,13 +220,6 @@ class StageLockManager(LockManager):
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return self.wait_for_lock(key, timeout)
-
-
-def lock_holder_alive(lock: FileLock) -> bool:
-    if not lock.try_acquire():
-        return True
-    lock.release()
-    return False
 
 
 _LOCK_MANAGERS: dict[Path, StageLockManager] = {}

@@ -5,8 +5,8 @@ weights equal an uninterrupted run's; no temporary file or directory and no held
 
 The schedule: every stage once plus K-5 seeded extra kills, in pipeline order; each kill lands a
 seeded fraction into its stage, timed from the log line that ends the stage before it (the
-uninterrupted run gives the stage lengths). A data-stage or report kill re-runs its stage with
---refresh so that it computes. CORTEXCRAFT_FUZZ_SEED (default 0) and CORTEXCRAFT_FUZZ_KILLS
+uninterrupted run gives the stage lengths; a kill that came too late is made again, earlier). A
+data-stage or report kill re-runs its stage with --refresh so that it computes. CORTEXCRAFT_FUZZ_SEED (default 0) and CORTEXCRAFT_FUZZ_KILLS
 (default 8) pick another schedule.
 """
 from __future__ import annotations
@@ -79,6 +79,21 @@ class Pipeline:
         return "\n".join(line for _, line in self.lines)
 
 
+def kill_during(run: Pipeline, index: int, seconds: float) -> str:
+    """SIGKILL ``run`` ``seconds`` after stage ``index`` began; returns the stage it was in."""
+    try:
+        deadline = time.monotonic() + 180
+        while len(run.stage_starts()) <= index and run.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(run.stage_starts()) > index, run.output()[-3000:]
+        time.sleep(max(0.0, run.stage_starts()[index] + seconds - time.monotonic()))
+        in_stage = len(run.stage_starts()) - 1
+        finished = run.proc.poll() is not None
+    finally:
+        run.kill()
+    return "done" if finished or in_stage >= len(STAGES) else STAGES[in_stage]
+
+
 def check_outputs(data: Path) -> None:
     """Every stage output with a record is intact; every checkpoint verifies."""
     for stage in STAGES:
@@ -125,28 +140,22 @@ def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterr
     targets = sorted(list(STAGES) + [rng.choice(STAGES) for _ in range(KILLS - len(STAGES))], key=STAGES.index)
     data, landed = tmp_path / "data", []
     for target in targets:
-        index = STAGES.index(target)
         # Training resumes where the last kill left it: kill early enough to stay inside it.
-        fraction = rng.uniform(0.1, 0.35) if target == "train" else rng.random()
-        refresh = [] if target == "train" else ["--refresh", target]
-        run = Pipeline(command(data, *refresh), env)
-        try:
-            deadline = time.monotonic() + 180
-            while len(run.stage_starts()) <= index and run.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert len(run.stage_starts()) > index, run.output()[-3000:]
-            delay = run.stage_starts()[index] + fraction * lengths[target] - time.monotonic()
-            time.sleep(max(0.0, delay))
-            in_stage = len(run.stage_starts()) - 1
-        finally:
-            run.kill()
-        landed.append((target, round(fraction, 2), STAGES[in_stage] if in_stage < len(STAGES) else "done"))
-        check_outputs(data)
+        fraction = rng.uniform(0.1, 0.35) if target == "train" else rng.uniform(0.05, 0.8)
+        # Stage lengths vary on a busy machine: a kill that came after its stage ended is made
+        # again, earlier (every attempt is a real kill and counts).
+        for attempt in range(3):
+            stage = kill_during(Pipeline(command(data, *([] if target == "train" else ["--refresh", target])), env),
+                                STAGES.index(target), fraction / 2 ** attempt * lengths[target])
+            landed.append((target, round(fraction / 2 ** attempt, 3), stage))
+            check_outputs(data)
+            if stage == target:
+                break
 
     final = Pipeline(command(data), env)
     assert final.finish() == 0, final.output()[-3000:]
-    print(f"\nseed {SEED}: {len(landed)} SIGKILLs (target, fraction, landed in): {landed}")
-    assert {stage for _, _, stage in landed} == set(STAGES)
+    print(f"\nseed {SEED}: {len(landed)} SIGKILLs (target, fraction of the stage, landed in): {landed}")
+    assert {stage for _, _, stage in landed} >= set(STAGES) and len(landed) >= KILLS
 
     check_outputs(data)
     assert leftovers(data) == []
