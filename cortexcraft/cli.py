@@ -26,6 +26,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=["char", "bpe"])
     parser.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
     parser.add_argument("--vocab", dest="vocab_file", help="use this vocab.txt instead of extracting one")
+    parser.add_argument("--tokenizer-file", help="use this Hugging Face tokenizer.json (e.g. GPT-2's) as the BPE "
+                        "tokenizer instead of training one (implies --tokenizer bpe)")
     parser.add_argument("--allow-unk", action="store_true", default=None,
                         help="map characters outside --vocab to <unk> instead of failing")
     parser.add_argument("--special-tokens", nargs="*", help="extra tokens, e.g. <pad> <unk> <bos> <eos>")
@@ -41,6 +43,8 @@ def _data_config_from_args(args: argparse.Namespace):
     from cortexcraft.config import DataConfig, validate_config
 
     fields = {name: getattr(args, name) for name in DataConfig.model_fields if getattr(args, name, None) is not None}
+    if "tokenizer_file" in fields:
+        fields.setdefault("tokenizer", "bpe")
     return validate_config({"data": fields}).data
 
 
@@ -48,6 +52,12 @@ def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) ->
     parser.add_argument("--preset", default=default_preset, help=f"named preset (default {default_preset}); see `cortexcraft presets`")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set n_layer=8 --set train.lr=1e-3")
+
+
+def _add_parts_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes counting and encoding the corpus in parts (same output for any number)")
+    parser.add_argument("--part-mb", type=float, default=64.0, help="size of a part in MB (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: DATA_DIR/downloads)")
+    _add_parts_options(p)
 
     p = sub.add_parser("train", help="train a GPT on prepared shards")
     p.add_argument("--data", required=True, type=Path, help="directory written by `cortexcraft prepare`")
@@ -105,7 +116,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cortexcraft.prepare import prepare
 
     cache_dir = args.cache_dir or default_data_dir() / "downloads"
-    manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir)
+    manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir, workers=args.workers,
+                       part_bytes=int(args.part_mb * 1e6))
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: vocab_size {manifest['vocab_size']}, {splits}", file=sys.stderr)
     return 0

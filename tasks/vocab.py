@@ -15,8 +15,9 @@ STAGE = "vocab"
 
 def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any]) -> str:
     inputs = [corpus["content"]]
-    if data_cfg.get("vocab_file"):
-        inputs.append(file_digest(data_cfg["vocab_file"]))
+    for name in ("vocab_file", "tokenizer_file"):
+        if data_cfg.get(name):
+            inputs.append(file_digest(data_cfg[name]))
     return stage_key(STAGE, inputs, data_cfg)
 
 
