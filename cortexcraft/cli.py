@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-training-iters", type=int, metavar="N",
                    help="continue the run's latest checkpoint for N more iterations (what scheduled retraining does)")
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
+    _add_parts_options(p)
+    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
+                   help="what runs the part tasks: local processes (default) or a Dask cluster")
+    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
     return parser
 
 
@@ -205,7 +209,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return run_pipeline_from_cli(
         preset=args.preset, overrides=args.overrides, source=args.source,
         data_dir=args.data_dir or default_data_dir(), refresh=args.refresh,
-        continue_training_iters=args.continue_training_iters, nproc=args.nproc,
+        continue_training_iters=args.continue_training_iters, nproc=args.nproc, workers=args.workers,
+        task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
     )
 
 

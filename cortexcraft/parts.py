@@ -16,8 +16,8 @@ import hashlib
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import repeat
 from pathlib import Path
 
@@ -132,9 +132,9 @@ def _shard_layout(directory: Path, split: str, encoded: list[dict], shard_tokens
 
 
 def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path,
-                            encoded: list[dict], map_fn: Callable = map) -> dict:
-    """``write_shards``' directory from parts ``encode_part`` wrote, with ``map_fn`` (e.g. a pool's
-    ``map``) writing the shard files; returns the manifest."""
+                            encoded: list[dict], workers: int = 1) -> dict:
+    """``write_shards``' directory from parts ``encode_part`` wrote, ``workers`` shard files at a
+    time (threads: reading, hashing and writing release the GIL); returns the manifest."""
 
     def write_split(directory: Path, split: str, tok: Tokenizer, start: int, stop: int) -> dict:
         mine = sorted((p for p in encoded if p["split"] == split), key=lambda p: p["start"])
@@ -143,8 +143,9 @@ def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out
             raise CortexCraftError(f"the encoded parts do not cover the {split} split (bytes {start:,} to {stop:,}) "
                                    f"exactly; plan the parts again for this corpus and configuration")
         layout = _shard_layout(directory, split, mine, data_cfg.shard_tokens)
-        hashes = map_fn(copy_tokens, [path for path, _, _ in layout], [pieces for _, pieces, _ in layout],
-                        repeat(tok.dtype.itemsize))
+        with ThreadPoolExecutor(workers) as pool:
+            hashes = list(pool.map(copy_tokens, [path for path, _, _ in layout], [pieces for _, pieces, _ in layout],
+                                   repeat(tok.dtype.itemsize)))
         files = [{"name": Path(path).name, "tokens": tokens, "sha256": sha}
                  for (path, _, tokens), sha in zip(layout, hashes)]
         return {"tokens": sum(f["tokens"] for f in files), "files": files}
@@ -167,4 +168,4 @@ def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir
         vocab = build_vocab(corpus, data_cfg, vocab_dir, char_counts=counts)
         paths = [str(parts_dir / f"part-{p['index']:05d}.bin") for p in parts]
         encoded = list(pool.map(encode_part, repeat(vocab["dir"]), repeat(corpus), parts, paths))
-        return write_shards_from_parts(corpus, vocab, data_cfg, out_dir, encoded, map_fn=pool.map)
+        return write_shards_from_parts(corpus, vocab, data_cfg, out_dir, encoded, workers)

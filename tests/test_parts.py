@@ -171,3 +171,14 @@ def test_local_parquet_rows_are_documents(tmp_path, monkeypatch):
     assert limited["documents"] == 4
     with pytest.raises(CortexCraftError, match="has no column 'body'.*pass --text-column NAME"):
         download(DataConfig(source=str(directory), text_column="body"), tmp_path / "cache")
+
+
+def test_dask_runner_without_prefect_dask_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from flows.params import PipelineParams
+    from flows.prepare import parts_task_runner
+
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # what an install without the extra gives
+    with pytest.raises(CortexCraftError, match=r"--task-runner dask needs prefect-dask; install it with .*\[dask\]"):
+        parts_task_runner(PipelineParams(data_dir=str(tmp_path), task_runner="dask"))

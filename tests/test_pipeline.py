@@ -18,8 +18,6 @@ prefect = pytest.importorskip("prefect")
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId)
-from prefect.settings import PREFECT_HOME, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from cortexcraft.errors import CortexCraftError  # noqa: E402
 from flows.params import PipelineParams  # noqa: E402
@@ -32,13 +30,6 @@ from tasks.stage import STAGES  # noqa: E402
 TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
         "warmup_iters=2", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10", "max_new_tokens=40",
         "device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
 
 
 @pytest.fixture(scope="module")
