@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) ->
                         help="override any config value, e.g. --set n_layer=8 --set train.lr=1e-3")
 
 
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nnodes", type=int, default=1, help="machines training together (each runs this command)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 on the one at --rdzv-endpoint")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port (c10d rendezvous)")
+
+
 def _add_parts_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes counting and encoding the corpus in parts (same output for any number)")
@@ -78,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int)
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; ends with a checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes on this machine (torchrun)")
+    _add_launch_options(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run (text to stdout, logs to stderr)")
     p.add_argument("--run", required=True, type=Path)
@@ -109,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue-training-iters", type=int, metavar="N",
                    help="continue the run's latest checkpoint for N more iterations (what scheduled retraining does)")
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
+    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
     _add_parts_options(p)
     p.add_argument("--task-runner", choices=["process", "dask"], default="process",
                    help="what runs the part tasks: local processes (default) or a Dask cluster")
@@ -130,7 +141,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cortexcraft.checkpoint import latest_checkpoint
     from cortexcraft.config import build_config
-    from cortexcraft.train import train
+    from cortexcraft.train import torchrun_command, train
+
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        # Not yet under torchrun: start it with this same command (minus the launch options).
+        build_config(args.preset, args.overrides)  # a bad config fails here, not once per process
+        train_args = ["--data", str(args.data), "--out", str(args.out), "--preset", args.preset,
+                      *[f"--set={item}" for item in args.overrides],
+                      *([f"--max-iters={args.max_iters}"] if args.max_iters is not None else []),
+                      *([f"--max-minutes={args.max_minutes}"] if args.max_minutes is not None else []),
+                      *(["--resume"] if args.resume else [])]
+        command = torchrun_command(train_args, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
+                                   rdzv_id=Path(args.out).name)
+        return subprocess.call(command)
 
     overrides = list(args.overrides)
     if args.max_iters is not None:
@@ -211,6 +234,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         data_dir=args.data_dir or default_data_dir(), refresh=args.refresh,
         continue_training_iters=args.continue_training_iters, nproc=args.nproc, workers=args.workers,
         task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
+        nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
     )
 
 

@@ -26,6 +26,8 @@ class PipelineParams(BaseModel):
         None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
+    nnodes: int = Field(1, ge=1, description="machines training together; this one is node 0, the train stage logs the command for the others")
+    rdzv_endpoint: Optional[str] = Field(None, description="HOST:PORT of this machine for the other nodes (c10d rendezvous), with nnodes > 1")
     workers: int = Field(1, ge=1, description="parallel tasks preparing the corpus in parts; > 1 (or dask) maps tasks over parts")
     task_runner: Literal["process", "dask"] = Field(
         "process", description="runs the part tasks: local processes, or Dask (a LocalCluster, or dask_address)")
