@@ -6,6 +6,7 @@ place, so a killed run never leaves a directory ``verify_shards`` accepts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -18,7 +19,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import atomic_write_json, disk_full_is_an_error, fsync_dir, read_json, sha256_file
 from cortexcraft.sources import char_to_byte_offset, corpus_ascii_blocks, corpus_byte_range_text, train_val_cut
 from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -122,6 +123,17 @@ class _SplitWriter:
         self._close()
         return {"tokens": sum(f["tokens"] for f in self.files), "files": self.files}
 
+    def __enter__(self) -> "_SplitWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # Still open only after a failure: close it (its flush may fail again) so that deleting
+        # the partial file frees its space at once.
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse to replace a path that is not ours: a file, or a non-empty non-shard directory."""
@@ -153,12 +165,36 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
     Train is the first ``1 - val_fraction`` of the characters (see ``sources.train_val_cut``)."""
 
     def write_split(directory: Path, split: str, tok: Tokenizer, start: int, stop: int) -> dict:
-        writer = _SplitWriter(directory, split, tok.dtype, data_cfg.shard_tokens)
-        for ids in encode_range(tok, corpus, start, stop):
-            writer.write(ids)
-        return writer.finish()
+        with _SplitWriter(directory, split, tok.dtype, data_cfg.shard_tokens) as writer:
+            for ids in encode_range(tok, corpus, start, stop):
+                writer.write(ids)
+            return writer.finish()
 
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
+
+
+def _fill_shard_dir(tmp: Path, tok: Tokenizer, corpus: dict, data_cfg: DataConfig,
+                    write_split: Callable[[Path, str, Tokenizer, int, int], dict]) -> dict:
+    """Write the tokenizer, both splits and the manifest into ``tmp``; returns the manifest."""
+    section = tok.save(tmp)
+    cut, ranges = split_ranges(corpus, data_cfg)
+    splits = {}
+    for split in SPLITS:
+        splits[split] = write_split(tmp, split, tok, *ranges[split])
+        if splits[split]["tokens"] < 2:
+            raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
+    manifest = {
+        "format": SHARDS_FORMAT,
+        "tokenizer": section,
+        "vocab_size": tok.vocab_size,
+        "dtype": tok.dtype.name,
+        "splits": splits,
+        "split_char": cut,
+        "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
+        "data_config": data_cfg.model_dump(mode="json"),
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
 
 
 def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path,
@@ -169,31 +205,18 @@ def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Pa
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     tok = load_tokenizer(Path(vocab["dir"]))
+    train_val_cut(corpus, data_cfg.val_fraction)  # a split too small fails before anything is written
     if Path(corpus["path"]).stat().st_size != corpus["bytes"]:
         raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
-    cut, ranges = split_ranges(corpus, data_cfg)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+    # A character tokenizer writes one id per character; a BPE one fewer, by an unknown factor.
+    needed = corpus["chars"] * tok.dtype.itemsize if isinstance(tok, CharTokenizer) else None
     try:
-        section = tok.save(tmp)
-        splits = {}
-        for split in SPLITS:
-            splits[split] = write_split(tmp, split, tok, *ranges[split])
-            if splits[split]["tokens"] < 2:
-                raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
-        manifest = {
-            "format": SHARDS_FORMAT,
-            "tokenizer": section,
-            "vocab_size": tok.vocab_size,
-            "dtype": tok.dtype.name,
-            "splits": splits,
-            "split_char": cut,
-            "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
-            "data_config": data_cfg.model_dump(mode="json"),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out_dir)
+        with disk_full_is_an_error(out_dir, needed, approximate=True, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            manifest = _fill_shard_dir(tmp, tok, corpus, data_cfg, write_split)
+            _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ def openwebtext_vocab_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
+def temporary_prefect_server(tmp_path_factory):
     """A temporary Prefect server and database for the module's flow runs (PREFECT_HOME in a temp dir)."""
     from prefect.settings import PREFECT_HOME, temporary_settings
     from prefect.testing.utilities import prefect_test_harness

@@ -8,7 +8,7 @@ import pytest
 
 from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
 from cortexcraft.train import read_metrics
-from processes import free_port, start, stop, tail
+from prefect_server import free_port, start, stop, tail
 from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))

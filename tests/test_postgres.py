@@ -4,10 +4,8 @@ completion. Needs Debian's postgresql (`apt-get install postgresql`); skips with
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from processes import TERMINAL, api_get, free_port, isolated_prefect_env, prefect, start, stop, tail, wait_until
-from test_deployment import POOL, TINY_OVERRIDES
+from prefect_server import (POOL, TERMINAL, TINY_OVERRIDES, api_get, free_port, prefect, prefect_server, run_deployment,
+                           start, stop, tail, wait_until)
 from tiny_runs import repetitive_text
 
 PG_BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
@@ -29,11 +27,11 @@ pytestmark = [
 ]
 
 
-def as_postgres(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def as_postgres(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """initdb and pg_ctl refuse to run as root: run them as the postgres user."""
     if os.geteuid() == 0:
         args = ("runuser", "-u", "postgres", "--", *args)
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=True, **kwargs)
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +50,7 @@ def postgres():
         as_postgres(f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect")
         yield {"url": f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect", "port": port}
     finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"]
-                       if os.geteuid() == 0 else [f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        as_postgres(f"{PG_BIN}/pg_ctl", "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -64,10 +60,6 @@ def psql(postgres: dict, query: str) -> str:
 
 
 def test_two_workers_run_two_deployment_runs_at_once_on_a_postgres_backed_server(postgres, tmp_path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = isolated_prefect_env(tmp_path / "prefect-home", port)
-    env.update(PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres["url"], OMP_NUM_THREADS="1")
     # One data directory for every worker, at the same absolute path (a shared filesystem on several machines).
     data_dir = tmp_path / "shared-data"
     sources = []
@@ -76,9 +68,10 @@ def test_two_workers_run_two_deployment_runs_at_once_on_a_postgres_backed_server
         sources[-1].write_text(repetitive_text(20_000, seed=seed), encoding="utf-8")
 
     with ExitStack() as cleanup:
-        server = start([sys.executable, "-m", "prefect", "server", "start"], env, tmp_path / "server.log")
-        cleanup.callback(stop, server)
-        wait_until("the Prefect server", lambda: server.poll() is None and api_get(api, "/health"), 120, tmp_path / "server.log")
+        env = cleanup.enter_context(prefect_server(tmp_path / "prefect-home", tmp_path / "server.log",
+                                                   PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres["url"]))
+        env["OMP_NUM_THREADS"] = "1"
+        api = env["PREFECT_API_URL"]
         prefect(env, "work-pool", "create", POOL, "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
         for name in ("worker-a", "worker-b"):
@@ -90,8 +83,7 @@ def test_two_workers_run_two_deployment_runs_at_once_on_a_postgres_backed_server
         for source in sources:
             params = {"params": {"source": str(source), "data_dir": str(data_dir),
                                  "overrides": TINY_OVERRIDES + ['prompts=["ROMEO:"]']}}
-            out = prefect(env, "deployment", "run", "pipeline/pipeline-on-demand", "--params", json.dumps(params))
-            run_ids.append(re.search(r"UUID: ([0-9a-f-]{36})", out).group(1))
+            run_ids.append(run_deployment(env, "pipeline/pipeline-on-demand", params))
 
         def finished():
             runs = [api_get(api, f"/flow_runs/{run_id}") for run_id in run_ids]

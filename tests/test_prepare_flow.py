@@ -15,7 +15,7 @@ import pytest
 from cortexcraft.prepare import prepare as prepare_library
 from flows.params import PipelineParams
 from flows.prepare import prepare
-from processes import free_port, start, stop, tail, wait_until
+from prefect_server import free_port, start, stop, tail, wait_until
 from test_parts import _mixed_text
 
 pytestmark = pytest.mark.slow  # each starts worker processes or a Dask cluster
@@ -54,7 +54,7 @@ def _task_run_states(prefix: str, since: datetime) -> list[str]:
     return sorted(r.state.name for r in runs if r.name.startswith(prefix) and r.created >= since)
 
 
-def test_process_workers_give_the_serial_char_shards(docs, tmp_path, prefect_server):
+def test_process_workers_give_the_serial_char_shards(docs, tmp_path, temporary_prefect_server):
     data_dir = tmp_path / "data"
     params = _params(docs, data_dir, [], workers=2, part_mb=0.2)
     records = prepare(params)
@@ -66,7 +66,7 @@ def test_process_workers_give_the_serial_char_shards(docs, tmp_path, prefect_ser
     assert again["shards"] == records["shards"] and _task_run_states("", since) == ["Cached"] * 3
 
 
-def test_a_dask_cluster_at_an_address_gives_the_serial_bpe_shards(docs, tmp_path, prefect_server):
+def test_a_dask_cluster_at_an_address_gives_the_serial_bpe_shards(docs, tmp_path, temporary_prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     port = free_port()
@@ -92,7 +92,7 @@ def test_a_dask_cluster_at_an_address_gives_the_serial_bpe_shards(docs, tmp_path
     assert "PrefectDaskClient" in (tmp_path / "scheduler.log").read_text()  # the runner used this cluster
 
 
-def test_a_killed_preparation_resumes_with_the_parts_it_finished(docs, tmp_path, prefect_server):
+def test_a_killed_preparation_resumes_with_the_parts_it_finished(docs, tmp_path, temporary_prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     data_dir = tmp_path / "data"
