@@ -28,15 +28,18 @@ def _mixed_text(rng: random.Random, words: int) -> str:
     return "".join(rng.choice(PIECES) + rng.choice([" ", "\n", ""]) for _ in range(words))
 
 
+def write_mixed_docs(directory, count: int, min_words: int, max_words: int, seed: int):
+    """A directory of mixed-Unicode documents (astral, combining, CRLF, U+2028, leading spaces)."""
+    directory.mkdir()
+    rng = random.Random(seed)
+    for i in range(count):
+        (directory / f"{i:03d}.txt").write_text(_mixed_text(rng, rng.randint(min_words, max_words)), encoding="utf-8", newline="")
+    return directory
+
+
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    """A directory of mixed-Unicode documents (astral, combining, CRLF, U+2028, leading spaces)."""
-    directory = tmp_path_factory.mktemp("parts") / "docs"
-    directory.mkdir()
-    rng = random.Random(7)
-    for i in range(30):
-        (directory / f"{i:03d}.txt").write_text(_mixed_text(rng, rng.randint(50, 400)), encoding="utf-8", newline="")
-    return directory
+    return write_mixed_docs(tmp_path_factory.mktemp("parts") / "docs", 30, 50, 400, seed=7)
 
 
 def _files(directory):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -16,19 +15,14 @@ from cortexcraft.prepare import prepare as prepare_library
 from flows.params import PipelineParams
 from flows.prepare import prepare
 from prefect_server import free_port, start, stop, tail, wait_until
-from test_parts import _mixed_text
+from test_parts import write_mixed_docs
 
 pytestmark = pytest.mark.slow  # each starts worker processes or a Dask cluster
 
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("flow-parts") / "docs"
-    directory.mkdir()
-    rng = random.Random(11)
-    for i in range(60):
-        (directory / f"{i:03d}.txt").write_text(_mixed_text(rng, rng.randint(2000, 6000)), encoding="utf-8", newline="")
-    return directory
+    return write_mixed_docs(tmp_path_factory.mktemp("flow-parts") / "docs", 60, 2000, 6000, seed=11)
 
 
 def _params(docs, data_dir, data: list[str], **options) -> PipelineParams:
