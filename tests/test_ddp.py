@@ -131,3 +131,33 @@ def test_multi_node_options_are_checked_before_launching(tmp_path, capsys):
     assert main(base + ["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29500"]) == 2
     assert "--node-rank 2 must be between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this Python")
+def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run, tmp_path, temporary_prefect_server):
+    from flows.params import PipelineParams
+    from flows.prepare import prepare
+    from flows.train import train
+    from tasks.stage import stage_dir
+    from tasks.train import train_args, train_key
+
+    data_dir, one_node = one_node_run
+    endpoint = f"127.0.0.1:{free_port()}"
+    params = PipelineParams(source=str(data_dir.parent / "corpus.txt"), data_dir=str(tmp_path / "data"),
+                            overrides=TINY + ["dropout=0.1", "device=cpu", f"max_iters={ITERS}"],
+                            nnodes=2, rdzv_endpoint=endpoint)
+    shards = prepare(params)["shards"]
+    config = params.run_config().model_dump(mode="json")
+    run_dir = stage_dir(params.data_path(), "train", train_key(shards, config))
+    # What the train stage logs for node 1.
+    node1 = [sys.executable, "-m", "cortexcraft", "train", *train_args(config, tmp_path / "data" / shards["dir"], run_dir),
+             "--nproc-per-node=1", "--nnodes=2", "--node-rank=1", f"--rdzv-endpoint={endpoint}"]
+    node = start(node1, ONE_THREAD_ENV, tmp_path / "node1.log")
+    try:
+        record = train(shards, params)
+        assert node.wait(timeout=150) == 0, tail(tmp_path / "node1.log")
+    finally:
+        stop(node)
+    assert record["summary"]["steps"] == ITERS
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(0, ITERS + 1, 10))
