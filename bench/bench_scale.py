@@ -10,15 +10,16 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
   ``cortexcraft.prepare(workers=N)`` for N in 1, 2, char and BPE; the baseline is nanoGPT's
   ``data/openwebtext/prepare.py`` recipe, ``datasets.map(num_proc=N)`` encoding each document
   (char: ``[stoi[c] for c in text]``; BPE: the same tokenizer.json, ``encode(text).ids``) and
-  writing one memmap per split. Char runs on the whole corpus, BPE on ``--bpe-mb`` of it (BPE
-  encoding runs at a few MB/s per core). Every run is a fresh child process, with
+  writing one memmap per split. Char runs on ``--char-mb`` of the corpus, BPE on ``--bpe-mb``
+  (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run is a fresh child process, with
   RAYON_NUM_THREADS=1 so the tokenizers library does not add threads of its own: the worker count
   is the parallelism.
 - memory: peak RSS (VmHWM) of ``prepare`` (download from the parquet files included) with 1
   worker on the first ``--small-mb`` of the corpus and on all of it; the goal is the large within
   +10% of the small. RSS does not depend on the machine's load, so this half can run anywhere.
 
-    python bench/bench_scale.py [--quick] [--corpus-dir DIR] [--corpus-mb 2048] [--bpe-mb 200]
+    python bench/bench_scale.py [--quick] [--corpus-dir DIR] [--corpus-mb 2048] [--char-mb 500] [--bpe-mb 100]
+                                [--only throughput memory]
 """
 from __future__ import annotations
 
@@ -197,12 +198,13 @@ def main() -> None:
         parser.add_argument("--corpus-dir", type=Path, default=REPO / "bench" / "corpus", help="where the synthetic corpus is kept")
         parser.add_argument("--corpus-mb", type=int, default=2048)
         parser.add_argument("--small-mb", type=int, default=200, help="the small corpus of the memory comparison")
-        parser.add_argument("--bpe-mb", type=int, default=200, help="MB of the corpus the BPE throughput runs use")
+        parser.add_argument("--char-mb", type=int, default=500, help="MB of the corpus the char throughput runs use")
+        parser.add_argument("--bpe-mb", type=int, default=100, help="MB of the corpus the BPE throughput runs use")
         parser.add_argument("--only", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"])
 
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.quick:
-        args.corpus_mb, args.small_mb, args.bpe_mb = 24, 4, 3
+        args.corpus_mb, args.small_mb, args.char_mb, args.bpe_mb = 24, 4, 24, 3
     corpus_dir = args.corpus_dir / f"owt-synthetic-{args.corpus_mb}mb"
     print(f"corpus: {corpus_dir}", flush=True)
     files = generate_corpus(corpus_dir, args.corpus_mb)
@@ -210,13 +212,14 @@ def main() -> None:
     results: dict = {"corpus_mb": args.corpus_mb, "quick": args.quick}
     try:
         char = {"shard_tokens": 100_000_000}
+        char_part = {**char, **({"max_bytes": args.char_mb * 1_000_000} if args.char_mb < args.corpus_mb else {})}
         bpe = {"tokenizer": "bpe", "vocab_size": BPE_VOCAB, "bpe_train_chars": BPE_TRAIN_CHARS,
                "max_bytes": args.bpe_mb * 1_000_000, "shard_tokens": 100_000_000}
         if "throughput" in args.only:
             # Warm-up: the download stage (parquet -> corpus.txt) and datasets' arrow cache, not timed.
             vocab_dir = work / "vocab"
             rows, speeds = [], {}
-            for name, data in (("char", char), ("bpe", bpe)):
+            for name, data in (("char", char_part), ("bpe", bpe)):
                 _ours(corpus_dir, work, data, 1)  # also caches the download
                 from cortexcraft.config import DataConfig
                 from cortexcraft.sources import download
