@@ -35,7 +35,8 @@ from cortexcraft.locks import FileLock, describe_holder, lock_holder
 
 STAGES = ("download", "vocab", "shards", "train", "report")
 # Directory under DATA_DIR holding each stage's keyed outputs.
-STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports"}
+STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports",
+              "count-part": "parts", "encode-part": "parts"}
 RECORD_NAME = "stage.json"
 KEY_CHARS = 20
 _OWN_PACKAGES = ("cortexcraft", "tasks")
