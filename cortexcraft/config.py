@@ -43,10 +43,16 @@ class ModelConfig(_Section):
     d_ff: Optional[int] = Field(None, gt=0, description="feed-forward width; default 4*n_embd")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (Llama's rotate-half convention)")
     max_positions: Optional[int] = Field(None, gt=0, description="positional table size; default block_size")
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "relu2"] = Field("relu", description="relu2 is ReLU squared")
     norm: Literal["pre", "post"] = "pre"
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of every LayerNorm / RMSNorm")
+    qk_norm: bool = Field(False, description="RMSNorm over head_dim on queries and keys, before RoPE")
+    zero_init: bool = Field(False, description="zero-init the residual output projections and the untied head")
+    logit_softcap: Optional[float] = Field(None, gt=0, description="logits -> cap * tanh(logits / cap)")
     tie_weights: bool = False
 
     @model_validator(mode="after")
@@ -61,6 +67,9 @@ class ModelConfig(_Section):
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                             f"choose n_head among the divisors of n_embd")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append(f"pos_encoding=rope needs an even head size, but n_embd/n_head = {self.n_embd // self.n_head}; "
+                            f"choose n_head so that n_embd/n_head is even")
         if self.block_size > self.positions:
             problems.append(f"block_size={self.block_size} exceeds the positional table (max_positions="
                             f"{self.positions}); lower block_size or raise max_positions")
