@@ -90,10 +90,21 @@ class TrainConfig(_Section):
     max_iters: int = Field(5000, gt=0)
     max_epochs: Optional[float] = Field(None, gt=0, description="train for this many passes over the train tokens instead of max_iters")
     max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget, checked inside the loop")
-    lr: float = Field(3e-4, gt=0)
-    min_lr: Optional[float] = Field(None, ge=0, description="cosine floor; default lr/10")
-    lr_schedule: Literal["cosine", "constant"] = "constant"
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (all parameters, or those Muon does not take)")
+    min_lr: Optional[float] = Field(None, ge=0, description="floor of the cosine / wsd decay; default lr/10")
+    lr_schedule: Literal["cosine", "constant", "wsd"] = Field(
+        "constant", description="wsd: warmup, stable, then linear decay over the last decay_fraction of the run")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the run (steps, or the max_minutes budget, "
+                                  "whichever runs out first) spent decaying")
     warmup_iters: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' 2-D matrices, AdamW for embeddings, head, gains and biases")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (follows the same schedule as lr)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_momentum_warmup_iters: int = Field(0, ge=0, description="Muon momentum rises linearly from 0.85 over these steps")
+    muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay (torch's default would be 0.1)")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "original", description="Muon's per-shape lr scale: original = sqrt(max(1, rows/cols)), or match AdamW's update RMS")
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.999, gt=0, lt=1)

@@ -99,6 +99,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # torch's CPU flash attention is ~4x slower in bf16 than in fp32 (its backward most of all),
+        # so under CPU autocast attention (with its QK-norm and rotation) runs in fp32 and the bf16
+        # speed-up stays in the matmuls.
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32_attention:
+            q, k, v = q.float(), k.float(), v.float()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -113,12 +119,7 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         if cache is not None:
             cache.layers[layer] = (k, v)
-        # torch's CPU flash attention is ~4x slower in bf16 than in fp32 (its backward most of all),
-        # so under CPU autocast attention runs in fp32 and the bf16 speed-up stays in the matmuls.
-        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
-            if fp32_attention:
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None and T > 1
             )

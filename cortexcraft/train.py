@@ -1,4 +1,5 @@
-"""Training: AdamW with warmup + cosine, periodic evaluation, checkpoints and exact resume.
+"""Training: AdamW (optionally with Muon for the blocks' matrices), warmup + cosine or
+warmup-stable-decay, periodic evaluation, checkpoints and exact resume.
 
 ``train(config, data_dir, run_dir)`` runs until ``max_iters`` (or ``max_epochs``, or the
 ``max_minutes`` budget), evaluating every ``eval_interval`` steps (mean loss over ``eval_iters``
@@ -48,26 +49,70 @@ EVAL_STREAM = 1 << 20
 LOG_SECONDS = 30.0
 
 
-def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr (default lr/10) at max_steps."""
+def learning_rate(step: int, cfg: TrainConfig, max_steps: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup, then constant, cosine decay, or warmup-stable-decay ("wsd": constant, then
+    linear decay over the last ``decay_fraction``) to min_lr (default lr/10) at max_steps.
+
+    ``time_fraction`` is the share of the ``max_minutes`` budget already used: a wsd run is as far
+    along as the steps or the clock say, whichever is further, so a budget that stops the run at
+    any step still ends it on a finished decay."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_steps - cfg.warmup_iters))
+    if cfg.lr_schedule == "wsd":
+        progress = min(1.0, max(progress, time_fraction))
+        remaining = 1.0 - progress
+        if remaining >= cfg.decay_fraction:
+            return cfg.lr
+        return min_lr + (cfg.lr - min_lr) * remaining / cfg.decay_fraction
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays only matrices and embeddings (>= 2-D), never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
+# Muon's momentum warmup starts here (modded-nanogpt's value).
+MUON_MOMENTUM_START = 0.85
+
+
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """The run's optimizers by checkpoint name: "optimizer" is AdamW, which decays only matrices
+    and embeddings (>= 2-D), never biases or norm gains; with ``optimizer=muon``, "muon" takes the
+    2-D matrices inside the blocks and AdamW keeps the embeddings, head, gains and biases."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon_params = [p for name, p in named if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2]
+    taken = {id(p) for p in muon_params}
+    params = [p for _, p in named if id(p) not in taken]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # The fused kernel exists on CPU too: 1.09x (fp32) to 1.17x (bf16) per step at nanoGPT's CPU shape (bench_train).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "optimizer": torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu")),
+    }
+    if muon_params:
+        # weight_decay is always passed: torch's default (0.1) is far from the speedrun's (none).
+        optimizers["muon"] = torch.optim.Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                                              momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    return optimizers
+
+
+def apply_schedule(optimizers: dict[str, torch.optim.Optimizer], step: int, cfg: TrainConfig, max_steps: int,
+                   time_fraction: float = 0.0) -> float:
+    """Set this step's learning rates (Muon's scaled by muon_lr / lr) and Muon momentum; returns AdamW's lr."""
+    lr = learning_rate(step, cfg, max_steps, time_fraction)
+    for group in optimizers["optimizer"].param_groups:
+        group["lr"] = lr
+    if "muon" in optimizers:
+        momentum = cfg.muon_momentum
+        if step < cfg.muon_momentum_warmup_iters:
+            start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
+            momentum = start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup_iters
+        for group in optimizers["muon"].param_groups:
+            group["lr"] = cfg.muon_lr * lr / cfg.lr
+            group["momentum"] = momentum
+    return lr
 
 
 def max_steps_for(cfg: TrainConfig, train_tokens: int, tokens_per_step: int) -> int:
@@ -130,11 +175,15 @@ class Distributed:
             dist.barrier()
 
     def any(self, flag: bool, device: torch.device) -> bool:
+        return self.max(1.0 if flag else 0.0, device) > 0
+
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest ``value`` over all ranks (so every rank takes the same decision)."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([value], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def gather(self, obj: Any) -> list[Any]:
         if not self.enabled:
@@ -214,6 +263,12 @@ def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, 
         raise CortexCraftError(
             f"{run_dir} holds a model with a different shape ({', '.join(changed)}); use a new --out or the run's original settings"
         )
+    saved_optimizer = state["config"]["train"].get("optimizer", "adamw")
+    if saved_optimizer != config.train.optimizer:
+        raise CortexCraftError(
+            f"{run_dir} was trained with optimizer={saved_optimizer}, not {config.train.optimizer}; "
+            f"use a new --out or --set optimizer={saved_optimizer}"
+        )
     if state["vocab_size"] != vocab_size:
         raise CortexCraftError(
             f"{run_dir} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; use the run's data or a new --out"
@@ -269,14 +324,15 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
 
     torch.manual_seed(tcfg.seed + ddp.rank)
     model = GPT(mcfg, vocab_size).to(device)
-    optimizer = make_optimizer(model, tcfg, device)
+    optimizers = make_optimizers(model, tcfg, device)
     scaler = grad_scaler(device, dtype)
     step, tokens_seen, best_val, best_step = 0, 0, math.inf, None
     if previous is not None:
         path, state = previous
         model.load_state_dict(load_model_state(path, device))
-        optimizer_state, rng_states = load_training_state(path, state)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer_states, rng_states = load_training_state(path, state)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(optimizer_states[name])
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         if ddp.rank < len(rng_states):
@@ -320,7 +376,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     last_record: Optional[dict[str, Any]] = history[-1] if history else None
     last_ckpt = previous[0] if previous else None
     stopped_by = "max_epochs" if tcfg.max_epochs is not None else "max_iters"
-    out_of_time = False
+    out_of_time, time_fraction = False, 0.0
     t_loop = time.monotonic()
     t_log, tokens_at_log = t_loop, tokens_seen
     loss = None
@@ -331,7 +387,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if new_step and (step % tcfg.eval_interval == 0 or at_end):
             losses = estimate_loss(eval_model, windows, tcfg.eval_iters, device, dtype, ddp)
             record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps), "tokens_seen": tokens_seen,
+                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, time_fraction), "tokens_seen": tokens_seen,
                       "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
             improved = step > 0 and record["val_loss"] < best_val
             if improved:
@@ -346,7 +402,8 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if new_step and step > 0 and (step % tcfg.checkpoint_interval == 0 or at_end or improved):
             rng_states = ddp.gather(_rng_state(device))
             if ddp.is_main:
-                last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(), optimizer.state_dict(), rng_states, {
+                last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(),
+                                            {name: opt.state_dict() for name, opt in optimizers.items()}, rng_states, {
                     "val_loss": record["val_loss"] if record else None, "best_val_loss": best_val if best_step is not None else None,
                     "best_step": best_step, "tokens_seen": tokens_seen, "vocab_size": vocab_size,
                     "config": config.model_dump(mode="json"),
@@ -357,9 +414,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if at_end:
             break
 
-        lr = learning_rate(step, tcfg, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(optimizers, step, tcfg, max_steps, time_fraction)
         for micro in range(tcfg.grad_accum):
             x, y = windows["train"].batch(step * tcfg.grad_accum + micro, stream=ddp.rank)
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -371,14 +426,17 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         if tcfg.grad_clip is not None:
             if scaler is not None:
-                scaler.unscale_(optimizer)
+                for optimizer in optimizers.values():
+                    scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+        for optimizer in optimizers.values():
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.step(optimizer)
             scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tokens_per_step
 
@@ -392,7 +450,9 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                 log.info("step %d/%d: loss %.4f, %s tok/s", step, max_steps, train_loss, f"{rate:,.0f}")
             t_log, tokens_at_log = now, tokens_seen
         if tcfg.max_minutes is not None:
-            out_of_time = ddp.any(time.monotonic() - t_start > 60 * tcfg.max_minutes, device)
+            # One value for all ranks, so they stop at the same step with the same learning rate.
+            time_fraction = ddp.max((time.monotonic() - t_start) / (60 * tcfg.max_minutes), device)
+            out_of_time = time_fraction >= 1.0
             if out_of_time:
                 stopped_by = "max_minutes"
                 log.info("time budget of %s min reached at step %d; saving a checkpoint", tcfg.max_minutes, step)
