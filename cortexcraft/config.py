@@ -11,9 +11,20 @@ import json
 from importlib import resources
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cortexcraft.errors import CortexCraftError
+
+
+PRETRAINED_PREFIX = "hf:"
+
+
+def pretrained_reference(spec: str) -> str:
+    """The directory or hub id after ``hf:`` in an ``init_from`` value (ValueError otherwise)."""
+    if not spec.startswith(PRETRAINED_PREFIX) or not spec[len(PRETRAINED_PREFIX):].strip():
+        raise ValueError(f"init_from={spec!r} is not supported; use hf:DIR (a saved transformers model) "
+                         f"or hf:OWNER/NAME[@REV] (a Hugging Face hub model)")
+    return spec[len(PRETRAINED_PREFIX):].strip()
 
 
 class _Section(BaseModel):
@@ -46,7 +57,8 @@ class ModelConfig(_Section):
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base (Llama's rotate-half convention)")
     max_positions: Optional[int] = Field(None, gt=0, description="positional table size; default block_size")
-    activation: Literal["relu", "gelu", "relu2"] = Field("relu", description="relu2 is ReLU squared")
+    activation: Literal["relu", "gelu", "gelu_tanh", "relu2"] = Field(
+        "relu", description="gelu is exact, gelu_tanh its tanh approximation (GPT-2's), relu2 is ReLU squared")
     norm: Literal["pre", "post"] = "pre"
     normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0, description="epsilon of every LayerNorm / RMSNorm")
@@ -114,9 +126,19 @@ class TrainConfig(_Section):
     checkpoint_interval: int = Field(1000, gt=0)
     keep_last: int = Field(2, gt=0, description="periodic checkpoints kept besides the best")
     seed: int = 1337
+    init_from: Optional[str] = Field(
+        None, description="start from pretrained weights and use their tokenizer: hf:DIR (a transformers "
+        "GPT-2-style model directory) or hf:OWNER/NAME[@REV] (downloaded from the Hugging Face hub)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+
+    @field_validator("init_from")
+    @classmethod
+    def _check_init_from(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            pretrained_reference(value)
+        return value
 
 
 class SampleConfig(_Section):
@@ -135,6 +157,11 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The tokenizer the data stages build: a pretrained model's (byte-level BPE) or data.tokenizer."""
+        return "bpe" if self.train.init_from else self.data.tokenizer
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for content-addressed stage directories."""

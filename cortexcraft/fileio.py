@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,31 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directories holding them (for trees that a
+    library wrote with plain opens, before ``replace_dir`` publishes them)."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        fsync_dir(path)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out_dir``, replacing what was there: the old
+    directory is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

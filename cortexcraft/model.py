@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 from typing import Optional
 
 import torch
@@ -132,7 +133,8 @@ class ReLUSquared(nn.Module):
         return F.relu(x).square()
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "relu2": ReLUSquared}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+               "relu2": ReLUSquared}
 
 
 class FeedForward(nn.Module):

@@ -14,21 +14,27 @@ from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
 log = logging.getLogger(__name__)
 
 
-def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, init_from: str | None = None) -> dict:
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
-    Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``)."""
+    Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
+    ``init_from`` (``hf:...``) the shards use that pretrained model's tokenizer."""
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
     check_out_dir(out_dir)
-    check_tokenizer_config(data_cfg)
+    if init_from:
+        from cortexcraft.hf import pretrained_tokenizer
+
+        pretrained_tokenizer(init_from)  # fails now, not after the download, when it cannot load
+    else:
+        check_tokenizer_config(data_cfg)
     corpus = download(data_cfg, cache_dir)
     log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
              f"{corpus['documents']:,}", corpus["origin"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     vocab_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".vocab", dir=out_dir.parent))
     try:
-        vocab = build_vocab(corpus, data_cfg, vocab_dir)
+        vocab = build_vocab(corpus, data_cfg, vocab_dir, init_from)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)
     finally:

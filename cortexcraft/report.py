@@ -91,8 +91,9 @@ def svg_data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
 
 
-def _fence(text: str) -> str:
-    # A fence longer than any backtick run in the sample, so generated text cannot close it.
+def fence(text: str) -> str:
+    """``text`` in a markdown code block whose fence is longer than any backtick run in it, so
+    generated text cannot close it."""
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     ticks = "`" * max(3, longest + 1)
     return f"{ticks}text\n{text}\n{ticks}"
@@ -108,7 +109,7 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
                   run_dir: str | os.PathLike, checkpoint: str | os.PathLike,
                   continued: dict[str, Any] | None = None) -> str:
     """The report as markdown: training outcome, loss curve, samples, config."""
-    unit = "char" if config.data.tokenizer == "char" else "token"
+    unit = "char" if config.tokenizer_kind == "char" else "token"
     final = history[-1] if history else {}
     best_train, best_val = _best(history, "train_loss"), _best(history, "val_loss")
     lines = [f"# CortexCraft run report: `{config.preset}`", ""]
@@ -119,7 +120,7 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     lines += [
         "| | |", "|---|---|",
         f"| parameters | {parameters:,} |",
-        f"| vocab size | {vocab_size:,} ({config.data.tokenizer}) |",
+        f"| vocab size | {vocab_size:,} ({config.tokenizer_kind}) |",
         f"| steps | {final.get('step', 0):,} |",
         f"| tokens seen | {summary.get('tokens_seen', final.get('tokens_seen', 0)):,} |",
         f"| wall time | {summary.get('wall_seconds', 0.0):.1f} s |",
@@ -137,6 +138,6 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
         f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed}", "",
     ]
     for prompt, text in samples:
-        lines += [f"**Prompt** `{json.dumps(prompt, ensure_ascii=False)}`", "", _fence(text), ""]
-    lines += ["## Config", "", _fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
+        lines += [f"**Prompt** `{json.dumps(prompt, ensure_ascii=False)}`", "", fence(text), ""]
+    lines += ["## Config", "", fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
     return "\n".join(lines)

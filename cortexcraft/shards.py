@@ -17,7 +17,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import atomic_write_json, read_json, replace_dir, sha256_file
 from cortexcraft.sources import corpus_ascii_blocks, corpus_chunks, train_val_cut
 from cortexcraft.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
@@ -96,17 +96,6 @@ def check_out_dir(out_dir: Path) -> None:
         raise CortexCraftError(f"--out {out_dir} is a non-empty directory without a shard manifest; choose a new or empty directory")
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
     """Encode the corpus with the tokenizer of ``vocab`` into ``out_dir``; returns the manifest.
 
@@ -144,7 +133,7 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
             "data_config": data_cfg.model_dump(mode="json"),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -304,6 +304,11 @@ class BPETokenizer:
         self.dtype = dtype_for(self.vocab_size)
         self.unk = None
 
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int, special_tokens: list[str]) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -394,16 +399,22 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
         raise CortexCraftError(f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>")
 
 
-def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
+def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, init_from: str | None = None) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
     Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare), or ``--vocab``.
-    BPE: trained on the train split only. Returns the vocab manifest."""
+    BPE: trained on the train split only. With ``init_from`` (``hf:...``): the pretrained model's
+    own tokenizer, whatever ``data_cfg.tokenizer`` says. Returns the vocab manifest."""
     out_dir = Path(out_dir)
-    check_tokenizer_config(data_cfg)
-    if data_cfg.tokenizer == "char":
+    if init_from:
+        from cortexcraft.hf import pretrained_tokenizer
+
+        tok = pretrained_tokenizer(init_from)
+    elif data_cfg.tokenizer == "char":
+        check_tokenizer_config(data_cfg)
         tok = _char_tokenizer_for(corpus, data_cfg)
     else:
+        check_tokenizer_config(data_cfg)
         cut = train_val_cut(corpus, data_cfg.val_fraction)
         tok = BPETokenizer.train(corpus_chunks(corpus, 0, cut), data_cfg.vocab_size, bpe_special_tokens(data_cfg))
     section = tok.save(out_dir)

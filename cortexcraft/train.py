@@ -275,6 +275,22 @@ def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, 
         )
 
 
+def _with_pretrained_architecture(config: RunConfig, manifest: dict[str, Any], data_dir: Path) -> RunConfig:
+    """``config`` with the model section of its ``init_from`` checkpoint, after checking that the
+    data was tokenized with that checkpoint's tokenizer."""
+    from cortexcraft.hf import pretrained_model_config, pretrained_vocab_size
+
+    spec = config.train.init_from
+    expected = pretrained_vocab_size(spec)
+    if manifest["tokenizer"]["type"] != "bpe" or manifest["vocab_size"] != expected:
+        raise CortexCraftError(
+            f"{data_dir} was tokenized with a {manifest['tokenizer']['type']} vocabulary of {manifest['vocab_size']:,} tokens, "
+            f"but init_from={spec} reads {expected:,} BPE tokens; prepare the data with its tokenizer "
+            f"(cortexcraft prepare --init-from {spec})"
+        )
+    return config.model_copy(update={"model": pretrained_model_config(spec, config.model)})
+
+
 def train(
     config: RunConfig,
     data_dir: str | os.PathLike,
@@ -293,9 +309,11 @@ def train(
     """
     t_start = time.monotonic()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    tcfg, mcfg = config.train, config.model
     manifest = verify_shards(data_dir)
     vocab_size = manifest["vocab_size"]
+    if config.train.init_from:
+        config = _with_pretrained_architecture(config, manifest, data_dir)
+    tcfg, mcfg = config.train, config.model
     check_model_config(mcfg, vocab_size)
     if not resume and list_checkpoints(run_dir):
         raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
@@ -323,7 +341,13 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
 
     torch.manual_seed(tcfg.seed + ddp.rank)
-    model = GPT(mcfg, vocab_size).to(device)
+    model = GPT(mcfg, vocab_size)
+    if tcfg.init_from and previous is None:
+        from cortexcraft.hf import pretrained_state
+
+        model.load_state_dict(pretrained_state(tcfg.init_from, mcfg))
+        log.info("initialised from %s", tcfg.init_from)
+    model = model.to(device)
     optimizers = make_optimizers(model, tcfg, device)
     scaler = grad_scaler(device, dtype)
     step, tokens_seen, best_val, best_step = 0, 0, math.inf, None
@@ -351,7 +375,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         load_tokenizer(data_dir).save(run_dir)
         atomic_write_json(run_dir / "run.json", {
             "config": config.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
-            "data_manifest_sha256": sha256_json(manifest), "vocab_size": vocab_size, "params": params,
+            "data_manifest_sha256": sha256_json(manifest), "data_source": manifest.get("source"), "vocab_size": vocab_size, "params": params,
             "device": str(device), "dtype": dtype_name(dtype), "world_size": ddp.world_size,
         })
         # The history must end where the checkpoint does, so it equals an uninterrupted run's.

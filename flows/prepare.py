@@ -19,8 +19,9 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     data_dir, refresh = params.data_path(), params.refreshed()
     corpus = run_stage(download_task, download_key(data_cfg), refresh,
                        data_cfg=data_cfg, data_dir=data_dir)
-    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg), refresh,
-                      corpus=corpus, data_cfg=data_cfg, data_dir=data_dir)
+    init_from = config.train.init_from
+    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg, init_from), refresh,
+                      corpus=corpus, data_cfg=data_cfg, data_dir=data_dir, init_from=init_from)
     shards = run_stage(write_shards_task, shards_key(corpus, vocab, data_cfg), refresh,
                        corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir)
     return {"download": corpus, "vocab": vocab, "shards": shards}

@@ -40,6 +40,16 @@ def local_source_digest(spec: str) -> str | None:
     return sha256_json([[p.as_posix(), sha256_file(p)] for p in files])
 
 
+def pretrained_digest(init_from: str | None) -> list[str]:
+    """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR``, or the hub
+    reference itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
+    if not init_from:
+        return []
+    from cortexcraft.config import pretrained_reference
+
+    return [local_source_digest(pretrained_reference(init_from)) or init_from]
+
+
 def download_key(data_cfg: dict[str, Any]) -> str:
     digest = local_source_digest(data_cfg["source"])
     return stage_key(STAGE, [digest] if digest else [], data_cfg)

@@ -8,27 +8,32 @@ from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
 from tasks.stage import cache_key, files_under, retry_unless_user_error, stage_dir, stage_key, write_record
-from tasks.download import file_digest
+from tasks.download import file_digest, pretrained_digest
 
 STAGE = "vocab"
 
 
-def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any]) -> str:
+def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any], init_from: str | None = None) -> str:
     inputs = [corpus["content"]]
     if data_cfg.get("vocab_file"):
         inputs.append(file_digest(data_cfg["vocab_file"]))
+    if init_from:
+        # A pretrained model's tokenizer replaces the one data_cfg describes.
+        return stage_key(STAGE, inputs + pretrained_digest(init_from), {"init_from": init_from})
     return stage_key(STAGE, inputs, data_cfg)
 
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, vocab_key(p["corpus"], p["data_cfg"])))
-def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
+      cache_key_fn=lambda ctx, p: cache_key(STAGE, vocab_key(p["corpus"], p["data_cfg"], p.get("init_from"))))
+def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str,
+                     init_from: str | None = None) -> dict[str, Any]:
+    """The corpus's tokenizer, or with ``init_from`` the pretrained model's."""
     from cortexcraft.tokenizer import build_vocab
 
-    key = vocab_key(corpus, data_cfg)
+    key = vocab_key(corpus, data_cfg, init_from)
     out_dir = stage_dir(data_dir, STAGE, key)
-    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir)
+    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir, init_from)
     record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
     preview = manifest.get("preview", "")
     get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["tokenizer"]["type"], out_dir)
