@@ -19,7 +19,7 @@ def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any], init_from: str |
         inputs.append(file_digest(data_cfg["vocab_file"]))
     if init_from:
         # A pretrained model's tokenizer replaces the one data_cfg describes.
-        return stage_key(STAGE, inputs + pretrained_digest(init_from), {"init_from": init_from})
+        return stage_key(STAGE, inputs + pretrained_digest(init_from, weights=False), {"init_from": init_from})
     return stage_key(STAGE, inputs, data_cfg)
 
 

@@ -20,6 +20,7 @@ from cortexcraft.config import DataConfig, build_config
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import load_model
 from cortexcraft.train import train
+from hf_models import make_pretrained
 from tiny_runs import ONE_THREAD_ENV, make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,34 +191,6 @@ def test_base_install_without_transformers_says_how_to_install_it(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # import and fine-tune
-
-
-def make_pretrained(transformers, directory: Path, *, tie: bool = True, activation: str = "gelu_new",
-                    vocab_size: int = 400, n_positions: int = 64, seed: int = 0) -> Path:
-    """A random GPT2LMHeadModel (biases and gains random too, so a misplaced one shows) and a
-    byte-level BPE tokenizer trained on a small text, saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([repetitive_text(20_000, seed=seed)], trainer=trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
-                                                     eos_token="<|endoftext|>")
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=2, n_head=4,
-                                     activation_function=activation, tie_word_embeddings=tie,
-                                     bos_token_id=eot, eos_token_id=eot)
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 @pytest.mark.parametrize("tie, activation", [(True, "gelu_new"), (False, "gelu"), (True, "relu")])
