@@ -115,8 +115,11 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, gt=0, description="periodic checkpoints kept besides the best")
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
     compile: bool = False
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
+                                   "training (OMP_NUM_THREADS also fixes it)")
 
 
 class SampleConfig(_Section):
