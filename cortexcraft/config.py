@@ -130,8 +130,11 @@ class TrainConfig(_Section):
         None, description="start from pretrained weights and use their tokenizer: hf:DIR (a transformers "
         "GPT-2-style model directory) or hf:OWNER/NAME[@REV] (downloaded from the Hugging Face hub)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
     compile: bool = False
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
+                                   "training (OMP_NUM_THREADS also fixes it)")
 
     @field_validator("init_from")
     @classmethod

@@ -256,6 +256,12 @@ class GPT(nn.Module):
         return logits
 
 
+def matmul_shapes(cfg: ModelConfig, vocab_size: int, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the forward matmuls of one layer and the head, for ``tokens`` tokens at once."""
+    C, F = cfg.n_embd, cfg.ff_width
+    return [(tokens, C, 3 * C), (tokens, C, C), (tokens, C, F), (tokens, F, C), (tokens, C, vocab_size)]
+
+
 def parameter_count(model_cfg: ModelConfig, vocab_size: int) -> int:
     """Trainable parameters of ``GPT(model_cfg, vocab_size)``, built on the meta device (no memory)."""
     with torch.device("meta"):

@@ -36,8 +36,9 @@ from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, atomic_write_text, sha256_json
-from cortexcraft.model import GPT, check_model_config
+from cortexcraft.model import GPT, check_model_config, matmul_shapes
 from cortexcraft.shards import verify_shards
+from cortexcraft.threads import choose_threads
 from cortexcraft.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Evaluation batches come from their own stream, far from the training streams (one per rank).
 EVAL_STREAM = 1 << 20
+# Evaluation batches hold at most this many logits (64 MiB in fp32).
+EVAL_LOGITS_BUDGET = 1 << 24
 # Without a terminal progress bar, a progress log line at most this often.
 LOG_SECONDS = 30.0
 
@@ -234,15 +237,25 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, windows: dict, eval_iters: int, device: torch.device,
+def eval_plan(eval_iters: int, batch_size: int, block_size: int, vocab_size: int) -> tuple[int, int]:
+    """(batches, windows per batch) for an evaluation of ``eval_iters`` training-sized batches:
+    the same number of windows in as few forward passes as the logits budget allows (a larger
+    batch costs less per token on CPU, and the loss estimate is just as accurate)."""
+    windows = eval_iters * batch_size
+    per_batch = max(batch_size, min(windows, EVAL_LOGITS_BUDGET // (block_size * vocab_size)))
+    batches = math.ceil(windows / per_batch)
+    return batches, math.ceil(windows / batches)
+
+
+@torch.inference_mode()
+def estimate_loss(model: torch.nn.Module, windows: dict, eval_batches: int, device: torch.device,
                   dtype: torch.dtype, ddp: Distributed) -> dict[str, float]:
-    """Mean loss over the same ``eval_iters`` batches of each split every time (shared among ranks)."""
+    """Mean loss over the same ``eval_batches`` batches of each split every time (shared among ranks)."""
     model.eval()
     out = {}
     for split, source in windows.items():
         total = torch.zeros(2, device=device)
-        for i in range(ddp.rank, eval_iters, ddp.world_size):
+        for i in range(ddp.rank, eval_batches, ddp.world_size):
             x, y = source.batch(i, stream=EVAL_STREAM)
             with autocast(device, dtype):
                 _, loss = model(x, y)
@@ -322,9 +335,11 @@ def train(
         _check_resumable(previous[1], config, vocab_size, run_dir)
 
     ddp = Distributed(tcfg.device)
+    threads_before = torch.get_num_threads()
     try:
         return _train(config, data_dir, run_dir, manifest, previous, ddp, on_eval, progress, t_start)
     finally:
+        torch.set_num_threads(threads_before)  # the caller's setting, whatever training chose
         ddp.close()
 
 
@@ -334,9 +349,19 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     tcfg, mcfg = config.train, config.model
     vocab_size = manifest["vocab_size"]
     device = select_device(tcfg.device, ddp.local_rank)
-    dtype = select_dtype(device, tcfg.dtype)
+    tuner, thread_info = None, {}
+    if device.type == "cpu":
+        threads, tuner, thread_info = choose_threads(tcfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(threads)
+    dtype = select_dtype(device, tcfg.dtype, matmul_shapes(mcfg, vocab_size, tcfg.batch_size * mcfg.block_size))
+    if device.type == "cpu" and tcfg.dtype == "auto" and ddp.enabled:
+        # Each rank timed its own matmuls; they must still train in one precision.
+        dtype = torch.bfloat16 if ddp.any(dtype == torch.bfloat16, device) else torch.float32
     windows = {split: TokenWindows(data_dir, split, mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
                for split in ("train", "val")}
+    eval_batches, eval_batch_size = eval_plan(tcfg.eval_iters, tcfg.batch_size, mcfg.block_size, vocab_size)
+    eval_windows = {split: TokenWindows(data_dir, split, mcfg.block_size, eval_batch_size, tcfg.seed, device)
+                    for split in ("train", "val")}
     tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum * ddp.world_size
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
 
@@ -403,13 +428,16 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     out_of_time, time_fraction = False, 0.0
     t_loop = time.monotonic()
     t_log, tokens_at_log = t_loop, tokens_seen
+    eval_seconds = 0.0
     loss = None
     while True:
         at_end = step >= max_steps or out_of_time
         new_step = step > start_step or previous is None
         record, improved = None, False
         if new_step and (step % tcfg.eval_interval == 0 or at_end):
-            losses = estimate_loss(eval_model, windows, tcfg.eval_iters, device, dtype, ddp)
+            t_eval = time.monotonic()
+            losses = estimate_loss(eval_model, eval_windows, eval_batches, device, dtype, ddp)
+            eval_seconds += time.monotonic() - t_eval
             record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                       "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, time_fraction), "tokens_seen": tokens_seen,
                       "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
@@ -439,6 +467,11 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             break
 
         apply_schedule(optimizers, step, tcfg, max_steps, time_fraction)
+        if tuner is not None:
+            threads = tuner.threads_for_next_step()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            t_step = time.perf_counter()
         for micro in range(tcfg.grad_accum):
             x, y = windows["train"].batch(step * tcfg.grad_accum + micro, stream=ddp.rank)
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -461,6 +494,8 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
+        if tuner is not None:
+            tuner.record(time.perf_counter() - t_step)
         step += 1
         tokens_seen += tokens_per_step
 
@@ -484,6 +519,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         bar.close()
 
     train_seconds = time.monotonic() - t_loop
+    wall_seconds = time.monotonic() - t_start
     trained_tokens = (step - start_step) * tokens_per_step
     best = resolve_checkpoint(run_dir, "best")[0] if last_ckpt is not None else None
     summary = {
@@ -491,12 +527,14 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         "best_step": best_step, "best_val_loss": best_val if best_step is not None else None,
         "final_train_loss": last_record["train_loss"] if last_record else None,
         "final_val_loss": last_record["val_loss"] if last_record else None,
-        "tokens_seen": tokens_seen, "wall_seconds": round(time.monotonic() - t_start, 3),
+        "tokens_seen": tokens_seen, "wall_seconds": round(wall_seconds, 3),
         "tokens_per_second": round(trained_tokens / train_seconds, 1) if trained_tokens else None,
         "params": params, "resumed_from_step": start_step if previous is not None else None,
         "checkpoint_best": str(best) if best else None, "checkpoint_last": str(last_ckpt) if last_ckpt else None,
         "metrics_path": str(run_dir / METRICS_FILE), "run_dir": str(run_dir), "device": str(device),
         "dtype": dtype_name(dtype), "world_size": ddp.world_size,
+        "eval_seconds": round(eval_seconds, 3), "eval_share": round(eval_seconds / max(wall_seconds, 1e-9), 4),
+        "threads": {**thread_info, "final": torch.get_num_threads(), "switches": tuner.switches if tuner else 0},
     }
     if ddp.is_main:
         atomic_write_json(run_dir / "summary.json", summary)

@@ -176,7 +176,7 @@ def test_warmup_stable_decay_ends_on_min_lr_by_steps_or_by_the_clock():
 
 def test_muon_momentum_warms_up_and_its_lr_follows_the_schedule():
     cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "optimizer=muon", "lr=1e-3", "muon_lr=0.04",
-                               "warmup_iters=0", "lr_schedule=wsd", "min_lr=0", "muon_momentum=0.95",
+                               "warmup_iters=0", "lr_schedule=wsd", "decay_fraction=0.2", "min_lr=0", "muon_momentum=0.95",
                                "muon_momentum_warmup_iters=100"]).train
     optimizers = make_optimizers(GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg,
                                  torch.device("cpu"))
