@@ -1,7 +1,13 @@
 """Small pretrained-looking transformers models for the interop tests, built and saved locally."""
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,3 +43,55 @@ def make_pretrained(transformers, directory: Path, *, tie: bool = True, activati
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+@contextmanager
+def loopback_hub(directory: Path, repo: str, commit: str = "a" * 40) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A Hugging Face hub endpoint on 127.0.0.1 serving ``directory`` as model repo ``repo`` (the
+    revision, tree and resolve routes huggingface_hub's snapshot_download uses; 404 for the rest).
+    Yields (endpoint URL, the requests it saw)."""
+    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    blob_ids = {name: hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() for name, data in files.items()}
+    seen: list[tuple[str, str]] = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+            self.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            seen.append((self.command, path))
+            as_json = {"Content-Type": "application/json"}
+            resolve = f"/{repo}/resolve/{commit}/"
+            if path.startswith(f"/api/models/{repo}/revision/"):
+                info = {"id": repo, "sha": commit, "siblings": [{"rfilename": name} for name in files]}
+                self._reply(200, json.dumps(info).encode(), as_json)
+            elif path.startswith(f"/api/models/{repo}/tree/{commit}"):
+                tree = [{"type": "file", "path": name, "size": len(data), "oid": blob_ids[name]} for name, data in files.items()]
+                self._reply(200, json.dumps(tree).encode(), as_json)
+            elif path.startswith(resolve) and path[len(resolve):] in files:
+                name = path[len(resolve):]
+                self._reply(200, files[name], {"X-Repo-Commit": commit, "ETag": f'"{blob_ids[name]}"'})
+            else:
+                self._reply(404, b'{"error": "Repository not found"}', {**as_json, "X-Error-Code": "RepoNotFound"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

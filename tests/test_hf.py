@@ -7,7 +7,6 @@ GPT2LMHeadModels with a byte-level BPE tokenizer trained and saved locally (no n
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from cortexcraft.config import DataConfig, build_config, preset_names
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import load_model
 from cortexcraft.train import train
-from hf_models import make_pretrained
+from hf_models import loopback_hub, make_pretrained
 from tiny_runs import ONE_THREAD_ENV, make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,3 +311,35 @@ def test_every_activation_maps_to_the_same_function_in_transformers(transformers
     x = torch.linspace(-6, 6, 10_001)
     for ours, theirs in [*HF_ACTIVATIONS.items(), *((v, k) for k, v in IMPORTED_ACTIVATIONS.items())]:
         assert (ACTIVATIONS[ours]()(x) - ACT2FN[theirs](x)).abs().max().item() < 1e-6, (ours, theirs)
+
+
+@pytest.mark.slow
+def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
+    directory = make_pretrained(transformers, tmp_path / "gpt2")
+    code = """if True:
+        import json, torch
+        from cortexcraft.config import ModelConfig
+        from cortexcraft.errors import CortexCraftError
+        from cortexcraft.hf import pretrained_model_config, pretrained_state, pretrained_tokenizer
+        from cortexcraft.model import GPT
+        spec = "hf:someone/tiny-gpt2@main"
+        cfg = pretrained_model_config(spec, ModelConfig(block_size=32))
+        state = pretrained_state(spec, cfg)
+        try:
+            pretrained_model_config("hf:someone/missing", cfg)
+        except CortexCraftError as exc:
+            missing = str(exc)
+        print(json.dumps({"n_layer": cfg.n_layer, "vocab": pretrained_tokenizer(spec).vocab_size, "missing": missing,
+                          "wte": state["tok_emb.weight"].flatten()[:5].tolist()}))
+    """
+    with loopback_hub(directory, "someone/tiny-gpt2") as (endpoint, requests):
+        env = {**ONE_THREAD_ENV, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    local = transformers.GPT2LMHeadModel.from_pretrained(str(directory)).state_dict()["transformer.wte.weight"]
+    assert out["n_layer"] == 2 and out["vocab"] == len(transformers.AutoTokenizer.from_pretrained(str(directory)))
+    assert out["wte"] == local.flatten()[:5].tolist()
+    assert ("GET", "/someone/tiny-gpt2/resolve/" + "a" * 40 + "/model.safetensors") in requests
+    assert out["missing"].startswith("init_from=hf:someone/missing: cannot fetch someone/missing from the Hugging Face hub (")
+    assert (tmp_path / "hf-home" / "hub" / "models--someone--tiny-gpt2").is_dir()
