@@ -469,4 +469,10 @@ def pretrained_tokenizer(spec: str) -> BPETokenizer:
         raise CortexCraftError(f"init_from={spec} has a {kind} tokenizer; only byte-level BPE tokenizers (as GPT-2's) "
                                f"can be imported")
     specials = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items()) if t.special]
-    return BPETokenizer(Backend.from_str(backend.to_str()), specials)
+    tok = BPETokenizer(Backend.from_str(backend.to_str()), specials)
+    # transformers builds an empty tokenizer when the files are missing: the sizes tell.
+    model_vocab = _pretrained_gpt2_config(spec, directory).vocab_size
+    if tok.vocab_size != model_vocab:
+        raise CortexCraftError(f"init_from={spec}: its tokenizer has {tok.vocab_size:,} tokens but the model {model_vocab:,}; "
+                               f"save the model's own tokenizer beside it with save_pretrained")
+    return tok

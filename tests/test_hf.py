@@ -343,3 +343,48 @@ def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
     assert ("GET", "/someone/tiny-gpt2/resolve/" + "a" * 40 + "/model.safetensors") in requests
     assert out["missing"].startswith("init_from=hf:someone/missing: cannot fetch someone/missing from the Hugging Face hub (")
     assert (tmp_path / "hf-home" / "hub" / "models--someone--tiny-gpt2").is_dir()
+
+
+def test_unusable_pretrained_directories_fail_naming_the_problem(transformers, tmp_path, capsys, one_thread):
+    from cortexcraft.hf import pretrained_model_config, pretrained_state, pretrained_tokenizer
+
+    model_cfg = build_config("cpu", ["block_size=32"]).model
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CortexCraftError, match=r"holds no transformers model config .*; pass a directory written by save_pretrained$"):
+        pretrained_model_config(f"hf:{empty}", model_cfg)
+
+    scaled = make_pretrained(transformers, tmp_path / "scaled")
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    with pytest.raises(CortexCraftError, match=r"uses scale_attn_by_inverse_layer_idx=True, which our GPT does not compute; "
+                                               r"import a standard GPT-2 checkpoint$"):
+        pretrained_model_config(f"hf:{scaled}", model_cfg)
+
+    no_weights = make_pretrained(transformers, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(CortexCraftError, match=r"cannot load safetensors weights from .*\(safetensors; pickled \.bin files are not read\)$"):
+        pretrained_state(f"hf:{no_weights}", pretrained_model_config(f"hf:{no_weights}", model_cfg))
+    no_tokenizer = make_pretrained(transformers, tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    model_vocab = json.loads((no_tokenizer / "config.json").read_text())["vocab_size"]
+    with pytest.raises(CortexCraftError, match=rf"its tokenizer has 1 tokens but the model {model_vocab}; save the model's own "
+                                               r"tokenizer beside it with save_pretrained$"):
+        pretrained_tokenizer(f"hf:{no_tokenizer}")
+
+    (no_tokenizer / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CortexCraftError, match=r"cannot load a tokenizer from .*; save the tokenizer beside the model with save_pretrained$"):
+        pretrained_tokenizer(f"hf:{no_tokenizer}")
+
+    run = _trained_run(tmp_path / "char", "cpu", GPT2_SHAPE)
+    _export(run, tmp_path / "char-export", capsys)
+    with pytest.raises(CortexCraftError, match=r"has a WordLevel tokenizer; only byte-level BPE tokenizers \(as GPT-2's\) can be imported$"):
+        pretrained_tokenizer(f"hf:{tmp_path / 'char-export'}")
+
+    assert main(["prepare", "--source", str(tmp_path / "char" / "corpus.txt"), "--out", str(tmp_path / "d"),
+                 "--init-from", "gpt2"]) == 2
+    assert "error: init_from='gpt2' is not supported; use hf:DIR" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "a-file")]) == 2
+    assert "error: --out " + str(tmp_path / "a-file") + " is a file; choose a directory path" in capsys.readouterr().err
