@@ -343,8 +343,8 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
         if "rope_parameters" in plan.config:
             # transformers 4.x reads rope_theta / rope_scaling instead; without them it would rotate
             # with its own defaults (Apertus: theta 12M with llama3 scaling).
-            theta, path = plan.config["rope_parameters"]["rope_theta"], tmp / "config.json"
-            atomic_write_json(path, {**read_json(path), "rope_theta": theta,
+            theta, config_file = plan.config["rope_parameters"]["rope_theta"], tmp / "config.json"
+            atomic_write_json(config_file, {**read_json(config_file), "rope_theta": theta,
                                      "rope_scaling": {"rope_type": "default", "rope_theta": theta}})
         save_hf_tokenizer(tok, config.model.positions, tmp)
         atomic_write_text(tmp / "README.md", model_card(

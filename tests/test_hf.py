@@ -115,6 +115,8 @@ def test_exported_model_option_gives_our_logits_and_greedy_text(transformers, va
     assert architecture == expected
     if architecture != "GPT2LMHeadModel":  # what transformers 4.x reads instead of rope_parameters
         assert config["rope_theta"] == 10000.0 and config["rope_scaling"]["rope_type"] == "default"
+    record = json.loads((tmp_path / "hf" / "cortexcraft-export.json").read_text())
+    assert record["checkpoint"] == str(sorted((run / "checkpoints").glob("step_*"))[-1].resolve())
     print(f"{variant}: {architecture}, max |logit difference| {gap:.2e}")
 
 
