@@ -91,11 +91,27 @@ def svg_data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
 
 
+def _longest_backtick_run(text: str) -> int:
+    return max((len(m) for m in re.findall(r"`+", text)), default=0)
+
+
 def _fence(text: str) -> str:
-    # A fence longer than any backtick run in the sample, so generated text cannot close it.
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    ticks = "`" * max(3, longest + 1)
+    """A fenced code block showing ``text`` verbatim. Markdown and HTML inside a code block are
+    shown as text, and the fence is longer than any backtick run in it, so nothing closes it early."""
+    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
     return f"{ticks}text\n{text}\n{ticks}"
+
+
+def _code(text: str, in_table: bool = False) -> str:
+    """An inline code span showing one line of ``text`` verbatim (CommonMark: delimited by a
+    backtick run longer than any inside, padded with spaces when the text starts or ends with a
+    backtick). A line break would end a table row or a heading, so it is shown as ``\\n``; in a
+    table cell a ``|`` would still end the cell unless escaped."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    ticks = "`" * (_longest_backtick_run(text) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    span = f"{ticks}{pad}{text}{pad}{ticks}"
+    return span.replace("|", "\\|") if in_table else span
 
 
 def _best(history: list[dict[str, Any]], name: str) -> float | None:
@@ -104,14 +120,17 @@ def _best(history: list[dict[str, Any]], name: str) -> float | None:
 
 
 def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[dict[str, Any]],
-                  samples: list[tuple[str, str]], parameters: int, vocab_size: int,
+                  samples: list[tuple[str, int, str]], parameters: int, vocab_size: int,
                   run_dir: str | os.PathLike, checkpoint: str | os.PathLike,
                   continued: dict[str, Any] | None = None) -> str:
-    """The report as markdown: training outcome, loss curve, samples, config."""
+    """The report as markdown: training outcome, loss curve, samples, config.
+
+    Every text that comes from the corpus, the model or the user (samples, prompts, paths, the
+    config) is in a code block or code span, so no markdown or HTML in it is interpreted."""
     unit = "char" if config.data.tokenizer == "char" else "token"
     final = history[-1] if history else {}
     best_train, best_val = _best(history, "train_loss"), _best(history, "val_loss")
-    lines = [f"# CortexCraft run report: `{config.preset}`", ""]
+    lines = [f"# CortexCraft run report: {_code(config.preset)}", ""]
     if continued:
         lines += [f"**Scheduled retraining:** continued from step {continued['from_step']:,} to step "
                   f"{continued['to_step']:,}" + ("" if continued["from_step"] else " (no earlier checkpoint: trained from scratch)")
@@ -127,16 +146,17 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
         f"| best val loss | {_fmt(best_val)} ({_fmt(bits(best_val))} bits/{unit}) |",
         f"| final train loss | {_fmt(final.get('train_loss'))} ({_fmt(bits(final.get('train_loss')))} bits/{unit}) |",
         f"| final val loss | {_fmt(final.get('val_loss'))} ({_fmt(bits(final.get('val_loss')))} bits/{unit}) |",
-        f"| checkpoint | `{checkpoint}` |",
-        f"| run directory | `{run_dir}` |",
+        f"| checkpoint | {_code(str(checkpoint), in_table=True)} |",
+        f"| run directory | {_code(str(run_dir), in_table=True)} |",
         "",
         "## Loss curve", "",
         f"![loss curve]({svg_data_uri(loss_curve_svg(history))})", "",
         "## Samples", "",
         f"temperature {config.sample.temperature}, top_k {config.sample.top_k}, top_p {config.sample.top_p}, "
-        f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed}", "",
+        f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed} + prompt index", "",
     ]
-    for prompt, text in samples:
-        lines += [f"**Prompt** `{json.dumps(prompt, ensure_ascii=False)}`", "", _fence(text), ""]
+    for prompt, seed, text in samples:
+        # json.dumps keeps the prompt on one line and shows its newlines as \n.
+        lines += [f"**Prompt** {_code(json.dumps(prompt, ensure_ascii=False))} (seed {seed})", "", _fence(text), ""]
     lines += ["## Config", "", _fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
     return "\n".join(lines)
