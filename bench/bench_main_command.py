@@ -55,7 +55,8 @@ def main() -> None:
             ["steps", summary["steps"], ""], ["train stage seconds", summary["wall_seconds"], ""],
             ["share of training wall time spent evaluating", f"{100 * summary['eval_share']:.1f}%", ""],
             ["training tokens/s", summary["tokens_per_second"], ""],
-            ["dtype, threads", f"{summary['dtype']}, {summary['threads']}", ""]]
+            ["dtype, threads at the end", f"{summary['dtype']}, {summary['threads']['final']} ({summary['threads']['mode']}, "
+             f"{summary['threads']['switches']} switches)", ""]]
     print_table(f"README main command: cortexcraft pipeline (cpu preset{', ' + ' '.join(overrides) if overrides else ''})",
                 headers, rows)
     save_results("bench_main_command", {**result, "markdown": markdown_table(headers, rows)})

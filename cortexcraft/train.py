@@ -48,6 +48,9 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_STREAM = 1 << 20
 # Evaluation batches hold at most this many logits (64 MiB in fp32).
 EVAL_LOGITS_BUDGET = 1 << 24
+# dtype calibration times matmuls over at most this many tokens: enough rows to show each
+# precision's speed, few enough that a 50k-token vocabulary head costs well under a second.
+CALIBRATION_TOKENS = 512
 # Without a terminal progress bar, a progress log line at most this often.
 LOG_SECONDS = 30.0
 
@@ -379,7 +382,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     if device.type == "cpu":
         threads, tuner, thread_info = choose_threads(tcfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(threads)
-    dtype = select_dtype(device, tcfg.dtype, matmul_shapes(mcfg, vocab_size, tcfg.batch_size * mcfg.block_size))
+    dtype = select_dtype(device, tcfg.dtype, matmul_shapes(mcfg, vocab_size, min(CALIBRATION_TOKENS, tcfg.batch_size * mcfg.block_size)))
     if device.type == "cpu" and tcfg.dtype == "auto" and ddp.enabled:
         # Each rank timed its own matmuls; they must still train in one precision.
         dtype = torch.bfloat16 if ddp.any(dtype == torch.bfloat16, device) else torch.float32

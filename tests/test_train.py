@@ -14,7 +14,7 @@ from cortexcraft.generate import generate_from_run, sample_prompts
 from cortexcraft.model import GPT
 from cortexcraft.prepare import prepare
 from cortexcraft.train import (
-    apply_schedule, evaluate_run, learning_rate, make_optimizers, max_steps_for, read_metrics, train,
+    apply_schedule, eval_plan, evaluate_run, learning_rate, make_optimizers, max_steps_for, read_metrics, train,
 )
 from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
 
@@ -238,3 +238,15 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_there(data_dir, tmp_pat
     with pytest.raises(CortexCraftError, match="float16 is not supported on CPU"):
         train(tiny_config("cpu", "max_iters=5", "dtype=float16", "device=cpu"), data_dir, tmp_path / "fp16")
     assert not (tmp_path / "fp16").exists()
+
+
+def test_evaluation_uses_the_same_windows_in_fewer_larger_batches_and_reports_its_share(trained_run):
+    # The cpu preset's eval: 20 batches of 32 windows become one batch of 640 (64 x 65 logits each).
+    assert eval_plan(20, 32, 64, 65) == (1, 640)
+    # A big vocabulary and context keep the training batch size: the logits budget allows no more.
+    assert eval_plan(200, 12, 1024, 50_257) == (200, 12)
+    batches, per_batch = eval_plan(10, 8, 256, 4096)
+    assert batches * per_batch >= 80 and per_batch * 256 * 4096 <= 1 << 24
+    _, summary, _ = trained_run
+    assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
+    assert summary["eval_share"] == pytest.approx(summary["eval_seconds"] / summary["wall_seconds"], abs=1e-3)
