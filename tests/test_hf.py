@@ -393,3 +393,19 @@ def test_unusable_pretrained_directories_fail_naming_the_problem(transformers, t
     (tmp_path / "a-file").write_text("x")
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a-file")]) == 2
     assert "error: --out " + str(tmp_path / "a-file") + " is a file; choose a directory path" in capsys.readouterr().err
+
+
+def test_init_from_with_parts_is_refused_before_any_work(transformers, tmp_path, capsys):
+    directory = make_pretrained(transformers, tmp_path / "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(repetitive_text(5_000))
+    assert main(["prepare", "--source", str(corpus), "--out", str(tmp_path / "data"), "--init-from", f"hf:{directory}",
+                 "--workers", "2"]) == 2
+    assert ("error: --init-from with --workers 2: a pretrained tokenizer is applied in one process only; drop --workers"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "data").exists()
+    from flows.params import params_from_cli
+
+    with pytest.raises(CortexCraftError, match=r"init_from=hf:.* with workers=2 or a Dask task runner: a pretrained tokenizer "
+                                               r"is applied in one process only; use workers=1 and the default task runner"):
+        params_from_cli(source=str(corpus), overrides=[f"init_from=hf:{directory}"], workers=2)
