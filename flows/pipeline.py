@@ -33,11 +33,12 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, dict[str, A
 
 def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
                           data_dir: str | os.PathLike, refresh: list[str],
-                          continue_training_iters: int | None = None, nproc: int = 1) -> int:
-    """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary."""
+                          continue_training_iters: int | None = None, nproc: int = 1, **parallel: Any) -> int:
+    """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary.
+    ``parallel``: workers, task_runner, dask_address, part_mb, nnodes, rdzv_endpoint (see PipelineParams)."""
     params = params_from_cli(preset=preset, overrides=overrides, source=source,
                              data_dir=str(data_dir), refresh=refresh,
-                             continue_training_iters=continue_training_iters, nproc=nproc)
+                             continue_training_iters=continue_training_iters, nproc=nproc, **parallel)
     # The CLI logs at INFO on the root logger, where Prefect's client would add a line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     records = pipeline(params)

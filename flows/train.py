@@ -23,7 +23,7 @@ def run_train(shards: dict[str, Any], config: RunConfig, params: PipelineParams)
         refresh = refresh | {"train"}
     return run_stage(train_task, train_key(shards, config_dict), refresh,
                      shards=shards, config=config_dict, data_dir=data_dir, fresh=fresh, continued=continued,
-                     nproc=params.nproc)
+                     nproc=params.nproc, nnodes=params.nnodes, rdzv_endpoint=params.rdzv_endpoint)
 
 
 @flow(name="train")
