@@ -111,7 +111,7 @@ def time_matmuls(shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, min
 
 
 def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
-                        measure: Callable[[Sequence[tuple[int, int, int]], torch.dtype], float] = time_matmuls,
+                        measure: Optional[Callable[[Sequence[tuple[int, int, int]], torch.dtype], float]] = None,
                         directory: Optional[Path] = None) -> dict:
     """{"dtype": "bfloat16" | "float32", "float32_seconds", "bfloat16_seconds"} for these matmul
     shapes on this machine: read from the cache, or measured once and cached."""
@@ -126,6 +126,7 @@ def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
         cached = {}
     if isinstance(cached.get(key), dict) and cached[key].get("dtype") in ("bfloat16", "float32"):
         return cached[key]
+    measure = measure or time_matmuls
     fp32 = measure(shapes, torch.float32)
     bf16 = measure(shapes, torch.bfloat16)
     result = {"dtype": "bfloat16" if fp32 >= BF16_MIN_SPEEDUP * bf16 else "float32",
