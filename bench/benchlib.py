@@ -41,16 +41,15 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cortexcraft.device import cpu_info
+
+    info = cpu_info()
+    flags = set(info["flags"])
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "bf16", "sve") if f in flags]
+    isa = " ".join(wanted) + ("; AMX" if "amx_bf16" in flags else "; no AMX")
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu": info["model"], "flags": wanted, "isa": isa, "amx": "amx_bf16" in flags,
+        "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "load_average": os.getloadavg()[0],
     }
 

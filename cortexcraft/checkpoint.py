@@ -10,11 +10,13 @@ Layout of a run directory (written by ``cortexcraft.train.train``)::
       checkpoints/
         step_00001000/
           model.safetensors        model weights (the unwrapped model's state_dict)
-          training.safetensors     optimizer tensors ("optimizer.<param>.<name>") and RNG states
-                                   ("rng.<rank>.cpu", "rng.<rank>.cuda<i>") of every rank
+          training.safetensors     optimizer tensors ("<optimizer>.<param>.<name>": "optimizer" is
+                                   AdamW, "muon" Muon) and RNG states ("rng.<rank>.cpu",
+                                   "rng.<rank>.cuda<i>") of every rank
           state.json               step, val_loss, best_val_loss/best_step, tokens_seen, the config,
-                                   vocab_size, optimizer scalars and param groups, grad-scaler state,
-                                   and the sha256 of both .safetensors files
+                                   vocab_size, each optimizer's scalars and param groups
+                                   ("optimizers"), grad-scaler state, and the sha256 of both
+                                   .safetensors files
 
 A checkpoint directory is built under a temporary name and renamed into place, so it either
 exists complete or not at all; the recorded hashes catch a file damaged afterwards. ``last`` is
@@ -60,29 +62,30 @@ def _tensor_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().contiguous() for name, t in state.items()}
 
 
-def _split_optimizer_state(optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer tensors go to safetensors; scalars and param groups go to JSON."""
+def _split_optimizer_state(prefix: str, optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer tensors go to safetensors (keys under ``prefix``); scalars and param groups go to JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, param_state in optimizer_state["state"].items():
         for name, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{param_id}.{name}"] = value
+                tensors[f"{prefix}.{param_id}.{name}"] = value
             else:
                 scalars.setdefault(str(param_id), {})[name] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optimizer_state["param_groups"]]
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _join_optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, param_id, name = key.split(".", 2)
             state.setdefault(int(param_id), {})[name] = value
     for param_id, values in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(values)
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    # JSON turned tuples (betas, Muon's ns_coefficients) into lists; "params" is the one list.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
@@ -90,14 +93,15 @@ def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
     model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    optimizer_states: dict[str, dict[str, Any]],
     rng_states: list[dict[str, torch.Tensor]],
     state: dict[str, Any],
 ) -> Path:
     """Write ``checkpoints/step_<step>/`` atomically and return its path.
 
-    ``rng_states`` holds one dict of RNG state tensors per rank; ``state`` is the JSON part
-    (step, losses, config, ...), completed here with the optimizer scalars and file hashes.
+    ``optimizer_states`` maps each optimizer's name (no dots) to its state_dict; ``rng_states``
+    holds one dict of RNG state tensors per rank; ``state`` is the JSON part (step, losses,
+    config, ...), completed here with the optimizer scalars and file hashes.
     """
     not_finite = next((name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if not_finite is not None:
@@ -105,8 +109,11 @@ def save_checkpoint(
                               "or inf (training diverged); lower train.lr or set train.grad_clip")
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step:08d}"
-    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
-    training = dict(optimizer_tensors)
+    training: dict[str, torch.Tensor] = {}
+    optimizers_meta: dict[str, Any] = {}
+    for name, optimizer_state in optimizer_states.items():
+        tensors, optimizers_meta[name] = _split_optimizer_state(name, optimizer_state)
+        training.update(tensors)
     for rank, rank_states in enumerate(rng_states):
         training.update({f"rng.{rank}.{name}": t for name, t in rank_states.items()})
     blobs = {MODEL_FILE: save(_tensor_dict(model_state)), TRAINING_FILE: save(_tensor_dict(training))}
@@ -121,7 +128,7 @@ def save_checkpoint(
             **state,
             "format": FORMAT,
             "step": step,
-            "optimizer": optimizer_meta,
+            "optimizers": optimizers_meta,
             "sha256": {name: sha256_file(tmp / name) for name in blobs},
         }
         atomic_write_json(tmp / STATE_FILE, record)
@@ -223,15 +230,18 @@ def load_model_state(ckpt_dir: str | os.PathLike, device: str | torch.device = "
     return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
 
 
-def load_training_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
-    """(optimizer state_dict, per-rank RNG state tensors) of a checkpoint."""
+def load_training_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[dict[str, torch.Tensor]]]:
+    """({optimizer name: state_dict}, per-rank RNG state tensors) of a checkpoint."""
     tensors = load_file(str(Path(ckpt_dir) / TRAINING_FILE))
     rng: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("rng."):
             _, rank, name = key.split(".", 2)
             rng.setdefault(int(rank), {})[name] = value
-    return _join_optimizer_state(tensors, state["optimizer"]), [rng[r] for r in sorted(rng)]
+    # Checkpoints written before Muon existed hold AdamW's state alone, under "optimizer".
+    metas = state["optimizers"] if "optimizers" in state else {"optimizer": state["optimizer"]}
+    optimizers = {name: _join_optimizer_state(name, tensors, meta) for name, meta in metas.items()}
+    return optimizers, [rng[r] for r in sorted(rng)]
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:

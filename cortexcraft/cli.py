@@ -1,4 +1,4 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, presets, pipeline.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, pipeline.
 
 Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
 Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: DATA_DIR/downloads)")
     _add_parts_options(p)
+    p.add_argument("--init-from", metavar="hf:DIR|hf:OWNER/NAME",
+                   help="tokenize with this pretrained model's tokenizer (to fine-tune it: train --set init_from=...)")
 
     p = sub.add_parser("train", help="train a GPT on prepared shards")
     p.add_argument("--data", required=True, type=Path, help="directory written by `cortexcraft prepare`")
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every sha256 of a shard directory or a run directory's checkpoints")
     p.add_argument("dir", type=Path, help="a directory written by `cortexcraft prepare` or `cortexcraft train`")
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model directory")
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers model, tokenizer and model card")
+    p.add_argument("--out", required=True, type=Path, help="directory to write (replaced if it holds an earlier export)")
+
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
     p.add_argument("--fields", action="store_true", help="list every setting --set accepts")
@@ -142,7 +150,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cache_dir = args.cache_dir or default_data_dir() / "downloads"
     manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir, workers=args.workers,
-                       part_bytes=int(args.part_mb * 1e6))
+                       part_bytes=int(args.part_mb * 1e6), init_from=args.init_from)
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: vocab_size {manifest['vocab_size']}, {splits}", file=sys.stderr)
     return 0
@@ -229,6 +237,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cortexcraft.hf import export_run
+
+    record = export_run(args.run, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {args.out}: {record['architecture']} from step {record['step']:,} ({record['checkpoint']})", file=sys.stderr)
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     import json
 
@@ -293,7 +309,7 @@ class HidePrefectReportsOfUserErrors(logging.Filter):
 
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
-    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
+    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
 }
 
 

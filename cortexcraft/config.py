@@ -11,9 +11,20 @@ import json
 from importlib import resources
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cortexcraft.errors import CortexCraftError
+
+
+PRETRAINED_PREFIX = "hf:"
+
+
+def pretrained_reference(spec: str) -> str:
+    """The directory or hub id after ``hf:`` in an ``init_from`` value (ValueError otherwise)."""
+    if not spec.startswith(PRETRAINED_PREFIX) or not spec[len(PRETRAINED_PREFIX):].strip():
+        raise ValueError(f"init_from={spec!r} is not supported; use hf:DIR (a saved transformers model) "
+                         f"or hf:OWNER/NAME[@REV] (a Hugging Face hub model)")
+    return spec[len(PRETRAINED_PREFIX):].strip()
 
 
 class _Section(BaseModel):
@@ -45,10 +56,17 @@ class ModelConfig(_Section):
     d_ff: Optional[int] = Field(None, gt=0, description="feed-forward width; default 4*n_embd")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (Llama's rotate-half convention)")
     max_positions: Optional[int] = Field(None, gt=0, description="positional table size; default block_size")
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu", "gelu_tanh", "relu2"] = Field(
+        "relu", description="gelu is exact, gelu_tanh its tanh approximation (GPT-2's), relu2 is ReLU squared")
     norm: Literal["pre", "post"] = "pre"
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of every LayerNorm / RMSNorm")
+    qk_norm: bool = Field(False, description="RMSNorm over head_dim on queries and keys, before RoPE")
+    zero_init: bool = Field(False, description="zero-init the residual output projections and the untied head")
+    logit_softcap: Optional[float] = Field(None, gt=0, description="logits -> cap * tanh(logits / cap)")
     tie_weights: bool = False
 
     @model_validator(mode="after")
@@ -63,6 +81,9 @@ class ModelConfig(_Section):
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                             f"choose n_head among the divisors of n_embd")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append(f"pos_encoding=rope needs an even head size, but n_embd/n_head = {self.n_embd // self.n_head}; "
+                            f"choose n_head so that n_embd/n_head is even")
         if self.block_size > self.positions:
             problems.append(f"block_size={self.block_size} exceeds the positional table (max_positions="
                             f"{self.positions}); lower block_size or raise max_positions")
@@ -83,10 +104,21 @@ class TrainConfig(_Section):
     max_iters: int = Field(5000, gt=0)
     max_epochs: Optional[float] = Field(None, gt=0, description="train for this many passes over the train tokens instead of max_iters")
     max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget, checked inside the loop")
-    lr: float = Field(3e-4, gt=0)
-    min_lr: Optional[float] = Field(None, ge=0, description="cosine floor; default lr/10")
-    lr_schedule: Literal["cosine", "constant"] = "constant"
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate (all parameters, or those Muon does not take)")
+    min_lr: Optional[float] = Field(None, ge=0, description="floor of the cosine / wsd decay; default lr/10")
+    lr_schedule: Literal["cosine", "constant", "wsd"] = Field(
+        "constant", description="wsd: warmup, stable, then linear decay over the last decay_fraction of the run")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the run (steps, or the max_minutes budget, "
+                                  "whichever runs out first) spent decaying")
     warmup_iters: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' 2-D matrices, AdamW for embeddings, head, gains and biases")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (follows the same schedule as lr)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_momentum_warmup_iters: int = Field(0, ge=0, description="Muon momentum rises linearly from 0.85 over these steps")
+    muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay (torch's default would be 0.1)")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "original", description="Muon's per-shape lr scale: original = sqrt(max(1, rows/cols)), or match AdamW's update RMS")
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.999, gt=0, lt=1)
@@ -96,9 +128,22 @@ class TrainConfig(_Section):
     checkpoint_interval: int = Field(1000, gt=0)
     keep_last: int = Field(2, gt=0, description="periodic checkpoints kept besides the best")
     seed: int = 1337
+    init_from: Optional[str] = Field(
+        None, description="start from pretrained weights and use their tokenizer: hf:DIR (a transformers "
+        "GPT-2-style model directory) or hf:OWNER/NAME[@REV] (downloaded from the Hugging Face hub)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
     compile: bool = False
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
+                                   "training (OMP_NUM_THREADS also fixes it)")
+
+    @field_validator("init_from")
+    @classmethod
+    def _check_init_from(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            pretrained_reference(value)
+        return value
 
 
 class SampleConfig(_Section):
@@ -117,6 +162,11 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """The tokenizer the data stages build: a pretrained model's (byte-level BPE) or data.tokenizer."""
+        return "bpe" if self.train.init_from else self.data.tokenizer
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for content-addressed stage directories."""

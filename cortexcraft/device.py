@@ -1,14 +1,31 @@
-"""Device and precision selection: cuda > mps > cpu, and the autocast dtype each supports."""
+"""Device and precision selection: cuda > mps > cpu, and the autocast dtype each supports.
+
+On CPUs ``dtype=auto`` is decided by measurement: bf16 matmuls are fast where the CPU has bf16
+instructions, but how fast depends on the CPU (AMX or not), the library and the matrix shapes. A
+one-off calibration times the model's own matmul shapes in fp32 and bf16 (a few ms each) and the
+answer is cached per machine in ``~/.cache/cortexcraft/dtype-calibration.json`` (under
+``$XDG_CACHE_HOME`` or ``$CORTEXCRAFT_CACHE_DIR`` when set), keyed by CPU model, CPU flags, torch
+version and shapes. Delete the file to measure again.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,9 +47,11 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def select_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """The autocast dtype: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 where the
-    CPU computes it natively (AVX-512 BF16, AMX, Arm BF16), else fp32.
+def select_dtype(device: torch.device, name: str = "auto",
+                 matmul_shapes: Optional[Sequence[tuple[int, int, int]]] = None) -> torch.dtype:
+    """The autocast dtype: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 where it is
+    measured faster than fp32 at ``matmul_shapes`` (see ``calibrate_cpu_dtype``), or without shapes
+    where the CPU computes it natively (AVX-512 BF16, AMX, Arm BF16), else fp32.
 
     Without native support CPU bf16 is emulated and slower than fp32. With it, bf16 autocast ran the
     cpu preset's shape 1.4x faster per step than fp32, to within 0.01 of its loss per step (bench_train)."""
@@ -43,19 +62,108 @@ def select_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and matmul_shapes:
+        return _DTYPES[calibrate_cpu_dtype(matmul_shapes)["dtype"]]
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
 
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether /proc/cpuinfo lists a bf16 instruction set (False where there is no /proc/cpuinfo)."""
+# bf16 must beat fp32 by this much in the matmuls: casts and fp32 attention eat part of its gain.
+BF16_MIN_SPEEDUP = 1.1
+CALIBRATION_FILE = "dtype-calibration.json"
+
+
+def cache_dir() -> Path:
+    """Where cortexcraft keeps per-machine measurements."""
+    if os.environ.get("CORTEXCRAFT_CACHE_DIR"):
+        return Path(os.environ["CORTEXCRAFT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cortexcraft"
+
+
+def cpu_identity() -> dict[str, str]:
+    """What makes one machine's timings valid for another: CPU model and flags, torch version."""
+    info = cpu_info()
+    flags = " ".join(sorted(info["flags"]))
+    return {"cpu": info["model"], "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(), "torch": torch.__version__}
+
+
+def time_matmuls(shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, min_seconds: float = 0.005) -> float:
+    """Best-of-3 seconds for one (m x k) @ (k x n) product of every shape in ``dtype``."""
+    operands = [(torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)) for m, k, n in shapes]
+
+    def once() -> None:
+        for a, b in operands:
+            torch.mm(a, b)
+
+    once()  # warm-up: first calls pick kernels and allocate
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        once()
+        repeats += 1
+    best = (time.perf_counter() - start) / repeats
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
+                        measure: Optional[Callable[[Sequence[tuple[int, int, int]], torch.dtype], float]] = None,
+                        directory: Optional[Path] = None) -> dict:
+    """{"dtype": "bfloat16" | "float32", "float32_seconds", "bfloat16_seconds"} for these matmul
+    shapes on this machine: read from the cache, or measured once and cached."""
+    identity = {**cpu_identity(), "shapes": sorted([list(s) for s in shapes])}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    path = (directory or cache_dir()) / CALIBRATION_FILE
     try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+        cached = read_json(path)
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), dict) and cached[key].get("dtype") in ("bfloat16", "float32"):
+        return cached[key]
+    measure = measure or time_matmuls
+    fp32 = measure(shapes, torch.float32)
+    bf16 = measure(shapes, torch.bfloat16)
+    result = {"dtype": "bfloat16" if fp32 >= BF16_MIN_SPEEDUP * bf16 else "float32",
+              "float32_seconds": fp32, "bfloat16_seconds": bf16, **identity}
+    log.info("dtype calibration: matmuls %.2f ms fp32, %.2f ms bf16 -> %s (cached in %s)",
+             1e3 * fp32, 1e3 * bf16, result["dtype"], path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {**cached, key: result})
+    except OSError as exc:  # a read-only home: measure again next time
+        log.warning("could not cache the dtype calibration in %s: %s", path, exc)
+    return result
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """{"model": CPU model name, "flags": instruction-set flags} from /proc/cpuinfo (the platform's
+    name and no flags where there is no /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+        if flags and key.strip() == "":  # the first processor's block is enough
+            break
+    return {"model": model, "flags": sorted(flags)}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU lists a bf16 instruction set (AVX-512 BF16, AMX, Arm BF16)."""
+    return bool(set(cpu_info()["flags"]) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

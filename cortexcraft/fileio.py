@@ -162,6 +162,32 @@ def remove_dead_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory`` and the directories holding them (for trees that a
+    library wrote with plain opens, before ``replace_dir`` publishes them)."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        fsync_dir(path)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out_dir``, replacing what was there: the old
+    directory is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = TempDir(out_dir.parent, out_dir.name, kind="old")
+        os.replace(out_dir, old.path / out_dir.name)
+    os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old.path)
+        old.close()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb", size=len(data)) as handle:
         handle.write(data)

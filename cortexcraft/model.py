@@ -6,6 +6,12 @@ and a LayerNorm (pre-norm: ``x + f(ln(x))``; post-norm: ``ln(x + f(x))``) -> fin
 linear head over the vocabulary. Attention runs through ``F.scaled_dot_product_attention`` (flash
 kernels on GPU) with a fused QKV projection.
 
+Options from the speedrun literature (modded-nanogpt), all off by default so the seed presets keep
+their architectures, and all standard maths so a model maps onto a Llama-family checkpoint:
+rotary positions (``pos_encoding="rope"``: Llama's rotate-half convention, cos/sin cached once),
+RMSNorm instead of LayerNorm, ReLU² feed-forward, QK-norm (RMSNorm over each head's queries and
+keys, before RoPE), zero-initialised output projections and head, and a tanh logit soft-cap.
+
 Generation can pass a ``KVCache``: the keys and values of earlier positions are kept so each new
 token costs one position instead of the whole context.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from functools import partial
 from typing import Optional
 
 import torch
@@ -44,6 +51,38 @@ class KVCache:
         self.length = 0
 
 
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """LayerNorm or RMSNorm (both with a learned gain) over the last ``dim`` features."""
+    if cfg.normalization == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of rotary position embeddings for every position, computed once.
+
+    Frequencies ``theta^(-2i/head_dim)``; the pair rotated together is (x[i], x[i + head_dim/2])
+    ("rotate half", as in Llama and Hugging Face transformers)."""
+
+    def __init__(self, head_dim: int, positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        # Buffers, not parameters: fixed, and rebuilt rather than stored in checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, head_dim) queries or keys by their positions' angles."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,11 +91,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        head_dim = cfg.n_embd // cfg.n_head
+        self.q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # torch's CPU flash attention is ~4x slower in bf16 than in fp32 (its backward most of all),
+        # so under CPU autocast attention (with its QK-norm and rotation) runs in fp32 and the bf16
+        # speed-up stays in the matmuls.
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32_attention:
+            q, k, v = q.float(), k.float(), v.float()
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = cache.layers[layer] if cache is not None else None
         if past is not None:
             # After the prefill the cache grows one token at a time, and that one newest query may
@@ -67,12 +120,7 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         if cache is not None:
             cache.layers[layer] = (k, v)
-        # torch's CPU flash attention is ~4x slower in bf16 than in fp32 (its backward most of all),
-        # so under CPU autocast attention runs in fp32 and the bf16 speed-up stays in the matmuls.
-        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
-            if fp32_attention:
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None and T > 1
             )
@@ -80,11 +128,20 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+               "relu2": ReLUSquared}
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up = nn.Linear(cfg.n_embd, cfg.ff_width, bias=cfg.bias)
-        self.act = nn.GELU() if cfg.activation == "gelu" else nn.ReLU()
+        self.act = ACTIVATIONS[cfg.activation]()
         self.proj = nn.Linear(cfg.ff_width, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -96,16 +153,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = make_norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = make_norm(cfg, cfg.n_embd)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.ln1(x), cache, layer)
+            x = x + self.attn(self.ln1(x), rope, cache, layer)
             return x + self.ff(self.ln2(x))
-        x = self.ln1(x + self.attn(x, cache, layer))
+        x = self.ln1(x + self.attn(x, rope, cache, layer))
         return self.ln2(x + self.ff(x))
 
 
@@ -126,21 +184,32 @@ class GPT(nn.Module):
         self.config = model_cfg
         self.vocab_size = vocab_size
         self.tok_emb = nn.Embedding(vocab_size, model_cfg.n_embd)
+        self.rotary = None
         if model_cfg.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(model_cfg.positions, model_cfg.n_embd)
-        else:
+        elif model_cfg.pos_encoding == "sinusoidal":
             # A buffer, not a parameter: fixed, and rebuilt rather than stored in checkpoints.
             self.register_buffer("pos_table", sinusoidal_table(model_cfg.positions, model_cfg.n_embd), persistent=False)
+        else:
+            self.rotary = Rotary(model_cfg.n_embd // model_cfg.n_head, model_cfg.positions, model_cfg.rope_theta)
         self.drop = nn.Dropout(model_cfg.dropout)
         self.blocks = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.n_layer))
-        self.ln_f = nn.LayerNorm(model_cfg.n_embd, bias=model_cfg.bias)
+        self.ln_f = make_norm(model_cfg, model_cfg.n_embd)
         # Tied weights reuse the embedding matrix as the head, so there is no second copy to save.
         self.lm_head = None if model_cfg.tie_weights else nn.Linear(model_cfg.n_embd, vocab_size, bias=False)
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream by depth.
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * model_cfg.n_layer))
+                if model_cfg.zero_init:
+                    # modded-nanogpt: every block starts as the identity, so early steps train the
+                    # embeddings and head through a clean residual stream.
+                    nn.init.zeros_(param)
+                else:
+                    # GPT-2: scale the projections that write into the residual stream by depth.
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * model_cfg.n_layer))
+        if model_cfg.zero_init and self.lm_head is not None:
+            # A zero head predicts the uniform distribution: the loss starts exactly at ln(vocab).
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -160,11 +229,16 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds the {self.config.positions} positions")
-        pos = torch.arange(start, start + T, device=idx.device)
-        pos_enc = self.pos_emb(pos) if self.config.pos_encoding == "learned" else self.pos_table[pos]
-        x = self.drop(self.tok_emb(idx) + pos_enc)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(start, T)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
+            x = x + (self.pos_emb(pos) if self.config.pos_encoding == "learned" else self.pos_table[pos])
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
@@ -175,7 +249,17 @@ class GPT(nn.Module):
         return logits, loss
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
+
+
+def matmul_shapes(cfg: ModelConfig, vocab_size: int, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the forward matmuls of one layer and the head, for ``tokens`` tokens at once."""
+    C, F = cfg.n_embd, cfg.ff_width
+    return [(tokens, C, 3 * C), (tokens, C, C), (tokens, C, F), (tokens, F, C), (tokens, C, vocab_size)]
 
 
 def parameter_count(model_cfg: ModelConfig, vocab_size: int) -> int:

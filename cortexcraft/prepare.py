@@ -17,18 +17,27 @@ log = logging.getLogger(__name__)
 
 
 def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, workers: int = 1,
-            part_bytes: int = PART_BYTES) -> dict:
+            part_bytes: int = PART_BYTES, init_from: str | None = None) -> dict:
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
     Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
     ``workers`` > 1 the corpus is counted and encoded in parts of about ``part_bytes`` by that many
-    processes; the output is byte-identical."""
+    processes; the output is byte-identical. With ``init_from`` (``hf:...``) the shards use that
+    pretrained model's tokenizer (in one process)."""
     if workers < 1:
         raise CortexCraftError(f"--workers {workers} must be at least 1")
+    if init_from and workers > 1:
+        raise CortexCraftError(f"--init-from with --workers {workers}: a pretrained tokenizer is applied in one "
+                               f"process only; drop --workers")
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
     check_out_dir(out_dir)
-    check_tokenizer_config(data_cfg)
+    if init_from:
+        from cortexcraft.hf import pretrained_tokenizer
+
+        pretrained_tokenizer(init_from)  # fails now, not after the download, when it cannot load
+    else:
+        check_tokenizer_config(data_cfg)
     corpus = download(data_cfg, cache_dir)
     log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
              f"{corpus['documents']:,}", corpus["origin"])
@@ -36,7 +45,7 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     try:
         if workers > 1:
             return prepare_parts(corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes)
-        vocab = build_vocab(corpus, data_cfg, vocab_dir.path)
+        vocab = build_vocab(corpus, data_cfg, vocab_dir.path, init_from=init_from)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)
     finally:

@@ -95,7 +95,7 @@ def _longest_backtick_run(text: str) -> int:
     return max((len(m) for m in re.findall(r"`+", text)), default=0)
 
 
-def _fence(text: str) -> str:
+def fence(text: str) -> str:
     """A fenced code block showing ``text`` verbatim. Markdown and HTML inside a code block are
     shown as text, and the fence is longer than any backtick run in it, so nothing closes it early."""
     ticks = "`" * max(3, _longest_backtick_run(text) + 1)
@@ -127,7 +127,7 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
 
     Every text that comes from the corpus, the model or the user (samples, prompts, paths, the
     config) is in a code block or code span, so no markdown or HTML in it is interpreted."""
-    unit = "char" if config.data.tokenizer == "char" else "token"
+    unit = "char" if config.tokenizer_kind == "char" else "token"
     final = history[-1] if history else {}
     best_train, best_val = _best(history, "train_loss"), _best(history, "val_loss")
     lines = [f"# CortexCraft run report: {_code(config.preset)}", ""]
@@ -138,7 +138,7 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     lines += [
         "| | |", "|---|---|",
         f"| parameters | {parameters:,} |",
-        f"| vocab size | {vocab_size:,} ({config.data.tokenizer}) |",
+        f"| vocab size | {vocab_size:,} ({config.tokenizer_kind}) |",
         f"| steps | {final.get('step', 0):,} |",
         f"| tokens seen | {summary.get('tokens_seen', final.get('tokens_seen', 0)):,} |",
         f"| wall time | {summary.get('wall_seconds', 0.0):.1f} s |",
@@ -157,6 +157,6 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     ]
     for prompt, seed, text in samples:
         # json.dumps keeps the prompt on one line and shows its newlines as \n.
-        lines += [f"**Prompt** {_code(json.dumps(prompt, ensure_ascii=False))} (seed {seed})", "", _fence(text), ""]
-    lines += ["## Config", "", _fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
+        lines += [f"**Prompt** {_code(json.dumps(prompt, ensure_ascii=False))} (seed {seed})", "", fence(text), ""]
+    lines += ["## Config", "", fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
     return "\n".join(lines)

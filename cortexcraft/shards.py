@@ -18,8 +18,8 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, fsync_dir, read_json,
-                                remove_dead_temps, sha256_file)
+from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, read_json, remove_dead_temps,
+                                replace_dir, sha256_file)
 from cortexcraft.sources import char_to_byte_offset, corpus_ascii_blocks, corpus_byte_range_text, train_val_cut
 from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -144,18 +144,6 @@ def check_out_dir(out_dir: Path) -> None:
         raise CortexCraftError(f"--out {out_dir} is a non-empty directory without a shard manifest; choose a new or empty directory")
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = TempDir(out_dir.parent, out_dir.name, kind="old")
-        os.replace(out_dir, old.path / out_dir.name)
-    os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old.path)
-        old.close()
-
-
 def shard_file_name(split: str, index: int) -> str:
     return f"{split}_{index:03d}.bin"
 
@@ -217,7 +205,7 @@ def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Pa
     try:
         with disk_full_is_an_error(out_dir, needed, approximate=True, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
             manifest = _fill_shard_dir(tmp, tok, corpus, data_cfg, write_split)
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

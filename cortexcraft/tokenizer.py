@@ -304,6 +304,11 @@ class BPETokenizer:
         self.dtype = dtype_for(self.vocab_size)
         self.unk = None
 
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int, special_tokens: list[str]) -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -422,20 +427,28 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
         raise CortexCraftError(f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>")
 
 
-def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: np.ndarray | None = None) -> dict:
+def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: np.ndarray | None = None,
+                init_from: str | None = None) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
     Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare; ``char_counts``
     when they were counted already), or ``--vocab``. BPE: ``--tokenizer-file``, or trained on the
-    first ``bpe_train_chars`` characters of the train split. Returns the vocab manifest."""
+    first ``bpe_train_chars`` characters of the train split. With ``init_from`` (``hf:...``): the
+    pretrained model's own tokenizer, whatever ``data_cfg`` says. Returns the vocab manifest."""
     out_dir = Path(out_dir)
-    check_tokenizer_config(data_cfg)
-    if data_cfg.tokenizer == "char":
+    if not init_from:
+        check_tokenizer_config(data_cfg)
+    if init_from:
+        from cortexcraft.hf import pretrained_tokenizer
+
+        tok = pretrained_tokenizer(init_from)
+    elif data_cfg.tokenizer == "char":
         counts = count_chars(corpus_chunks(corpus)) if char_counts is None else char_counts
         tok = char_tokenizer_from_counts(counts, data_cfg)
     elif data_cfg.tokenizer_file is not None:
         tok = BPETokenizer.from_tokenizer_file(Path(data_cfg.tokenizer_file), bpe_special_tokens(data_cfg))
     else:
+        check_tokenizer_config(data_cfg)
         cut = train_val_cut(corpus, data_cfg.val_fraction)
         sample = corpus_chunks(corpus, 0, min(cut, data_cfg.bpe_train_chars))
         tok = BPETokenizer.train(sample, data_cfg.vocab_size, bpe_special_tokens(data_cfg))

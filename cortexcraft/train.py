@@ -1,4 +1,5 @@
-"""Training: AdamW with warmup + cosine, periodic evaluation, checkpoints and exact resume.
+"""Training: AdamW (optionally with Muon for the blocks' matrices), warmup + cosine or
+warmup-stable-decay, periodic evaluation, checkpoints and exact resume.
 
 ``train(config, data_dir, run_dir)`` runs until ``max_iters`` (or ``max_epochs``, or the
 ``max_minutes`` budget), evaluating every ``eval_interval`` steps (mean loss over ``eval_iters``
@@ -38,8 +39,9 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, remove_dead_temps, sha256_json
 from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
 from cortexcraft.locks import lock_run_dir
-from cortexcraft.model import GPT, check_model_config
+from cortexcraft.model import GPT, check_model_config, matmul_shapes
 from cortexcraft.shards import verify_shards
+from cortexcraft.threads import choose_threads
 from cortexcraft.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,30 +49,79 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Evaluation batches come from their own stream, far from the training streams (one per rank).
 EVAL_STREAM = 1 << 20
+# Evaluation batches hold at most this many logits (64 MiB in fp32).
+EVAL_LOGITS_BUDGET = 1 << 24
+# dtype calibration times matmuls over at most this many tokens: enough rows to show each
+# precision's speed, few enough that a 50k-token vocabulary head costs well under a second.
+CALIBRATION_TOKENS = 512
 # Without a terminal progress bar, a progress log line at most this often.
 LOG_SECONDS = 30.0
 
 
-def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr (default lr/10) at max_steps."""
+def learning_rate(step: int, cfg: TrainConfig, max_steps: int, time_fraction: float = 0.0) -> float:
+    """Linear warmup, then constant, cosine decay, or warmup-stable-decay ("wsd": constant, then
+    linear decay over the last ``decay_fraction``) to min_lr (default lr/10) at max_steps.
+
+    ``time_fraction`` is the share of the ``max_minutes`` budget already used: a wsd run is as far
+    along as the steps or the clock say, whichever is further, so a budget that stops the run at
+    any step still ends it on a finished decay."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, max_steps - cfg.warmup_iters))
+    if cfg.lr_schedule == "wsd":
+        progress = min(1.0, max(progress, time_fraction))
+        remaining = 1.0 - progress
+        if remaining >= cfg.decay_fraction:
+            return cfg.lr
+        return min_lr + (cfg.lr - min_lr) * remaining / cfg.decay_fraction
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays only matrices and embeddings (>= 2-D), never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
+# Muon's momentum warmup starts here (modded-nanogpt's value).
+MUON_MOMENTUM_START = 0.85
+
+
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """The run's optimizers by checkpoint name: "optimizer" is AdamW, which decays only matrices
+    and embeddings (>= 2-D), never biases or norm gains; with ``optimizer=muon``, "muon" takes the
+    2-D matrices inside the blocks and AdamW keeps the embeddings, head, gains and biases."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon_params = [p for name, p in named if cfg.optimizer == "muon" and name.startswith("blocks.") and p.dim() == 2]
+    taken = {id(p) for p in muon_params}
+    params = [p for _, p in named if id(p) not in taken]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # The fused kernel exists on CPU too: 1.09x (fp32) to 1.17x (bf16) per step at nanoGPT's CPU shape (bench_train).
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "optimizer": torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu")),
+    }
+    if muon_params:
+        # weight_decay is always passed: torch's default (0.1) is far from the speedrun's (none).
+        optimizers["muon"] = torch.optim.Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+                                              momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+    return optimizers
+
+
+def apply_schedule(optimizers: dict[str, torch.optim.Optimizer], step: int, cfg: TrainConfig, max_steps: int,
+                   time_fraction: float = 0.0) -> float:
+    """Set this step's learning rates (Muon's scaled by muon_lr / lr) and Muon momentum; returns AdamW's lr."""
+    lr = learning_rate(step, cfg, max_steps, time_fraction)
+    for group in optimizers["optimizer"].param_groups:
+        group["lr"] = lr
+    if "muon" in optimizers:
+        momentum = cfg.muon_momentum
+        if step < cfg.muon_momentum_warmup_iters:
+            start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
+            momentum = start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup_iters
+        for group in optimizers["muon"].param_groups:
+            group["lr"] = cfg.muon_lr * lr / cfg.lr
+            group["momentum"] = momentum
+    return lr
 
 
 def max_steps_for(cfg: TrainConfig, train_tokens: int, tokens_per_step: int) -> int:
@@ -135,11 +186,15 @@ class Distributed:
             dist.barrier()
 
     def any(self, flag: bool, device: torch.device) -> bool:
+        return self.max(1.0 if flag else 0.0, device) > 0
+
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest ``value`` over all ranks (so every rank takes the same decision)."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([value], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def gather(self, obj: Any) -> list[Any]:
         if not self.enabled:
@@ -213,15 +268,25 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, windows: dict, eval_iters: int, device: torch.device,
+def eval_plan(eval_iters: int, batch_size: int, block_size: int, vocab_size: int) -> tuple[int, int]:
+    """(batches, windows per batch) for an evaluation of ``eval_iters`` training-sized batches:
+    the same number of windows in as few forward passes as the logits budget allows (a larger
+    batch costs less per token on CPU, and the loss estimate is just as accurate)."""
+    windows = eval_iters * batch_size
+    per_batch = max(batch_size, min(windows, EVAL_LOGITS_BUDGET // (block_size * vocab_size)))
+    batches = math.ceil(windows / per_batch)
+    return batches, math.ceil(windows / batches)
+
+
+@torch.inference_mode()
+def estimate_loss(model: torch.nn.Module, windows: dict, eval_batches: int, device: torch.device,
                   dtype: torch.dtype, ddp: Distributed) -> dict[str, float]:
-    """Mean loss over the same ``eval_iters`` batches of each split every time (shared among ranks)."""
+    """Mean loss over the same ``eval_batches`` batches of each split every time (shared among ranks)."""
     model.eval()
     out = {}
     for split, source in windows.items():
         total = torch.zeros(2, device=device)
-        for i in range(ddp.rank, eval_iters, ddp.world_size):
+        for i in range(ddp.rank, eval_batches, ddp.world_size):
             x, y = source.batch(i, stream=EVAL_STREAM)
             with autocast(device, dtype):
                 _, loss = model(x, y)
@@ -269,10 +334,32 @@ def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, 
         raise CortexCraftError(
             f"{run_dir} holds a model with a different shape ({', '.join(changed)}); use a new --out or the run's original settings"
         )
+    saved_optimizer = state["config"]["train"].get("optimizer", "adamw")
+    if saved_optimizer != config.train.optimizer:
+        raise CortexCraftError(
+            f"{run_dir} was trained with optimizer={saved_optimizer}, not {config.train.optimizer}; "
+            f"use a new --out or --set optimizer={saved_optimizer}"
+        )
     if state["vocab_size"] != vocab_size:
         raise CortexCraftError(
             f"{run_dir} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; use the run's data or a new --out"
         )
+
+
+def _with_pretrained_architecture(config: RunConfig, manifest: dict[str, Any], data_dir: Path) -> RunConfig:
+    """``config`` with the model section of its ``init_from`` checkpoint, after checking that the
+    data was tokenized with that checkpoint's tokenizer."""
+    from cortexcraft.hf import pretrained_model_config, pretrained_vocab_size
+
+    spec = config.train.init_from
+    expected = pretrained_vocab_size(spec)
+    if manifest["tokenizer"]["type"] != "bpe" or manifest["vocab_size"] != expected:
+        raise CortexCraftError(
+            f"{data_dir} was tokenized with a {manifest['tokenizer']['type']} vocabulary of {manifest['vocab_size']:,} tokens, "
+            f"but init_from={spec} reads {expected:,} BPE tokens; prepare the data with its tokenizer "
+            f"(cortexcraft prepare --init-from {spec})"
+        )
+    return config.model_copy(update={"model": pretrained_model_config(spec, config.model)})
 
 
 def train(
@@ -297,13 +384,16 @@ def train(
     """
     t_start = time.monotonic()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    tcfg, mcfg = config.train, config.model
     manifest = verify_shards(data_dir)
     vocab_size = manifest["vocab_size"]
+    if config.train.init_from:
+        config = _with_pretrained_architecture(config, manifest, data_dir)
+    tcfg, mcfg = config.train, config.model
     check_model_config(mcfg, vocab_size)
 
     ddp = Distributed(tcfg.device)
     lock = None
+    threads_before = torch.get_num_threads()
     try:
         if ddp.is_main:
             lock = lock_run_dir(run_dir)
@@ -318,6 +408,7 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+        torch.set_num_threads(threads_before)  # the caller's setting, whatever training chose
         ddp.close()
 
 
@@ -328,22 +419,39 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     tcfg, mcfg = config.train, config.model
     vocab_size = manifest["vocab_size"]
     device = select_device(tcfg.device, ddp.local_rank)
-    dtype = select_dtype(device, tcfg.dtype)
+    tuner, thread_info = None, {}
+    if device.type == "cpu":
+        threads, tuner, thread_info = choose_threads(tcfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(threads)
+    dtype = select_dtype(device, tcfg.dtype, matmul_shapes(mcfg, vocab_size, min(CALIBRATION_TOKENS, tcfg.batch_size * mcfg.block_size)))
+    if device.type == "cpu" and tcfg.dtype == "auto" and ddp.enabled:
+        # Each rank timed its own matmuls; they must still train in one precision.
+        dtype = torch.bfloat16 if ddp.any(dtype == torch.bfloat16, device) else torch.float32
     windows = {split: TokenWindows(data_dir, split, mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
                for split in ("train", "val")}
+    eval_batches, eval_batch_size = eval_plan(tcfg.eval_iters, tcfg.batch_size, mcfg.block_size, vocab_size)
+    eval_windows = {split: TokenWindows(data_dir, split, mcfg.block_size, eval_batch_size, tcfg.seed, device)
+                    for split in ("train", "val")}
     tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum * ddp.world_size
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
 
     torch.manual_seed(tcfg.seed + ddp.rank)
-    model = GPT(mcfg, vocab_size).to(device)
-    optimizer = make_optimizer(model, tcfg, device)
+    model = GPT(mcfg, vocab_size)
+    if tcfg.init_from and previous is None:
+        from cortexcraft.hf import pretrained_state
+
+        model.load_state_dict(pretrained_state(tcfg.init_from, mcfg))
+        log.info("initialised from %s", tcfg.init_from)
+    model = model.to(device)
+    optimizers = make_optimizers(model, tcfg, device)
     scaler = grad_scaler(device, dtype)
     step, tokens_seen, best_val, best_step = 0, 0, math.inf, None
     if previous is not None:
         path, state = previous
         model.load_state_dict(load_model_state(path, device))
-        optimizer_state, rng_states = load_training_state(path, state)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer_states, rng_states = load_training_state(path, state)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(optimizer_states[name])
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         if ddp.rank < len(rng_states):
@@ -362,7 +470,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         load_tokenizer(data_dir).save(run_dir)
         atomic_write_json(run_dir / "run.json", {
             "config": config.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
-            "data_manifest_sha256": sha256_json(manifest), "vocab_size": vocab_size, "params": params,
+            "data_manifest_sha256": sha256_json(manifest), "data_source": manifest.get("source"), "vocab_size": vocab_size, "params": params,
             "device": str(device), "dtype": dtype_name(dtype), "world_size": ddp.world_size,
         })
         # The history must end where the checkpoint does, so it equals an uninterrupted run's.
@@ -388,9 +496,10 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     last_record: Optional[dict[str, Any]] = history[-1] if history else None
     last_ckpt = previous[0] if previous else None
     stopped_by = "max_epochs" if tcfg.max_epochs is not None else "max_iters"
-    out_of_time = stopping = False
+    out_of_time, time_fraction, stopping = False, 0.0, False
     t_loop = time.monotonic()
     t_log, tokens_at_log = t_loop, tokens_seen
+    eval_seconds = 0.0
     loss = None
     while True:
         at_end = step >= max_steps or out_of_time or stopping
@@ -403,10 +512,12 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if evaluates or checkpoints:
             health.check(last_ckpt)
         if evaluates:
-            losses = estimate_loss(eval_model, windows, tcfg.eval_iters, device, dtype, ddp)
+            t_eval = time.monotonic()
+            losses = estimate_loss(eval_model, eval_windows, eval_batches, device, dtype, ddp)
+            eval_seconds += time.monotonic() - t_eval
             health.check(last_ckpt, losses, step)
             record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps), "tokens_seen": tokens_seen,
+                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, time_fraction), "tokens_seen": tokens_seen,
                       "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
             improved = step > 0 and record["val_loss"] < best_val
             if improved:
@@ -421,7 +532,8 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if checkpoints or improved:
             rng_states = ddp.gather(_rng_state(device))
             if ddp.is_main:
-                last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(), optimizer.state_dict(), rng_states, {
+                last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(),
+                                            {name: opt.state_dict() for name, opt in optimizers.items()}, rng_states, {
                     "val_loss": record["val_loss"] if record else None, "best_val_loss": best_val if best_step is not None else None,
                     "best_step": best_step, "tokens_seen": tokens_seen, "vocab_size": vocab_size,
                     "config": config.model_dump(mode="json"),
@@ -432,9 +544,12 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if at_end:
             break
 
-        lr = learning_rate(step, tcfg, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(optimizers, step, tcfg, max_steps, time_fraction)
+        if tuner is not None:
+            threads = tuner.threads_for_next_step()
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            t_step = time.perf_counter()
         step_losses = torch.zeros((), device=device)
         for micro in range(tcfg.grad_accum):
             x, y = windows["train"].batch(step * tcfg.grad_accum + micro, stream=ddp.rank)
@@ -448,18 +563,23 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             step_losses += loss.detach().float()
         if tcfg.grad_clip is not None:
             if scaler is not None:
-                scaler.unscale_(optimizer)
+                for optimizer in optimizers.values():
+                    scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
         elif scaler is None:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
         # fp16's grad scaler skips steps with inf gradients by design; only its loss must stay finite.
         health.record(step, step_losses if scaler is not None else step_losses + grad_norm)
+        for optimizer in optimizers.values():
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.step(optimizer)
             scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if tuner is not None:
+            tuner.record(time.perf_counter() - t_step)
         step += 1
         tokens_seen += tokens_per_step
 
@@ -475,7 +595,9 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                 log.info("step %d/%d: loss %.4f, %s tok/s", step, max_steps, train_loss, f"{rate:,.0f}")
             t_log, tokens_at_log = now, tokens_seen
         if tcfg.max_minutes is not None:
-            out_of_time = ddp.any(time.monotonic() - t_start > 60 * tcfg.max_minutes, device)
+            # One value for all ranks, so they stop at the same step with the same learning rate.
+            time_fraction = ddp.max((time.monotonic() - t_start) / (60 * tcfg.max_minutes), device)
+            out_of_time = time_fraction >= 1.0
             if out_of_time:
                 stopped_by = "max_minutes"
                 log.info("time budget of %s min reached at step %d; saving a checkpoint", tcfg.max_minutes, step)
@@ -495,6 +617,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                                   "run the same command again to resume")
 
     train_seconds = time.monotonic() - t_loop
+    wall_seconds = time.monotonic() - t_start
     trained_tokens = (step - start_step) * tokens_per_step
     best = resolve_checkpoint(run_dir, "best")[0] if last_ckpt is not None else None
     summary = {
@@ -502,12 +625,14 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         "best_step": best_step, "best_val_loss": best_val if best_step is not None else None,
         "final_train_loss": last_record["train_loss"] if last_record else None,
         "final_val_loss": last_record["val_loss"] if last_record else None,
-        "tokens_seen": tokens_seen, "wall_seconds": round(time.monotonic() - t_start, 3),
+        "tokens_seen": tokens_seen, "wall_seconds": round(wall_seconds, 3),
         "tokens_per_second": round(trained_tokens / train_seconds, 1) if trained_tokens else None,
         "params": params, "resumed_from_step": start_step if previous is not None else None,
         "checkpoint_best": str(best) if best else None, "checkpoint_last": str(last_ckpt) if last_ckpt else None,
         "metrics_path": str(run_dir / METRICS_FILE), "run_dir": str(run_dir), "device": str(device),
         "dtype": dtype_name(dtype), "world_size": ddp.world_size,
+        "eval_seconds": round(eval_seconds, 3), "eval_share": round(eval_seconds / max(wall_seconds, 1e-9), 4),
+        "threads": {**thread_info, "final": torch.get_num_threads(), "switches": tuner.switches if tuner else 0},
     }
     if ddp.is_main:
         atomic_write_json(run_dir / "summary.json", summary)

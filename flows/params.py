@@ -47,6 +47,9 @@ class PipelineParams(BaseModel):
             self._config = build_config(self.preset, extra)
         except CortexCraftError as exc:
             raise ValueError(str(exc)) from None
+        if self._config.train.init_from and self.in_parts():
+            raise ValueError(f"init_from={self._config.train.init_from} with workers={self.workers} or a Dask task runner: "
+                             f"a pretrained tokenizer is applied in one process only; use workers=1 and the default task runner")
         return self
 
     def run_config(self) -> RunConfig:

@@ -67,7 +67,7 @@ def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
     summary = records["train"]["summary"]
-    unit = "char" if params.run_config().data.tokenizer == "char" else "token"
+    unit = "char" if params.run_config().tokenizer_kind == "char" else "token"
     best = summary["best_val_loss"]
     best_text = "no evaluation yet" if best is None else (
         f"best val loss {best:.4f} ({bits(best):.3f} bits/{unit}) at step {summary['best_step']:,}")

@@ -26,8 +26,9 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
                        data_cfg=data_cfg, data_dir=data_dir)
     if params.in_parts() and not _prepared(corpus, data_cfg, data_dir, refresh):
         return {"download": corpus, **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params)}
-    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg), refresh,
-                      corpus=corpus, data_cfg=data_cfg, data_dir=data_dir)
+    init_from = config.train.init_from
+    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg, init_from), refresh,
+                      corpus=corpus, data_cfg=data_cfg, data_dir=data_dir, init_from=init_from)
     shards = run_stage(write_shards_task, shards_key(corpus, vocab, data_cfg), refresh,
                        corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir)
     return {"download": corpus, "vocab": vocab, "shards": shards}

@@ -41,6 +41,25 @@ def local_source_digest(spec: str) -> str | None:
     return sha256_json([[p.as_posix(), sha256_file(p)] for p in files])
 
 
+# Files of a transformers model directory that hold weights, not the tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
+    """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR`` (without the
+    weight files when ``weights`` is false: all a tokenizer depends on), or the hub reference
+    itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
+    if not init_from:
+        return []
+    from cortexcraft.config import pretrained_reference
+
+    directory = Path(pretrained_reference(init_from)).expanduser()
+    if not directory.is_dir():
+        return [init_from]
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and (weights or p.suffix not in WEIGHT_SUFFIXES))
+    return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
+
+
 def download_key(data_cfg: dict[str, Any]) -> str:
     digest = local_source_digest(data_cfg["source"])
     return stage_key(STAGE, [digest] if digest else [], data_cfg)

@@ -30,9 +30,10 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
 
     logger = get_run_logger()
     key = report_key(run, config)
-    run_config = RunConfig.model_validate(config)
     run_dir = resolve(data_dir, run["dir"])
-    checkpoint, _ = resolve_checkpoint(run_dir, "best")
+    checkpoint, state = resolve_checkpoint(run_dir, "best")
+    # The model section the run really trained (with init_from, the pretrained architecture).
+    run_config = RunConfig.model_validate({**config, "model": state["config"]["model"]})
     samples = sample_prompts(run_dir, run_config.sample)
     for prompt, seed, text in samples:
         logger.info("sample for %r (seed %d): %r", prompt, seed, text[:80])

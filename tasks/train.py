@@ -22,6 +22,7 @@ from prefect.context import TaskRunContext
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
 from cortexcraft.fileio import read_json
+from tasks.download import pretrained_digest
 from tasks.stage import (files_under, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
 
@@ -30,7 +31,8 @@ CLI_ERROR = "cortexcraft train: error: "
 
 
 def train_key(shards: dict[str, Any], config: dict[str, Any]) -> str:
-    return stage_key(STAGE, [shards["content"]], {"model": config["model"], "train": config["train"]})
+    inputs = [shards["content"], *pretrained_digest(config["train"].get("init_from"))]
+    return stage_key(STAGE, inputs, {"model": config["model"], "train": config["train"]})
 
 
 def continuation(data_dir: str, shards: dict[str, Any], config: dict[str, Any], extra_iters: int) -> dict[str, int]:

@@ -11,6 +11,14 @@ import pytest
 # not warn that they cannot reach the API.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """dtype=auto measures matmuls once per machine and caches the answer: in tests, in a tmp dir
+    (subprocesses inherit it), never in the user's ~/.cache."""
+    os.environ["CORTEXCRAFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cortexcraft-cache"))
+    yield
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CORTEXCRAFT_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,27 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(data_dir
     assert final_a.keys() == final_b.keys()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert losses(killed) == losses(reference)
+
+
+def test_muon_and_the_speedrun_model_resume_bitwise_from_a_middle_checkpoint(data_dir, tmp_path):
+    # Both optimizers' states (AdamW moments, Muon momentum buffers) must come back exactly.
+    config = tiny_config("cpu", "max_iters=40", "keep_last=10", "optimizer=muon", "muon_momentum_warmup_iters=30",
+                         "lr_schedule=wsd", "pos_encoding=rope", "normalization=rmsnorm", "activation=relu2",
+                         "qk_norm=true", "zero_init=true", "tie_weights=false", "logit_softcap=30", "dropout=0.1")
+    reference = tmp_path / "uninterrupted"
+    train(config, data_dir, reference)
+    resumed = tmp_path / "resumed"
+    train(config, data_dir, resumed)
+    for later in list_checkpoints(resumed)[2:]:
+        shutil.rmtree(later)  # as if the run had died after step 20
+    summary = train(config, data_dir, resumed)
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 40
+    state = read_checkpoint_state(resolve_checkpoint(resumed, "last")[0])
+    assert set(state["optimizers"]) == {"optimizer", "muon"}
+    final_a = load_model_state(resolve_checkpoint(reference, "last")[0])
+    final_b = load_model_state(resolve_checkpoint(resumed, "last")[0])
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert losses(resumed) == losses(reference)
 
 
 def test_a_damaged_checkpoint_is_named_and_the_previous_good_one_is_used(data_dir, tmp_path, caplog):

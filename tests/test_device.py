@@ -1,9 +1,12 @@
 """Device and autocast dtype selection."""
+import json
+import time
+
 import pytest
 import torch
 
 from cortexcraft import device as device_module
-from cortexcraft.device import select_dtype
+from cortexcraft.device import CALIBRATION_FILE, calibrate_cpu_dtype, select_dtype, time_matmuls
 from cortexcraft.errors import CortexCraftError
 
 CPU = torch.device("cpu")
@@ -38,3 +41,62 @@ def test_cpu_bf16_autocast_loss_is_close_to_fp32_with_finite_gradients():
     bf16_loss.backward()
     assert abs(bf16_loss.item() - fp32_loss.item()) < 0.05
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+SHAPES = [(2048, 128, 384), (2048, 128, 512)]
+
+
+def fake_timings(fp32: float, bf16: float, calls: list):
+    def measure(shapes, dtype):
+        calls.append(dtype)
+        return fp32 if dtype == torch.float32 else bf16
+    return measure
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [
+    (10.0, 5.0, "bfloat16"),   # 2x faster: worth it
+    (10.0, 9.5, "float32"),    # within the margin: the casts would eat the gain
+    (10.0, 40.0, "float32"),   # emulated bf16
+])
+def test_calibration_picks_bf16_only_when_clearly_faster(tmp_path, fp32, bf16, expected):
+    result = calibrate_cpu_dtype(SHAPES, fake_timings(fp32, bf16, []), directory=tmp_path)
+    assert result["dtype"] == expected
+    assert result["float32_seconds"] == fp32 and result["bfloat16_seconds"] == bf16
+
+
+def test_calibration_is_measured_once_per_machine_and_shapes(tmp_path, monkeypatch):
+    calls: list = []
+    first = calibrate_cpu_dtype(SHAPES, fake_timings(10.0, 5.0, calls), directory=tmp_path)
+    again = calibrate_cpu_dtype(SHAPES, fake_timings(1.0, 9.0, calls), directory=tmp_path)
+    assert again == first and calls == [torch.float32, torch.bfloat16]
+    # Other shapes, another torch version or another CPU: measured anew, the old entries kept.
+    assert calibrate_cpu_dtype([(64, 64, 64)], fake_timings(1.0, 9.0, calls), directory=tmp_path)["dtype"] == "float32"
+    monkeypatch.setattr(device_module.torch, "__version__", "9.9.9")
+    assert calibrate_cpu_dtype(SHAPES, fake_timings(1.0, 9.0, calls), directory=tmp_path)["dtype"] == "float32"
+    monkeypatch.setattr(device_module, "cpu_info", lambda: {"model": "Other CPU", "flags": ["avx2"]})
+    assert calibrate_cpu_dtype(SHAPES, fake_timings(10.0, 5.0, calls), directory=tmp_path)["dtype"] == "bfloat16"
+    assert len(calls) == 8
+    assert len(json.loads((tmp_path / CALIBRATION_FILE).read_text())) == 4
+
+
+def test_a_damaged_calibration_cache_is_measured_again_and_rewritten(tmp_path):
+    (tmp_path / CALIBRATION_FILE).write_text("{not json")
+    calls: list = []
+    assert calibrate_cpu_dtype(SHAPES, fake_timings(10.0, 5.0, calls), directory=tmp_path)["dtype"] == "bfloat16"
+    assert len(calls) == 2 and len(json.loads((tmp_path / CALIBRATION_FILE).read_text())) == 1
+
+
+def test_auto_dtype_with_shapes_uses_the_calibration_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORTEXCRAFT_CACHE_DIR", str(tmp_path))
+    # fp32 measured faster first, so a choice of bf16 afterwards could only come from the measurement.
+    monkeypatch.setattr(device_module, "time_matmuls", lambda shapes, dtype: 0.5 if dtype == torch.float32 else 1.0)
+    assert select_dtype(CPU, "auto", SHAPES) == torch.float32
+    monkeypatch.setattr(device_module, "time_matmuls", lambda shapes, dtype: 1.0 if dtype == torch.float32 else 0.5)
+    assert select_dtype(CPU, "auto", SHAPES) == torch.float32  # cached: not measured again
+    assert select_dtype(CPU, "auto", [(8, 8, 8)]) == torch.bfloat16
+
+
+def test_real_matmul_timing_is_positive_and_quick():
+    start = time.perf_counter()
+    assert time_matmuls([(64, 32, 48)], torch.float32, min_seconds=0.001) > 0
+    assert time.perf_counter() - start < 5

@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from cortexcraft.config import ModelConfig, build_config
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.model import GPT, KVCache, parameter_count
+from cortexcraft.model import GPT, KVCache, Rotary, apply_rotary, parameter_count
 from tiny_runs import one_thread  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,6 +23,9 @@ VARIANTS = [
     dict(pos_encoding="sinusoidal", norm="post", activation="gelu"),
     dict(pos_encoding="learned", norm="post", activation="gelu", tie_weights=True, bias=False),
     dict(pos_encoding="sinusoidal", norm="pre", activation="relu", d_ff=24),
+    # The speedrun options: rotary positions, RMSNorm, ReLU², QK-norm, soft-capped logits.
+    dict(pos_encoding="rope", normalization="rmsnorm", activation="relu2", qk_norm=True, logit_softcap=15.0, bias=False),
+    dict(pos_encoding="rope", norm="post", normalization="rmsnorm", activation="gelu", norm_eps=1e-6),
 ]
 
 
@@ -118,3 +123,80 @@ def test_a_sequence_longer_than_the_positions_is_refused():
     model = GPT(tiny(), VOCAB)
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def rotate_pairs_reference(x: torch.Tensor, position: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE written the long way: pair (i, i + d/2) turned by position * theta^(-2i/d)."""
+    d = x.size(-1)
+    out = x.clone()
+    for i in range(d // 2):
+        angle = position * theta ** (-2 * i / d)
+        a, b = x[..., i], x[..., i + d // 2]
+        out[..., i] = a * math.cos(angle) - b * math.sin(angle)
+        out[..., i + d // 2] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def test_rotary_embedding_is_llamas_rotate_half_and_keeps_attention_relative():
+    rotary = Rotary(head_dim=8, positions=16, theta=10000.0)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    for pos in (0, 3, 15):
+        torch.testing.assert_close(apply_rotary(q, *rotary(pos, 1)), rotate_pairs_reference(q, pos))
+    # A query at position m and a key at n score the same as at m + s and n + s.
+    score = lambda m, n: (apply_rotary(q, *rotary(m, 1)) * apply_rotary(k, *rotary(n, 1))).sum()  # noqa: E731
+    torch.testing.assert_close(score(5, 2), score(12, 9))
+    assert "cos" not in GPT(tiny(pos_encoding="rope"), VOCAB).state_dict()
+
+
+def test_rope_model_scores_the_same_text_the_same_at_any_cache_offset():
+    # RoPE attention depends only on relative positions, so the same window gives the same logits
+    # at whatever absolute offset it starts (with a learned position table it would not).
+    torch.manual_seed(0)
+    model = GPT(tiny(pos_encoding="rope", normalization="rmsnorm", qk_norm=True), VOCAB).eval()
+    idx = torch.randint(0, VOCAB, (1, 4))
+    first, _ = model(idx)
+    cache = KVCache(model.config.n_layer)
+    cache.length = 3  # as if three earlier positions had been dropped from the window
+    cache.layers = [None] * model.config.n_layer
+    shifted, _ = model(idx, cache=cache)
+    torch.testing.assert_close(shifted, first, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_and_rmsnorm_have_learned_gains_and_relu2_squares():
+    model = GPT(tiny(normalization="rmsnorm", qk_norm=True, activation="relu2", bias=False), VOCAB)
+    names = set(model.state_dict())
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight", "blocks.0.ln1.weight", "ln_f.weight"} <= names
+    assert not any(name.endswith(".bias") for name in names)
+    assert model.blocks[0].attn.q_norm.weight.shape == (8,)
+    x = torch.tensor([-2.0, -0.5, 0.0, 1.5, 3.0])
+    torch.testing.assert_close(model.blocks[0].ff.act(x), torch.tensor([0.0, 0.0, 0.0, 2.25, 9.0]))
+
+
+def test_zero_init_starts_every_block_as_identity_and_the_loss_at_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init=True, pos_encoding="rope", normalization="rmsnorm"), VOCAB)
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.ff.proj.weight.any()
+    assert not model.lm_head.weight.any()
+    idx = torch.randint(0, VOCAB, (2, 8))
+    _, loss = model(idx, idx)
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=1e-6)
+    # The gradient still reaches the head (and through it everything else) on the first step.
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_logit_softcap_bounds_the_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny(logit_softcap=2.0), VOCAB)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)
+    logits, _ = model(torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8)))
+    assert logits.abs().max() <= 2.0
+    assert logits.abs().max() > 1.9
+
+
+def test_rope_with_an_odd_head_size_is_refused_with_the_fix():
+    with pytest.raises(CortexCraftError, match="pos_encoding=rope needs an even head size"):
+        build_config("cpu", ["pos_encoding=rope", "n_embd=132", "n_head=44"])

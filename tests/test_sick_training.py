@@ -79,12 +79,12 @@ def test_non_finite_weights_are_never_checkpointed_and_never_best(healthy_run):
     name = next(iter(broken))
     broken[name][0] = float("nan")
     with pytest.raises(CheckpointError, match=rf"refusing to write the checkpoint of step 30 .* weight {name} holds NaN or inf"):
-        save_checkpoint(healthy_run, 30, broken, {"state": {}, "param_groups": []}, [], {**state, "val_loss": 0.1})
+        save_checkpoint(healthy_run, 30, broken, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": 0.1})
     assert [p.name for p in list_checkpoints(healthy_run)] == ["step_00000010", "step_00000020"]
     assert not list((healthy_run / "checkpoints").glob(".*"))
     # A checkpoint whose recorded val loss is not finite (or worse) never becomes best.
-    save_checkpoint(healthy_run, 40, weights, {"state": {}, "param_groups": []}, [], {**state, "val_loss": float("nan")})
-    save_checkpoint(healthy_run, 50, weights, {"state": {}, "param_groups": []}, [], {**state, "val_loss": state["val_loss"] + 1})
+    save_checkpoint(healthy_run, 40, weights, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": float("nan")})
+    save_checkpoint(healthy_run, 50, weights, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": state["val_loss"] + 1})
     assert resolve_checkpoint(healthy_run, "best")[0] == path
     assert resolve_checkpoint(healthy_run, "last")[0].name == "step_00000050"
 

@@ -13,7 +13,9 @@ from cortexcraft.config import SampleConfig
 from cortexcraft.generate import generate_from_run, sample_prompts
 from cortexcraft.model import GPT
 from cortexcraft.prepare import prepare
-from cortexcraft.train import evaluate_run, learning_rate, make_optimizer, max_steps_for, read_metrics, train
+from cortexcraft.train import (
+    apply_schedule, eval_plan, evaluate_run, learning_rate, make_optimizers, max_steps_for, read_metrics, train,
+)
 from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,10 +147,63 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 def test_weight_decay_applies_only_to_matrices():
     cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "weight_decay=0.1"])
     model = GPT(cfg.model, 20)
-    decayed, plain = make_optimizer(model, cfg.train, torch.device("cpu")).param_groups
+    optimizers = make_optimizers(model, cfg.train.model_copy(update={"optimizer": "adamw"}), torch.device("cpu"))
+    assert list(optimizers) == ["optimizer"]
+    decayed, plain = optimizers["optimizer"].param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = build_config("cpu", ["n_layer=2", "n_embd=32", "n_head=2", "optimizer=muon", "muon_lr=0.05",
+                               "tie_weights=false", "normalization=rmsnorm", "qk_norm=true"])
+    model = GPT(cfg.model, 20)
+    optimizers = make_optimizers(model, cfg.train, torch.device("cpu"))
+    muon = optimizers["muon"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert muon_names == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "ff.up", "ff.proj")}
+    adamw_names = {names[id(p)] for g in optimizers["optimizer"].param_groups for p in g["params"]}
+    assert adamw_names == set(names.values()) - muon_names
+    assert {"tok_emb.weight", "lm_head.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
+    # torch's Muon defaults to weight_decay=0.1; ours is explicit.
+    assert muon.param_groups[0]["weight_decay"] == cfg.train.muon_weight_decay == 0.0
+
+
+def test_warmup_stable_decay_ends_on_min_lr_by_steps_or_by_the_clock():
+    cfg = build_config("cpu", ["lr=1e-3", "min_lr=0", "warmup_iters=10", "lr_schedule=wsd", "decay_fraction=0.2"]).train
+    assert learning_rate(0, cfg, 110) == pytest.approx(1e-3 / 11)
+    assert learning_rate(10, cfg, 110) == learning_rate(89, cfg, 110) == 1e-3
+    assert learning_rate(90, cfg, 110) == pytest.approx(1e-3)
+    assert learning_rate(100, cfg, 110) == pytest.approx(0.5e-3)
+    assert learning_rate(110, cfg, 110) == pytest.approx(0.0)
+    # 90% of a time budget used at step 20: the decay is as far along as the clock says.
+    assert learning_rate(20, cfg, 110, time_fraction=0.9) == pytest.approx(0.5e-3)
+    assert learning_rate(20, cfg, 110, time_fraction=0.5) == pytest.approx(1e-3)
+    assert learning_rate(100, cfg, 110, time_fraction=0.1) == pytest.approx(0.5e-3)
+
+
+def test_muon_momentum_warms_up_and_its_lr_follows_the_schedule():
+    cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "optimizer=muon", "lr=1e-3", "muon_lr=0.04",
+                               "warmup_iters=0", "lr_schedule=wsd", "decay_fraction=0.2", "min_lr=0", "muon_momentum=0.95",
+                               "muon_momentum_warmup_iters=100"]).train
+    optimizers = make_optimizers(GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg,
+                                 torch.device("cpu"))
+    muon = optimizers["muon"].param_groups[0]
+    assert apply_schedule(optimizers, 0, cfg, 1000) == pytest.approx(1e-3)
+    assert muon["momentum"] == pytest.approx(0.85) and muon["lr"] == pytest.approx(0.04)
+    apply_schedule(optimizers, 50, cfg, 1000)
+    assert muon["momentum"] == pytest.approx(0.90)
+    apply_schedule(optimizers, 900, cfg, 1000)
+    assert muon["momentum"] == pytest.approx(0.95) and muon["lr"] == pytest.approx(0.02)
+    assert optimizers["optimizer"].param_groups[0]["lr"] == pytest.approx(0.5e-3)
+
+
+def test_a_run_cannot_switch_optimizer_on_resume(data_dir, tmp_path):
+    train(tiny_config("cpu", "max_iters=10", "optimizer=adamw"), data_dir, tmp_path / "run")
+    with pytest.raises(CortexCraftError, match="trained with optimizer=adamw, not muon"):
+        train(tiny_config("cpu", "max_iters=20", "optimizer=muon"), data_dir, tmp_path / "run")
 
 
 def test_cli_generate_writes_only_the_text_to_stdout_and_evaluate_prints_bits(trained_run, data_dir, capsys):
@@ -183,3 +238,15 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_there(data_dir, tmp_pat
     with pytest.raises(CortexCraftError, match="float16 is not supported on CPU"):
         train(tiny_config("cpu", "max_iters=5", "dtype=float16", "device=cpu"), data_dir, tmp_path / "fp16")
     assert not (tmp_path / "fp16").exists()
+
+
+def test_evaluation_uses_the_same_windows_in_fewer_larger_batches_and_reports_its_share(trained_run):
+    # The cpu preset's eval: 20 batches of 32 windows become one batch of 640 (64 x 65 logits each).
+    assert eval_plan(20, 32, 64, 65) == (1, 640)
+    # A big vocabulary and context keep the training batch size: the logits budget allows no more.
+    assert eval_plan(200, 12, 1024, 50_257) == (200, 12)
+    batches, per_batch = eval_plan(10, 8, 256, 4096)
+    assert batches * per_batch >= 80 and per_batch * 256 * 4096 <= 1 << 24
+    _, summary, _ = trained_run
+    assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
+    assert summary["eval_share"] == pytest.approx(summary["eval_seconds"] / summary["wall_seconds"], abs=1e-3)

@@ -1,0 +1,92 @@
+"""Thread count and OpenMP waiting on a machine shared with other processes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cortexcraft.threads import (
+    ThreadTuner, available_cores, cgroup_cpu_limit, free_cores, set_passive_openmp_env, user_thread_count,
+)
+from cortexcraft.train import train
+from tiny_runs import TINY, make_data_dir, tiny_config
+
+
+def test_importing_cortexcraft_sets_passive_openmp_waiting_before_torch_loads_and_keeps_user_values():
+    probe = ("import sys, os, cortexcraft.train; "
+             "print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'], 'torch' in sys.modules)")
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "0", "True"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "ACTIVE"
+    env_copy = {"KMP_BLOCKTIME": "5"}
+    set_passive_openmp_env(env_copy)
+    assert env_copy == {"KMP_BLOCKTIME": "5", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_cgroup_quota_caps_the_cores(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.0
+    assert available_cores(cpus=[0, 1, 2, 3], quota=1.5) == 2
+    assert available_cores(cpus=[0, 1], quota=None) in (1, 2)  # the real cgroup, if any, may cap it
+
+
+@pytest.mark.parametrize("available, busy, expected", [(2, 0.1, 2), (2, 0.9, 1), (2, 2.0, 1), (8, 2.6, 5), (1, 0.0, 1)])
+def test_threads_start_on_the_cores_others_leave_free(available, busy, expected):
+    assert free_cores(available, busy) == expected
+
+
+def test_a_user_thread_count_wins(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert user_thread_count(None) == 3
+    assert user_thread_count(2) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert user_thread_count(None) is None
+
+
+def run_tuner(tuner: ThreadTuner, step_seconds: dict[int, float], steps: int) -> list[int]:
+    used = []
+    for _ in range(steps):
+        threads = tuner.threads_for_next_step()
+        used.append(threads)
+        tuner.record(step_seconds[threads])
+    return used
+
+
+def test_the_tuner_drops_to_one_thread_when_two_are_slower_and_returns_when_they_are_fast_again():
+    tuner = ThreadTuner(max_threads=2, start=2, period=20, probe=4, first_probe=6)
+    used = run_tuner(tuner, {2: 1.0, 1: 0.3}, 40)  # a neighbour stalls our second thread
+    assert used[:6] == [2] * 6 and used[6:10] == [1] * 4
+    assert tuner.current == 1 and tuner.switches == 1 and set(used[10:30]) == {1}
+    assert used[30:34] == [2] * 4  # it keeps checking, every `period` steps
+    used = run_tuner(tuner, {2: 0.1, 1: 0.3}, 60)  # the neighbour is gone
+    assert tuner.current == 2 and tuner.switches == 2
+
+
+def test_the_tuner_keeps_its_choice_when_the_other_count_is_not_clearly_faster():
+    tuner = ThreadTuner(max_threads=2, start=2, period=10, probe=4, first_probe=4)
+    used = run_tuner(tuner, {2: 1.0, 1: 0.95}, 100)
+    assert tuner.current == 2 and tuner.switches == 0
+    assert used.count(1) >= 8  # it did try one thread, more than once
+
+
+def test_training_picks_threads_itself_reports_them_and_restores_the_callers(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    data_dir = make_data_dir(tmp_path / "data")
+    before = torch.get_num_threads()
+    summary = train(tiny_config("cpu", "max_iters=30", "threads=null"), data_dir, tmp_path / "run")
+    info = summary["threads"]
+    assert info["mode"] == "auto" and 1 <= info["threads"] <= info["available_cores"]
+    assert 1 <= info["final"] <= info["available_cores"]
+    assert torch.get_num_threads() == before
+    fixed = train(tiny_config("cpu", "max_iters=5", *TINY[-1:]), data_dir, tmp_path / "fixed")
+    assert fixed["threads"] == {"mode": "fixed", "threads": 1, "final": 1, "switches": 0}
