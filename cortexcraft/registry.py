@@ -254,11 +254,10 @@ def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float
                 rule = f"same held-out set: {version}'s val split, champion {pointer['version']} re-evaluated on it"
             else:
                 champion_val = champion["val_loss"]
-                bits_key = "bits_per_char" if record["bits_per_char"] is not None and champion["bits_per_char"] is not None else "bits_per_token"
-                ours, theirs = record[bits_key], champion[bits_key]
-                unit = bits_key.replace("_", " ")
+                per = "char" if record["bits_per_char"] is not None and champion["bits_per_char"] is not None else "token"
+                ours, theirs, unit = record[f"bits_per_{per}"], champion[f"bits_per_{per}"], f"bits/{per}"
                 rule = (f"vocabularies differ ({champion['vocab_size']} vs {record['vocab_size']} tokens): "
-                        f"{unit.replace('bits per', 'bits/')} of each model on its own val split")
+                        f"{unit} of each model on its own val split")
             promoted = ours < theirs - margin
             verdict = f"promoted {version}" if promoted else "not promoted"
             decision.update(promoted=promoted, champion_val_loss=champion_val, rule=rule,

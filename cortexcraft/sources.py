@@ -407,7 +407,7 @@ def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> di
     spec = data_cfg.source
     files = _local_files(spec)
     if len(files) == 1 and Path(spec).expanduser().is_file():
-        return dict(_describe_local_file(files[0], spec), revision=_revision_summary(revision))
+        return _describe_local_file(files[0], spec)
     key = {"files": revision["identity"]["files"], "separator": default_separator(data_cfg),
            "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     entry = _entry(cache_dir, "local", key)
@@ -530,12 +530,15 @@ def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None
     cache_dir = Path(cache_dir)
     revision = revision or source_revision(data_cfg, cache_dir)
     if spec == "tinyshakespeare":
-        return _download_tinyshakespeare(data_cfg, cache_dir, revision)
-    if spec in HUB_ALIASES:
-        return _download_hub(spec, HUB_ALIASES[spec], "train", data_cfg, cache_dir, revision)
-    if spec.startswith("hf:"):
+        manifest = _download_tinyshakespeare(data_cfg, cache_dir, revision)
+    elif spec in HUB_ALIASES:
+        manifest = _download_hub(spec, HUB_ALIASES[spec], "train", data_cfg, cache_dir, revision)
+    elif spec.startswith("hf:"):
         repo, _, split = parse_hub_spec(spec)
-        return _download_hub(spec, repo, split, data_cfg, cache_dir, revision)
-    if spec.startswith(("http://", "https://")):
-        return _download_url(data_cfg, cache_dir, revision)
-    return _download_local(data_cfg, cache_dir, revision)
+        manifest = _download_hub(spec, repo, split, data_cfg, cache_dir, revision)
+    elif spec.startswith(("http://", "https://")):
+        manifest = _download_url(data_cfg, cache_dir, revision)
+    else:
+        manifest = _download_local(data_cfg, cache_dir, revision)
+    # How this call found the revision (a cache entry keeps how the first download did).
+    return dict(manifest, revision=_revision_summary(revision))

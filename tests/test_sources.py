@@ -235,8 +235,23 @@ def test_tinyshakespeare_from_the_hub_is_the_exact_text(tmp_path, hub, monkeypat
     assert manifest["revision"]["sha"] == hub.sha("karpathy/tiny_shakespeare", "refs/convert/parquet")
     assert manifest["chars"] == 1_115_394 and manifest["sha256"] == sha256_file(tinyshakespeare_path)
     monkeypatch.setenv("HF_ENDPOINT", closed_url)
-    assert download(DataConfig(), tmp_path / "cache") == manifest
+    offline = download(DataConfig(), tmp_path / "cache")  # the hub is gone: the revision seen last serves
+    assert offline["revision"]["checked_by"].startswith("not revalidated: cannot reach")
+    assert dict(offline, revision=manifest["revision"]) == manifest
     assert len(hub) == 1
+
+
+def test_a_new_hub_commit_is_downloaded_and_an_unchanged_one_is_not(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, ["one", "two"]))
+    first = download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")
+    assert first["revision"]["sha"] == hub.sha("me/corpus") and len(hub) == 1
+    assert download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")["path"] == first["path"]
+    assert len(hub) == 1 and hub.api_calls[-1] == "/api/datasets/me/corpus/revision/main"
+    hub.revisions[("me/corpus", "main")] = "f" * 40  # someone pushed to main
+    second = download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")
+    assert hub[-1][:2] == ("me/corpus", "f" * 40) and len(hub) == 2
+    assert second["path"] != first["path"] and second["revision"]["sha"] == "f" * 40
+    assert "hub commit ffffffffffff" in sources.describe_revision(second["revision"])
 
 
 def test_tinyshakespeare_falls_back_to_the_raw_file_url(tmp_path, hub, monkeypatch, serve, tinyshakespeare_path):
