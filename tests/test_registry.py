@@ -84,6 +84,20 @@ def test_a_run_started_from_a_checkpoint_has_its_own_segment_and_best(root, data
         trained(root, "wider", data, "max_iters=40", "n_embd=64", init_from=base["checkpoint_best"])
 
 
+def test_cli_train_init_from_a_checkpoint(root, data, capsys):
+    base = trained(root, "cli-base", data, "max_iters=20")
+    out = root / "runs" / "cli-init"
+    argv = ["train", "--data", str(data), "--out", str(out), "--init-from", base["checkpoint_best"], "--max-iters", "30",
+            *[f"--set={o}" for o in ("n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=8",
+                                     "eval_iters=4", "eval_interval=10", "checkpoint_interval=10")]]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["segment_start"] == 20 and summary["steps"] == 30
+    wider = [str(root / "runs" / "cli-wider") if a == str(out) else a for a in argv] + ["--set=n_embd=64"]
+    assert main(wider) == 2
+    assert "holds a model with a different shape (n_embd 32 -> 64); train from scratch instead" in capsys.readouterr().err
+
+
 def test_promotion_on_the_same_held_out_set_with_a_margin(root, data, more_data):
     models = root / "models"
     weak = trained(root, "weak", data, "max_iters=10")
