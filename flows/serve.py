@@ -2,8 +2,8 @@
 
     python -m flows.serve
 
-Serves the deployments defined in prefect.yaml (same names, parameters, schedules and
-concurrency limits), read from that file so the two ways of deploying cannot drift apart. Runs,
+Serves the deployments defined in prefect.yaml (same names, parameters, schedules, concurrency
+limits and triggers), read from that file so the two ways of deploying cannot drift apart. Runs,
 scheduled or started with `prefect deployment run`, execute while this process lives; stopping it
 pauses the deployments' schedules. Relative paths (the default data_dir "data") resolve against
 the directory this is started in: start it from the repository root.
