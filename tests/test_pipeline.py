@@ -7,8 +7,11 @@ directory, like a user re-running the pipeline in the same project.
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import shutil
+import threading
 import time
 
 import pytest
@@ -60,9 +63,15 @@ def run(source, data_dir, overrides=(), **extra):
 
 
 def stage_states(state) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    # Task runs reach the API through events, shipped in the background: wait for all of them.
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        if (len(task_runs) > len(STAGES) and all(tr.state and tr.state.is_final() for tr in task_runs)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
     # register reads and changes the model registry, so it runs every time (see the registry tests).
     assert sorted(states) == sorted(STAGES + ("register",)) and states.pop("register") == "Completed"
@@ -207,6 +216,37 @@ def test_changed_source_reruns_every_stage(project):
         assert set(stage_states(state).values()) == {"Completed"}
     finally:
         source.write_bytes(original)
+
+
+def test_url_source_is_revalidated_each_run_and_downloaded_only_when_it_changed(tmp_path, tinyshakespeare_path, prefect_server):
+    from test_freshness import CountingHandler, bodies_sent, edit
+
+    site = tmp_path / "site"
+    site.mkdir()
+    text = tinyshakespeare_path.read_text(encoding="utf-8")[:60_000]
+    (site / "input.txt").write_text(text, encoding="utf-8")
+    log: list = []
+    handler = type("Handler", (CountingHandler,), {"log": log})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/input.txt"
+        state, first = run(url, tmp_path / "data")
+        sent = bodies_sent(log)
+        assert stage_states(state)["download"] == "Completed" and sent >= 1
+        assert "Last-Modified" in latest_artifact(f"corpus-{first['download']['key']}").data
+
+        state, again = run(url, tmp_path / "data")
+        assert set(stage_states(state).values()) == {"Cached"} and bodies_sent(log) == sent  # a HEAD only
+        assert ("HEAD", 200) in log[-1:]
+
+        edit(site / "input.txt", text + "ROMEO:\nAnd more.\n")
+        state, changed = run(url, tmp_path / "data")
+        assert set(stage_states(state).values()) == {"Completed"} and bodies_sent(log) > sent
+        assert changed["download"]["key"] != first["download"]["key"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_bad_parameter_fails_before_any_stage_naming_it(project):
