@@ -69,7 +69,8 @@ def stage_states(state) -> dict[str, str]:
         with get_client(sync_client=True) as client:
             task_runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        if (len(task_runs) > len(STAGES) and all(tr.state and tr.state.is_final() for tr in task_runs)) or time.monotonic() > deadline:
+        final = len(task_runs) > len(STAGES) and all(tr.state and tr.state.is_final() for tr in task_runs)
+        if final or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}

@@ -121,7 +121,7 @@ def test_three_nights_of_retraining_through_server_worker_and_deployment(tmp_pat
     table = ["| version | data | policy | steps | val loss | promoted |", "|---|---|---|---|---|---|"]
     table += [f"| {v['version']} | {v['data']['fingerprint'][:12]} ({'night 1 file' if v is v1 else 'changed file'}) | "
               f"{v['policy']['mode']}{' from ' + v['policy']['parent'] if v['policy']['parent'] else ''} | {v['step']} | "
-              f"{v['val_loss']:.4f} | {'yes' if v['decision']['promoted'] else 'no (champion stays ' + v['decision']['champion_after'] + ')'} |"
+              f"{v['val_loss']:.4f} | {'yes' if v['decision']['promoted'] else 'no'} ({v['decision']['message']}) |"
               for v in (v1, v2, v3)]
     print("\nthree nights:\n" + "\n".join(table))
 
