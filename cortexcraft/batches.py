@@ -39,7 +39,9 @@ class TokenWindows:
             raise CortexCraftError(f"split {split!r} not in {data_dir}; use one of {', '.join(manifest['splits'])}")
         files = manifest["splits"][split]["files"]
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        self._maps = [_map_tokens(Path(data_dir) / f["name"]) for f in files if f["tokens"]]
+        self.data_dir, self.vocab_size = Path(data_dir), manifest["vocab_size"]
+        self._files = [Path(data_dir) / f["name"] for f in files if f["tokens"]]
+        self._maps = [_map_tokens(path) for path in self._files]
         self.shards = [np.frombuffer(mapped, dtype=dtype) for mapped in self._maps]
         self._shard_starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
         self.tokens = self._shard_starts[-1]
@@ -65,7 +67,20 @@ class TokenWindows:
                 out[row, filled:filled + len(piece)] = piece
                 self._unmap(shard, first, len(piece))
                 filled += len(piece)
+        # A shard damaged after it was written (same size, so the cheap check passed) must not
+        # reach the embedding as an out-of-range index; one max per batch costs next to nothing.
+        if out.max(initial=0) >= self.vocab_size:
+            self._raise_bad_token(starts, out)
         return out
+
+    def _raise_bad_token(self, starts: np.ndarray, rows: np.ndarray) -> None:
+        row, col = np.argwhere(rows >= self.vocab_size)[0]
+        position = int(starts[row]) + int(col)
+        shard = bisect.bisect_right(self._shard_starts, position) - 1
+        raise CortexCraftError(
+            f"{self._files[shard]} holds token id {rows[row, col]} at token {position - self._shard_starts[shard]:,} but the "
+            f"vocabulary has {self.vocab_size} ids: the shard is damaged; check with `cortexcraft verify {self.data_dir}` "
+            f"and re-run `cortexcraft prepare --out {self.data_dir}`")
 
     def _unmap(self, shard: int, first: int, count: int) -> None:
         # Reading a window maps its whole page-cache folio (up to 2 MiB with large folios, whatever

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, ensure_free_space, fsync_dir, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +98,37 @@ def save_checkpoint(
     ``rng_states`` holds one dict of RNG state tensors per rank; ``state`` is the JSON part
     (step, losses, config, ...), completed here with the optimizer scalars and file hashes.
     """
+    not_finite = next((name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if not_finite is not None:
+        raise CheckpointError(f"refusing to write the checkpoint of step {step} in {run_dir}: weight {not_finite} holds NaN "
+                              "or inf (training diverged); lower train.lr or set train.grad_clip")
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
     training = dict(optimizer_tensors)
     for rank, rank_states in enumerate(rng_states):
         training.update({f"rng.{rank}.{name}": t for name, t in rank_states.items()})
-    atomic_write_bytes(tmp / MODEL_FILE, save(_tensor_dict(model_state)))
-    atomic_write_bytes(tmp / TRAINING_FILE, save(_tensor_dict(training)))
-    record = {
-        **state,
-        "format": FORMAT,
-        "step": step,
-        "optimizer": optimizer_meta,
-        "sha256": {name: sha256_file(tmp / name) for name in (MODEL_FILE, TRAINING_FILE)},
-    }
-    atomic_write_json(tmp / STATE_FILE, record)
+    blobs = {MODEL_FILE: save(_tensor_dict(model_state)), TRAINING_FILE: save(_tensor_dict(training))}
+    # The whole checkpoint must fit: better refused up front than a half-written directory.
+    ensure_free_space(final, sum(map(len, blobs.values())))
+    tmp.mkdir()
+    try:
+        for name, blob in blobs.items():
+            atomic_write_bytes(tmp / name, blob)
+        record = {
+            **state,
+            "format": FORMAT,
+            "step": step,
+            "optimizer": optimizer_meta,
+            "sha256": {name: sha256_file(tmp / name) for name in blobs},
+        }
+        atomic_write_json(tmp / STATE_FILE, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         # Only a damaged leftover or a re-save of the same step (a resumed run) can be here.
         shutil.rmtree(final)
@@ -143,6 +155,15 @@ def read_checkpoint_state(ckpt_dir: str | os.PathLike, verify: bool = True) -> d
             if not path.is_file() or sha256_file(path) != expected:
                 raise CheckpointError(f"checkpoint file {path} is missing or damaged (hash mismatch); use another checkpoint")
     return state
+
+
+def verify_run(run_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, state) of every checkpoint of a run with every file hash checked; CheckpointError
+    naming the first damaged file otherwise."""
+    paths = list_checkpoints(run_dir)
+    if not paths:
+        raise CheckpointError(f"{run_dir} has no checkpoints to verify; pass a run directory (it holds checkpoints/)")
+    return [(path, read_checkpoint_state(path, verify=True)) for path in paths]
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -172,7 +193,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict[s
 
 
 def _best_of(valid: list[tuple[Path, dict[str, Any]]]) -> Optional[tuple[Path, dict[str, Any]]]:
-    scored = [(s["val_loss"], s["step"], p, s) for p, s in valid if s.get("val_loss") is not None]
+    # A non-finite val loss (from a checkpoint written before this was refused) never counts as best.
+    scored = [(s["val_loss"], s["step"], p, s) for p, s in valid
+              if s.get("val_loss") is not None and math.isfinite(s["val_loss"])]
     if not scored:
         return valid[-1] if valid else None
     _, _, path, state = min(scored, key=lambda item: (item[0], item[1]))

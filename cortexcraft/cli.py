@@ -1,4 +1,4 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, presets, pipeline, models.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, presets, pipeline, models.
 
 Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
 Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from cortexcraft.errors import CortexCraftError
@@ -53,6 +55,8 @@ def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cortexcraft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, also show its traceback and Prefect's own failure logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="download a corpus, build vocab.txt and write train/val token shards")
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--batches", type=int, help="evaluate on this many random batches instead of the whole split")
 
+    p = sub.add_parser("verify", help="check every sha256 of a shard directory or a run directory's checkpoints")
+    p.add_argument("dir", type=Path, help="a directory written by `cortexcraft prepare` or `cortexcraft train`")
+
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
     p.add_argument("--fields", action="store_true", help="list every setting --set accepts")
@@ -115,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
+    for command in sub.choices.values():  # also accepted after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -201,6 +210,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from cortexcraft.checkpoint import checkpoints_dir, verify_run
+    from cortexcraft.shards import MANIFEST, verify_shards
+
+    if (args.dir / MANIFEST).is_file():
+        manifest = verify_shards(args.dir, check_hashes=True)
+        files = [f for split in manifest["splits"].values() for f in split["files"]]
+        print(f"{args.dir}: shard directory OK, the tokenizer and {len(files)} shard files match their sha256")
+    elif checkpoints_dir(args.dir).is_dir():
+        checked = verify_run(args.dir)
+        print(f"{args.dir}: run directory OK, {len(checked)} checkpoints (steps "
+              f"{', '.join(str(state['step']) for _, state in checked)}) match their sha256")
+    else:
+        raise CortexCraftError(f"{args.dir} is neither a shard directory (no {MANIFEST}) nor a run directory "
+                               f"(no checkpoints/); pass one of them")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     import json
 
@@ -266,9 +293,35 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error_names() -> set[str]:
+    names, todo = set(), [CortexCraftError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class HidePrefectReportsOfUserErrors(logging.Filter):
+    """Drops Prefect's own console reports of a task or flow run that failed with a
+    CortexCraftError (a traceback and two "Finished in state Failed" lines): the CLI prints that
+    error as one line. Installed on console handlers only, so the API still gets the full logs."""
+
+    _STATE = re.compile(r"(?:encountered an exception|during execution):? (\w+)\b")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], CortexCraftError):
+            return False
+        match = self._STATE.search(record.getMessage())
+        return not (match and match.group(1) in _user_error_names())
+
+
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
-    "evaluate": _cmd_evaluate, "presets": _cmd_presets, "pipeline": _cmd_pipeline, "models": _cmd_models,
+    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
+    "models": _cmd_models,
 }
 
 
@@ -276,9 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(HidePrefectReportsOfUserErrors())
     try:
         return COMMANDS[args.command](args)
     except CortexCraftError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"cortexcraft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

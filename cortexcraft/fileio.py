@@ -1,13 +1,22 @@
-"""Atomic file writes and content hashes shared by every stage."""
+"""Atomic file writes and content hashes shared by every stage.
+
+A full disk (ENOSPC, or a quota: EDQUOT) during any write made through here becomes one
+``DiskFullError`` line naming the path, the space the write needed and the space that is free;
+the partial file is removed first, so whatever existed before is left intact.
+"""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, BinaryIO
+from typing import Any, Iterator, BinaryIO, Optional
+
+from cortexcraft.errors import CortexCraftError
 
 
 # Read once at import: os.umask can only be read by setting it, which other threads could see.
@@ -24,20 +33,65 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(CortexCraftError):
+    """A write failed because the file system holding its path is full (or over quota)."""
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def disk_full_error(path: str | os.PathLike, needed: Optional[int], approximate: bool = False) -> DiskFullError:
+    """The one-line error for ``path``, which needs ``needed`` bytes (None: unknown)."""
+    path = Path(path)
+    need = "" if needed is None else f"{'about ' if approximate else ''}{needed:,} bytes needed, "
+    return DiskFullError(f"no space left on the device to write {path}: {need}{_free_bytes(path):,} bytes free; "
+                         f"free some space (or write elsewhere) and re-run")
+
+
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
+def disk_full_is_an_error(path: str | os.PathLike, needed: Optional[int] = None, approximate: bool = False,
+                          cleanup: Optional[Any] = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside the block into ``disk_full_error``; ``cleanup()`` runs
+    first (remove the partial output), so the free space reported is what the user has."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise disk_full_error(path, needed, approximate) from None
+
+
+def ensure_free_space(path: str | os.PathLike, needed: int) -> None:
+    """DiskFullError before writing ``needed`` bytes under ``path`` if they cannot fit."""
+    if _free_bytes(Path(path)) < needed:
+        raise disk_full_error(path, needed)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", size: Optional[int] = None) -> Iterator[BinaryIO]:
     """Open a temp file beside ``path``; on success fsync it and rename it over ``path``.
 
-    On any exception the temp file is removed and ``path`` is left as it was.
+    On any exception the temp file is removed and ``path`` is left as it was. ``size`` (bytes
+    about to be written, when known) goes into the error message if the disk fills up.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        with disk_full_is_an_error(path, size, cleanup=lambda: Path(tmp).unlink(missing_ok=True)):
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
         # mkstemp creates 0600 files; outputs should get the permissions a plain open() gives.
         os.chmod(tmp, DEFAULT_FILE_MODE)
         os.replace(tmp, path)
@@ -48,8 +102,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
+    with atomic_open(path, "wb", size=len(data)) as handle:
         handle.write(data)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` in one write. If the disk is full the file is cut back to its old length,
+    so a later append never continues a torn line."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    with open(path, "ab") as handle:
+        start = handle.tell()
+        with disk_full_is_an_error(path, len(data), cleanup=lambda: handle.truncate(start)):
+            handle.write(data)
+            handle.flush()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from cortexcraft.checkpoint import load_model_state, resolve_checkpoint
-from cortexcraft.config import ModelConfig
+from cortexcraft.config import ModelConfig, SampleConfig
 from cortexcraft.device import select_device
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.model import GPT, KVCache
@@ -147,3 +147,13 @@ def generate_from_run(
     if on_text is not None and len(text) > len(emitted):
         on_text(text[len(emitted):])
     return text
+
+
+def sample_prompts(run_dir: str | os.PathLike, sample: SampleConfig, checkpoint: str | os.PathLike = "best") -> list[tuple[str, int, str]]:
+    """(prompt, seed, continuation) for every prompt of ``sample``; prompt ``i`` is sampled with
+    seed ``sample.seed + i``, so samples never share a random stream and start alike."""
+    return [(prompt, sample.seed + index,
+             generate_from_run(run_dir, checkpoint=checkpoint, prompt=prompt, max_new_tokens=sample.max_new_tokens,
+                               temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                               seed=sample.seed + index, kv_cache=sample.kv_cache))
+            for index, prompt in enumerate(sample.prompts)]

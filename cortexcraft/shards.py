@@ -6,6 +6,7 @@ place, so a killed run never leaves a directory ``verify_shards`` accepts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -17,7 +18,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import atomic_write_json, disk_full_is_an_error, fsync_dir, read_json, sha256_file
 from cortexcraft.sources import corpus_ascii_blocks, corpus_chunks, train_val_cut
 from cortexcraft.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
@@ -86,6 +87,17 @@ class _SplitWriter:
         self._close()
         return {"tokens": sum(f["tokens"] for f in self.files), "files": self.files}
 
+    def __enter__(self) -> "_SplitWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # Still open only after a failure: close it (its flush may fail again) so that deleting
+        # the partial file frees its space at once.
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse to replace a path that is not ours: a file, or a non-empty non-shard directory."""
@@ -107,6 +119,34 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def _fill_shard_dir(tmp: Path, tok: Tokenizer, corpus: dict, cut: int, data_cfg: DataConfig) -> dict:
+    """Write the tokenizer, both splits and the manifest into ``tmp``; returns the manifest."""
+    section = tok.save(tmp)
+    # An ASCII corpus (one byte per character) is encoded from its bytes, never decoded: 1.2x faster.
+    from_bytes = isinstance(tok, CharTokenizer) and tok.encodes_ascii_bytes and corpus["chars"] == corpus["bytes"]
+    splits = {}
+    for split, (start, stop) in zip(SPLITS, ((0, cut), (cut, corpus["chars"]))):
+        with _SplitWriter(tmp, split, tok.dtype, data_cfg.shard_tokens) as writer:
+            for ids in (map(tok.encode_ascii, corpus_ascii_blocks(corpus, start, stop)) if from_bytes
+                        else _encode_stream(tok, corpus_chunks(corpus, start, stop))):
+                writer.write(ids)
+            splits[split] = writer.finish()
+        if splits[split]["tokens"] < 2:
+            raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
+    manifest = {
+        "format": SHARDS_FORMAT,
+        "tokenizer": section,
+        "vocab_size": tok.vocab_size,
+        "dtype": tok.dtype.name,
+        "splits": splits,
+        "split_char": cut,
+        "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
+        "data_config": data_cfg.model_dump(mode="json"),
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
 def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
     """Encode the corpus with the tokenizer of ``vocab`` into ``out_dir``; returns the manifest.
 
@@ -120,31 +160,12 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+    # A character tokenizer writes one id per character; a BPE one fewer, by an unknown factor.
+    needed = corpus["chars"] * tok.dtype.itemsize if isinstance(tok, CharTokenizer) else None
     try:
-        section = tok.save(tmp)
-        # An ASCII corpus (one byte per character) is encoded from its bytes, never decoded: 1.2x faster.
-        from_bytes = isinstance(tok, CharTokenizer) and tok.encodes_ascii_bytes and corpus["chars"] == corpus["bytes"]
-        splits = {}
-        for split, (start, stop) in zip(SPLITS, ((0, cut), (cut, corpus["chars"]))):
-            writer = _SplitWriter(tmp, split, tok.dtype, data_cfg.shard_tokens)
-            for ids in (map(tok.encode_ascii, corpus_ascii_blocks(corpus, start, stop)) if from_bytes
-                        else _encode_stream(tok, corpus_chunks(corpus, start, stop))):
-                writer.write(ids)
-            splits[split] = writer.finish()
-            if splits[split]["tokens"] < 2:
-                raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
-        manifest = {
-            "format": SHARDS_FORMAT,
-            "tokenizer": section,
-            "vocab_size": tok.vocab_size,
-            "dtype": tok.dtype.name,
-            "splits": splits,
-            "split_char": cut,
-            "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
-            "data_config": data_cfg.model_dump(mode="json"),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out_dir)
+        with disk_full_is_an_error(out_dir, needed, approximate=True, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            manifest = _fill_shard_dir(tmp, tok, corpus, cut, data_cfg)
+            _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

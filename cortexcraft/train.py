@@ -34,7 +34,7 @@ from cortexcraft.checkpoint import (
 from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, atomic_write_text, sha256_json
+from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, sha256_json
 from cortexcraft.model import GPT, check_model_config
 from cortexcraft.shards import verify_shards
 from cortexcraft.tokenizer import load_tokenizer
@@ -102,8 +102,7 @@ def _write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
 def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     # One short write per line: a kill tears at most the last line, which read_metrics skips and
     # the resume rewrites away.
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_text(run_dir / METRICS_FILE, json.dumps(record) + "\n")
 
 
 class Distributed:
@@ -207,6 +206,33 @@ def estimate_loss(model: torch.nn.Module, windows: dict, eval_iters: int, device
         out[split] = (total[0] / total[1]).item()
     model.train()
     return out
+
+
+class HealthMonitor:
+    """Remembers, on the device, the first step whose loss or gradients were not finite, so that
+    checking costs no device sync per step; ``check`` syncs (all ranks) and raises if one was."""
+
+    def __init__(self, device: torch.device, ddp: Distributed, lr: float):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.ddp, self.lr = ddp, lr
+
+    def record(self, step: int, value: torch.Tensor) -> None:
+        """``value`` is any sum that is finite exactly when the step's losses and gradients are."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(value), step, self.first_bad)
+
+    def check(self, last_ckpt: Optional[Path], eval_losses: Optional[dict[str, float]] = None, step: int = 0) -> None:
+        first = self.first_bad.clone()
+        if self.ddp.enabled:
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        first = int(first.item())
+        if first < 0 and eval_losses is not None and not all(math.isfinite(v) for v in eval_losses.values()):
+            first = step
+        if first < 0:
+            return
+        saved = f"the last good checkpoint is {last_ckpt}" if last_ckpt is not None else "no checkpoint was written"
+        raise CortexCraftError(
+            f"training diverged at step {first:,}: the loss or gradients are NaN or inf, so training stopped and "
+            f"nothing after it was saved; {saved}; lower train.lr (was {self.lr:.3g}) or set train.grad_clip, then re-run to resume")
 
 
 def shape_changes(saved_model: dict[str, Any], wanted_model: dict[str, Any]) -> list[str]:
@@ -339,6 +365,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     log.info("training %s: %s params, %d steps from %d, %s/%s, world size %d", config.preset, f"{params:,}",
              max_steps, start_step, device, dtype_name(dtype), ddp.world_size)
 
+    health = HealthMonitor(device, ddp, tcfg.lr)
     history = read_metrics(run_dir) if previous else []
     last_record: Optional[dict[str, Any]] = history[-1] if history else None
     last_ckpt = previous[0] if previous else None
@@ -352,8 +379,13 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         # The first evaluation of a run started from a checkpoint scores that model on this data.
         new_step = step > start_step or previous is None
         record, improved = None, False
-        if new_step and (step % tcfg.eval_interval == 0 or at_end):
+        evaluates = new_step and (step % tcfg.eval_interval == 0 or at_end)
+        checkpoints = new_step and step > segment_start and (step % tcfg.checkpoint_interval == 0 or at_end)
+        if evaluates or checkpoints:
+            health.check(last_ckpt)
+        if evaluates:
             losses = estimate_loss(eval_model, windows, tcfg.eval_iters, device, dtype, ddp)
+            health.check(last_ckpt, losses, step)
             record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                       "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, segment_start), "tokens_seen": tokens_seen,
                       "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
@@ -368,7 +400,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                     log.info("step %d/%d: train loss %.4f, val loss %.4f", step, max_steps, record["train_loss"], record["val_loss"])
                 if on_eval is not None:
                     on_eval(dict(record))
-        if new_step and step > segment_start and (step % tcfg.checkpoint_interval == 0 or at_end or improved):
+        if checkpoints or improved:
             rng_states = ddp.gather(_rng_state(device))
             if ddp.is_main:
                 last_ckpt = save_checkpoint(run_dir, step, raw_model.state_dict(), optimizer.state_dict(), rng_states, {
@@ -385,6 +417,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         lr = learning_rate(step, tcfg, max_steps, segment_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_losses = torch.zeros((), device=device)
         for micro in range(tcfg.grad_accum):
             x, y = windows["train"].batch(step * tcfg.grad_accum + micro, stream=ddp.rank)
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -394,10 +427,15 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                     _, loss = model(x, y)
                 loss = loss / tcfg.grad_accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_losses += loss.detach().float()
         if tcfg.grad_clip is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
+        elif scaler is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+        # fp16's grad scaler skips steps with inf gradients by design; only its loss must stay finite.
+        health.record(step, step_losses if scaler is not None else step_losses + grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -408,6 +446,8 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         tokens_seen += tokens_per_step
 
         # Reading the loss waits for the device, so it happens only here, never every step.
+        if step % log_interval == 0:
+            health.check(last_ckpt)
         if step % log_interval == 0 and (bar is not None or time.monotonic() - t_log >= LOG_SECONDS):
             now = time.monotonic()
             train_loss, rate = loss.item() * tcfg.grad_accum, (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)

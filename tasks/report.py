@@ -26,7 +26,7 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
                 data_dir: str) -> dict[str, Any]:
     from cortexcraft.checkpoint import resolve_checkpoint
     from cortexcraft.config import RunConfig
-    from cortexcraft.generate import generate_from_run
+    from cortexcraft.generate import sample_prompts
     from cortexcraft.report import eval_rows, render_report
     from cortexcraft.train import read_metrics
 
@@ -35,14 +35,9 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
     run_config = RunConfig.model_validate(config)
     run_dir = resolve(data_dir, run["dir"])
     checkpoint, _ = resolve_checkpoint(run_dir, "best")
-    s = run_config.sample
-    samples = []
-    for prompt in s.prompts:
-        text = generate_from_run(run_dir, checkpoint="best", prompt=prompt, max_new_tokens=s.max_new_tokens,
-                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                                 kv_cache=s.kv_cache)
-        logger.info("sample for %r: %r", prompt, text[:80])
-        samples.append((prompt, text))
+    samples = sample_prompts(run_dir, run_config.sample)
+    for prompt, seed, text in samples:
+        logger.info("sample for %r (seed %d): %r", prompt, seed, text[:80])
     history = read_metrics(run_dir)
     markdown = render_report(
         config=run_config, summary=run["summary"], history=history, samples=samples,

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,15 +15,10 @@ import yaml
 
 from flows.params import PipelineParams
 from flows.serve import PREFECT_YAML, deployments, entrypoint_flow
+from prefect_server import (CHROMIUM, CHROMIUM_ARGS, POOL, REPO, api_get, open_report_artifact, prefect,
+                            prefect_server, report_artifact, report_sample_first_lines, require_chromium,
+                            run_deployment, start, stop, tail, TINY_OVERRIDES, wait_for_flow_run, wait_until)
 
-REPO = Path(__file__).resolve().parent.parent
-POOL = "cortexcraft-pool"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TINY_OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
-                  "warmup_iters=0", "eval_interval=10", "eval_iters=2", "checkpoint_interval=10",
-                  "max_new_tokens=40"]
 
 
 def yaml_deployments() -> dict[str, dict]:
@@ -102,100 +90,15 @@ def test_serve_offers_the_same_deployments_as_prefect_yaml():
 
 # --- a real server, deploy, worker, run, browser ---------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    # A session of its own, so stopping it also stops whatever it spawned.
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def stop(proc: subprocess.Popen, terms: int = 1) -> None:
-    """SIGTERM the process group ``terms`` times (a process worker exits on the second), then
-    SIGKILL whatever is left of the group."""
-    for _ in range(terms):
-        if proc.poll() is not None:
-            break
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def prefect(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def isolated_prefect_env(home: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_API_HOST="127.0.0.1",
-        # The port setting, not `server start --port`: the latter leaves the UI calling port 4200.
-        PREFECT_SERVER_API_PORT=str(port),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        # The worker polls every 10 s by default; the run would mostly wait.
-        PREFECT_WORKER_QUERY_SECONDS="1",
-    )
-    return env
-
-
-def wait_until(what: str, check, timeout: float, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail(log) if log else ''}")
-
-
-def api_get(api: str, path: str):
-    try:
-        response = httpx.get(api + path, timeout=5)
-    except httpx.TransportError:
-        return None
-    return response.json() if response.status_code == 200 else None
-
-
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, tinyshakespeare_path):
     """A Prefect server with the prefect.yaml deployments, a process worker, and one finished run
     of pipeline-on-demand (tiny model, real Tiny Shakespeare). Everything is stopped afterwards."""
     tmp = tmp_path_factory.mktemp("deployment")
-    port = free_port()
-    env = isolated_prefect_env(tmp / "prefect-home", port)
-    api = f"http://127.0.0.1:{port}/api"
     server_log, worker_log = tmp / "server.log", tmp / "worker.log"
 
-    with ExitStack() as cleanup:
-        server = start([sys.executable, "-m", "prefect", "server", "start"], env, server_log)
-        cleanup.callback(stop, server)
-        wait_until("the Prefect server", lambda: server.poll() is None and api_get(api, "/health"), 90, server_log)
-        assert server.poll() is None, tail(server_log)
-
+    with prefect_server(tmp / "prefect-home", server_log) as env, ExitStack() as cleanup:
+        api = env["PREFECT_API_URL"]
         prefect(env, "work-pool", "create", POOL, "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
         worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, worker_log)
@@ -203,23 +106,9 @@ def deployed(tmp_path_factory, tinyshakespeare_path):
 
         params = {"params": {"source": str(tinyshakespeare_path), "data_dir": str(tmp / "data"),
                              "overrides": TINY_OVERRIDES}}
-        out = prefect(env, "deployment", "run", "pipeline/pipeline-on-demand", "--params", json.dumps(params))
-        run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-
-        def finished():
-            run = api_get(api, f"/flow_runs/{run_id}")
-            return run if run and run["state_type"] in TERMINAL else None
-
-        run = wait_until("the flow run to finish", finished, 150, worker_log)
-        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "tmp": tmp, "run": run, "params": params["params"],
+        run = wait_for_flow_run(api, run_deployment(env, "pipeline/pipeline-on-demand", params), worker_log)
+        yield {"api": api, "ui": api.removesuffix("/api"), "tmp": tmp, "run": run, "params": params["params"],
                "server_log": server_log, "worker_log": worker_log}
-
-
-def report_artifact(api: str, run_id: str) -> dict:
-    response = httpx.post(f"{api}/artifacts/filter", timeout=5,
-                          json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
-    (report,) = [a for a in response.json() if a["key"].startswith("report-")]
-    return report
 
 
 @pytest.mark.slow
@@ -257,8 +146,7 @@ def test_server_schedules_nightly_runs_that_retrain_with_the_auto_policy(deploye
 
 @pytest.mark.slow
 def test_report_with_samples_and_loss_curve_shows_in_the_prefect_ui(deployed):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found; install Debian's chromium (apt-get install chromium) for the UI test")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     run = deployed["run"]
@@ -273,11 +161,7 @@ def test_report_with_samples_and_loss_curve_shows_in_the_prefect_ui(deployed):
         # Leaving sync_playwright closes the browser, also when a check fails.
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{deployed['ui']}/runs/flow-run/{run['id']}")
-        page.get_by_text("Artifacts", exact=True).last.click()
-        page.wait_for_url("**tab=Artifacts**")
-        page.get_by_text(report["key"], exact=True).click()
-        page.wait_for_url(f"**/artifacts/artifact/{report['id']}")
+        open_report_artifact(page, deployed["ui"], run["id"], report)
         image = page.locator('img[src^="data:image/"]')
         image.wait_for(state="visible")
         width, height = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
@@ -294,8 +178,3 @@ def test_report_with_samples_and_loss_curve_shows_in_the_prefect_ui(deployed):
     print(f"\nUI report {report['key']}: loss-curve image {width}x{height}; "
           f"first sample lines {sample_lines}; screenshot {screenshot}")
 
-
-def report_sample_first_lines(markdown: str) -> list[str]:
-    """The first non-blank line of each generated sample in the report's markdown."""
-    samples = re.findall(r"\*\*Prompt\*\* `.*?`\s*\n\s*\n(`{3,})[^\n]*\n(.*?)\n\1", markdown, re.S)
-    return [next((l.strip() for l in body.splitlines() if l.strip()), "") for _, body in samples]

@@ -271,3 +271,17 @@ def test_bad_parameter_fails_before_any_stage_naming_it(project):
     with pytest.raises(CortexCraftError, match="model name 'no/slash' is not valid"):
         run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
                               refresh=[], model="no/slash")
+
+
+def test_diverging_training_fails_the_train_stage_and_no_report_is_written(project):
+    reports_before = sorted((project["data_dir"] / "reports").iterdir())
+    params = PipelineParams(source=str(project["source"]), data_dir=str(project["data_dir"]), overrides=TINY + ["lr=1e4"])
+    state = pipeline(params, return_state=True)
+    assert state.is_failed()
+    assert "training diverged at step" in state.message and "no checkpoint was written" in state.message
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
+    assert states["train"] == "Failed" and "report" not in states
+    assert sorted((project["data_dir"] / "reports").iterdir()) == reports_before

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import xml.etree.ElementTree as ET
+
+import pytest
+from markdown_it import MarkdownIt
 
 from cortexcraft.config import build_config
 from cortexcraft.report import bits, eval_rows, loss_curve_svg, model_history_markdown, render_report, svg_data_uri
@@ -18,7 +22,7 @@ SUMMARY = {"tokens_seen": 6400, "wall_seconds": 20.5, "params": 123456}
 
 def render(**changes):
     values = dict(config=build_config("cpu"), summary=SUMMARY, history=HISTORY,
-                  samples=[("ROMEO:", "Is this a dagger"), ("\n", "```not a fence```")],
+                  samples=[("ROMEO:", 1337, "Is this a dagger"), ("\n", 1338, "```not a fence```")],
                   parameters=123456, vocab_size=65, run_dir="/runs/abc", checkpoint="/runs/abc/checkpoints/step_00000200")
     values.update(changes)
     return render_report(**values)
@@ -52,7 +56,8 @@ def test_report_has_metrics_curve_samples_and_config():
     assert f"| final train loss | 2.0000 ({2.0 / math.log(2):.4f} bits/char) |" in text
     assert "![loss curve](data:image/svg+xml;base64," in text
     assert "<svg" not in text  # inline SVG is stripped by the Prefect UI
-    assert '**Prompt** `"ROMEO:"`' in text and "Is this a dagger" in text
+    assert '**Prompt** `"ROMEO:"` (seed 1337)' in text and "Is this a dagger" in text
+    assert '**Prompt** `"\\n"` (seed 1338)' in text
     assert '"n_layer": 4' in text
 
 
@@ -104,3 +109,47 @@ def test_eval_rows_add_bits_and_keep_steps():
     rows = eval_rows(HISTORY)
     assert [r["step"] for r in rows] == [0, 100, 200]
     assert rows[-1]["val_bits_per_token"] == round(bits(2.2), 4)
+
+
+# What a hostile corpus (or a model trained on one) can put in a sample or a prompt.
+HOSTILE = [
+    "<script>document.title='pwned'</script>",
+    "<img src=x onerror=\"document.title='pwned'\">",
+    "[click me](https://evil.example/) and ![tracker](https://evil.example/p.png)",
+    "```\n# closed the fence early\n```",
+    "`````` six ticks `` two ticks",
+    "| a | table | row |",
+    "x" * 20_000,
+]
+
+
+def rendered_html(markdown: str) -> str:
+    # CommonMark plus GFM tables, with raw HTML and every link URL allowed: the most permissive
+    # reading of the report.
+    md = MarkdownIt("commonmark", {"html": True}).enable("table")
+    md.validateLink = lambda url: True
+    return md.render(markdown)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_hostile_samples_prompts_and_paths_render_as_text(hostile):
+    markdown = render(samples=[(hostile, 1, hostile), ("`" + hostile, 2, hostile + "`")],
+                      run_dir=f"/runs/{hostile[:40]}|`x`", config=build_config("cpu", [f"source={hostile[:60]}"]))
+    html = rendered_html(markdown)
+    assert "<script" not in html and "<a " not in html and "<h1>closed" not in html
+    assert html.count("<img") == 1  # the loss curve only
+    assert html.count("<h1>") == 1 and html.count("<table>") == 1
+
+
+def test_fenced_samples_read_back_exactly():
+    tokens = MarkdownIt("commonmark").parse(render(samples=[(h, i, h) for i, h in enumerate(HOSTILE)]))
+    fences = [t.content for t in tokens if t.type == "fence" and t.info == "text"]
+    assert fences[:len(HOSTILE)] == [h + "\n" for h in HOSTILE]
+
+
+def test_inline_code_spans_read_back_exactly():
+    prompt = "`` <b>x</b> `"
+    tokens = MarkdownIt("commonmark").enable("table").parse(render(samples=[(prompt, 0, "")], run_dir="/r|u`n`s"))
+    spans = [c.content for t in tokens if t.type == "inline" for c in t.children if c.type == "code_inline"]
+    assert json.dumps(prompt) in spans
+    assert "/r|u`n`s" in spans

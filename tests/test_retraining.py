@@ -12,7 +12,6 @@ model-history artifact has three rows; `cortexcraft generate --model cpu@champio
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -23,8 +22,8 @@ import pytest
 
 from cortexcraft import registry
 from cortexcraft.generate import generate_from_run
-from test_deployment import (POOL, REPO, TERMINAL, api_get, free_port, isolated_prefect_env, prefect, start, stop,
-                             tail, wait_until)
+from prefect_server import (POOL, REPO, TERMINAL, api_get, prefect, prefect_server, run_deployment, start, stop,
+                            tail, wait_for_flow_run, wait_until)
 
 TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=60",
         "warmup_iters=5", "eval_interval=20", "eval_iters=4", "checkpoint_interval=20", "max_new_tokens=40",
@@ -42,18 +41,14 @@ def texts(tinyshakespeare_path: Path) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_three_nights_of_retraining_through_server_worker_and_deployment(tmp_path, tinyshakespeare_path):
-    port = free_port()
-    env = dict(isolated_prefect_env(tmp_path / "prefect-home", port), OMP_NUM_THREADS="1")
-    api = f"http://127.0.0.1:{port}/api"
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     source, data_dir = tmp_path / "input.txt", tmp_path / "data"
     night1_text, night2_text = texts(tinyshakespeare_path)
     models = registry.models_dir_of(data_dir)
 
     with ExitStack() as cleanup:
-        server = start([sys.executable, "-m", "prefect", "server", "start"], env, server_log)
-        cleanup.callback(stop, server)
-        wait_until("the Prefect server", lambda: server.poll() is None and api_get(api, "/health"), 90, server_log)
+        env = dict(cleanup.enter_context(prefect_server(tmp_path / "prefect-home", server_log)), OMP_NUM_THREADS="1")
+        api = env["PREFECT_API_URL"]
         prefect(env, "work-pool", "create", POOL, "--type", "process")
         prefect(env, "--no-prompt", "deploy", "--all")
         worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, worker_log)
@@ -62,10 +57,7 @@ def test_three_nights_of_retraining_through_server_worker_and_deployment(tmp_pat
         def night(overrides: list[str]) -> dict:
             params = {"params": {"source": str(source), "data_dir": str(data_dir), "overrides": TINY + overrides,
                                  "retrain": "auto", "retrain_iters": 40}}
-            out = prefect(env, "deployment", "run", "pipeline/retrain-nightly", "--params", json.dumps(params))
-            run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-            run = wait_until("a nightly run to finish", lambda: (
-                r if (r := api_get(api, f"/flow_runs/{run_id}")) and r["state_type"] in TERMINAL else None), 150, worker_log)
+            run = wait_for_flow_run(api, run_deployment(env, "pipeline/retrain-nightly", params), worker_log)
             assert run["state_type"] == "COMPLETED", tail(worker_log, 80)
             return run
 

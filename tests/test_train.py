@@ -9,7 +9,8 @@ import torch
 from cortexcraft.cli import main
 from cortexcraft.config import DataConfig, build_config
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.generate import generate_from_run
+from cortexcraft.config import SampleConfig
+from cortexcraft.generate import generate_from_run, sample_prompts
 from cortexcraft.model import GPT
 from cortexcraft.prepare import prepare
 from cortexcraft.train import evaluate_run, learning_rate, make_optimizer, max_steps_for, read_metrics, train
@@ -55,6 +56,15 @@ def test_generate_from_run_returns_only_the_continuation_and_streams_it(trained_
     assert generate_from_run(run, prompt="ROMEO:", max_new_tokens=40, seed=3, kv_cache=False) == text
     assert generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0) == \
         generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0, seed=9)
+
+
+def test_each_report_prompt_is_sampled_with_its_own_seed(trained_run):
+    run = trained_run[0]
+    sample = SampleConfig(prompts=["\n", "\n", "ROMEO:"], max_new_tokens=30, seed=7)
+    samples = sample_prompts(run, sample)
+    assert [(prompt, seed) for prompt, seed, _ in samples] == [("\n", 7), ("\n", 8), ("ROMEO:", 9)]
+    assert samples[0][2] != samples[1][2]
+    assert samples[1][2] == generate_from_run(run, prompt="\n", max_new_tokens=30, temperature=sample.temperature, seed=8)
 
 
 def test_prompt_characters_outside_the_vocabulary_are_named(trained_run):
