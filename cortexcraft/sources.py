@@ -23,6 +23,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -441,21 +442,28 @@ def _info(spec: str, kind: str, revision: dict) -> dict:
     return {"spec": spec, "kind": kind, "revision": _revision_summary(revision)}
 
 
+def _shown(value: str) -> str:
+    # Header values come from the server: reports and artifacts render this line as markdown, so
+    # anything that is not plain text (backticks, pipes, brackets, HTML) is shown as "?".
+    return re.sub(r"[^\w \"'./:+,=()-]", "?", str(value))[:200]
+
+
 def describe_revision(revision: dict | None) -> str:
-    """One line naming a revision: the hub sha, the ETag / Last-Modified, or the content hash."""
+    """One line naming a revision (the hub sha, the ETag / Last-Modified, or the content hash),
+    safe to put in markdown."""
     if not revision:
         return "unknown"
     if revision["kind"] == "hub":
-        text = f"hub commit {revision['sha'][:12]}"
+        text = f"hub commit {_shown(revision['sha'][:12])}"
     elif revision["kind"] == "http":
-        parts = [f"ETag {revision['etag']}" if revision.get("etag") else None,
-                 f"Last-Modified {revision['last_modified']}" if revision.get("last_modified") else None,
+        parts = [f"ETag {_shown(revision['etag'])}" if revision.get("etag") else None,
+                 f"Last-Modified {_shown(revision['last_modified'])}" if revision.get("last_modified") else None,
                  f"{revision['content_length']:,} bytes" if revision.get("content_length") is not None else None,
                  f"sha256 {revision['sha256'][:12]}" if revision.get("sha256") else None]
         text = ", ".join(p for p in parts if p)
     else:
         text = f"content {revision['id']}"
-    return f"{text} ({revision['checked_by']})"
+    return f"{text} ({_shown(revision['checked_by'])})"
 
 
 def _checked(spec: str, check, state: Path) -> dict:

@@ -136,6 +136,13 @@ def test_unreachable_url_uses_the_revision_seen_last_with_a_warning(tmp_path, se
     assert any("could not revalidate source" in r.getMessage() for r in caplog.records)
 
 
+def test_revision_text_from_a_server_cannot_inject_markdown():
+    hostile = {"kind": "http", "etag": '"x`|![i](http://evil/)<script>"', "last_modified": None, "content_length": 5,
+               "checked_by": "HEAD 200"}
+    text = describe_revision(hostile)
+    assert text == 'ETag "x????i?(http://evil/)?script?", 5 bytes (HEAD 200)'
+
+
 def test_unreachable_url_never_seen_is_a_clear_error(tmp_path):
     with pytest.raises(CortexCraftError, match=r"cannot reach http://127\.0\.0\.1:9/x\.txt \(.*\); download the text"):
         source_revision(DataConfig(source="http://127.0.0.1:9/x.txt"), tmp_path / "cache")
