@@ -229,16 +229,16 @@ def _set_champion(models_dir: str | os.PathLike, name: str, version: str, reason
     return pointer
 
 
-def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float) -> dict[str, Any]:
+def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float) -> tuple[dict[str, Any], bool]:
     """Promote ``version`` if it beats the champion by more than ``margin``; record the decision
-    in the version and return it. A version decided once keeps its decision."""
+    in the version. Returns (decision, made now): a version decided once keeps its decision."""
     from cortexcraft.train import evaluate_run
 
     with _locked(models_dir, name):
         path = version_dir(models_dir, name, version)
         record = read_json(path / VERSION_FILE)
         if record.get("decision"):
-            return record["decision"]
+            return record["decision"], False
         pointer = read_champion(models_dir, name)
         challenger = record["val_loss"]
         decision = {"version": version, "margin": margin, "challenger_val_loss": challenger, "decided": now(),
@@ -268,7 +268,7 @@ def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float
             _set_champion(models_dir, name, version, decision["message"], previous)
         decision["champion_after"] = version if decision["promoted"] else decision["champion_before"]
         atomic_write_json(path / VERSION_FILE, dict(record, decision=decision))
-        return decision
+        return decision, True
 
 
 def promote(models_dir: str | os.PathLike, ref: str, reason: str = "promoted by hand") -> dict[str, Any]:

@@ -38,10 +38,14 @@ def register_task(run: dict[str, Any], shards: dict[str, Any], corpus: dict[str,
                                code_version=code_version("tasks.train"), policy=run["plan"],
                                summary=run["summary"])
     version = record["version"]
-    decision = decide(models_dir, model, version, margin)
+    decision, decided_now = decide(models_dir, model, version, margin)
     if created:
-        logger.info("registered %s %s (%s, step %d, val %.4f); %s", model, version, record["policy"]["mode"],
-                    record["step"], record["val_loss"], decision["message"])
+        logger.info("registered %s %s (%s, step %d, val %.4f)", model, version, record["policy"]["mode"],
+                    record["step"], record["val_loss"])
+    else:
+        logger.info("%s is already %s %s", record["checkpoint"], model, version)
+    logger.info("%s", decision["message"])
+    if decided_now:  # also a decision a crashed run left undone
         emit_event(
             event=PROMOTED if decision["promoted"] else REJECTED,
             resource={"prefect.resource.id": f"cortexcraft.model.{model}", "prefect.resource.name": model},
@@ -50,8 +54,6 @@ def register_task(run: dict[str, Any], shards: dict[str, Any], corpus: dict[str,
                      "champion_before": decision["champion_before"], "policy": record["policy"]["mode"],
                      "message": decision["message"], "data_dir": str(data_dir)},
         )
-    else:
-        logger.info("%s is already %s %s; %s", record["checkpoint"], model, version, decision["message"])
     rows = history_rows(models_dir, model)
     key = artifact_name(model)
     create_table_artifact(key=f"model-history-{key}", table=rows,

@@ -56,7 +56,8 @@ def trained(root: Path, name: str, data_dir: Path, *overrides: str, init_from=No
 def add(models: Path, name: str, summary: dict, data_dir: Path, policy=FRESH, margin=0.0):
     record, created = registry.register(models, name, summary["run_dir"], data=registry.data_identity(data_dir),
                                         code_version="test", policy=policy, summary=summary)
-    return record, created, registry.decide(models, name, record["version"], margin)
+    decision, _ = registry.decide(models, name, record["version"], margin)
+    return record, created, decision
 
 
 def test_learning_rate_segment_is_the_whole_schedule_shifted_not_restretched():
@@ -104,6 +105,7 @@ def test_promotion_on_the_same_held_out_set_with_a_margin(root, data, more_data)
     v1, created, first = add(models, "m", weak, data)
     assert created and v1["version"] == "v1" and first["promoted"] and first["rule"] == "first version"
     assert add(models, "m", weak, data)[:2] == (registry.resolve(models, "m@v1")[1], False)  # once only
+    assert registry.decide(models, "m", "v1", 0.0) == (first, False)  # and decided once
 
     strong = trained(root, "strong", more_data, "max_iters=60")
     v2, _, decision = add(models, "m", strong, more_data)
