@@ -431,7 +431,7 @@ def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> di
 # revisions
 
 
-def _revision_summary(revision: dict) -> dict:
+def revision_summary(revision: dict) -> dict:
     """What a manifest records of a revision: its id, what identifies it, how it was checked."""
     return {"id": revision_id(revision), "kind": revision["kind"], "checked_by": revision["checked_by"],
             **({"sha": revision["identity"]["sha"]} if revision["kind"] == "hub" else {}),
@@ -439,7 +439,7 @@ def _revision_summary(revision: dict) -> dict:
 
 
 def _info(spec: str, kind: str, revision: dict) -> dict:
-    return {"spec": spec, "kind": kind, "revision": _revision_summary(revision)}
+    return {"spec": spec, "kind": kind, "revision": revision_summary(revision)}
 
 
 def _shown(value: str) -> str:
@@ -549,4 +549,4 @@ def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None
     else:
         manifest = _download_local(data_cfg, cache_dir, revision)
     # How this call found the revision (a cache entry keeps how the first download did).
-    return dict(manifest, revision=_revision_summary(revision))
+    return dict(manifest, revision=revision_summary(revision))

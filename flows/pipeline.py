@@ -1,4 +1,4 @@
-"""The full pipeline flow: download -> vocab -> shards -> train -> register -> report.
+"""The full pipeline flow: revalidate -> download -> vocab -> shards -> train -> register -> report.
 
 The stages run as tasks of this one flow (subflows would cost ~1 s each); the stage-group flows
 ``prepare``, ``train`` and ``report`` reuse the same functions.

@@ -7,8 +7,7 @@ from prefect import flow
 
 from cortexcraft.config import RunConfig
 from flows.params import PipelineParams
-from cortexcraft.sources import source_revision
-from tasks.download import download_cache, download_key, download_task
+from tasks.download import download_key, download_task, revalidate_task
 from tasks.shards import shards_key, write_shards_task
 from tasks.stage import run_stage
 from tasks.vocab import build_vocab_task, vocab_key
@@ -20,7 +19,7 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     data_dir, refresh = params.data_path(), params.refreshed()
     # Asked on every run (a HEAD request, a hub API call or a stat per file): the download stage
     # is keyed by the answer, so it re-runs exactly when the source changed.
-    revision = source_revision(config.data, download_cache(data_dir))
+    revision = revalidate_task(data_cfg, data_dir)
     corpus = run_stage(download_task, download_key(data_cfg, revision), refresh,
                        data_cfg=data_cfg, revision=revision, data_dir=data_dir)
     vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg), refresh,

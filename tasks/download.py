@@ -33,6 +33,17 @@ def download_key(data_cfg: dict[str, Any], revision: dict[str, Any]) -> str:
     return stage_key(STAGE, [revision_id(revision)], data_cfg)
 
 
+@task(name="revalidate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
+def revalidate_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """The source's current revision (a HEAD request, a hub API call or a stat per file): never
+    cached, since finding out whether the source changed is its whole job."""
+    from cortexcraft.sources import describe_revision, revision_summary, source_revision
+
+    revision = source_revision(DataConfig(**data_cfg), download_cache(data_dir))
+    get_run_logger().info("source %s: %s", data_cfg["source"], describe_revision(revision_summary(revision)))
+    return revision
+
+
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error,
       cache_key_fn=lambda ctx, p: cache_key(STAGE, download_key(p["data_cfg"], p["revision"])))
