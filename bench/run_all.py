@@ -21,6 +21,7 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", [], ["--quick"]),
     "data_prep": ("bench_data_prep.py", [], ["--quick"]),
     "pipeline": ("bench_pipeline_overhead.py", [], ["--repeats", "1"]),
+    "scale": ("bench_scale.py", [], ["--quick"]),
 }
 
 
@@ -89,6 +90,20 @@ def headline_rows() -> list[list[str]]:
             write, floor = speeds[f"encode + write shards, {phase}"], speeds[f"(I/O floor: write+sha256+fsync), {phase}"]
             rows.append([f"char encode + shard write, {phase} (MB/s; I/O floor {floor['ours']:,.0f})", f"{write['ours']:,.0f}",
                          f"{write['seed']:,.1f} (seed-style)", f"{write['speedup']:.1f}x", ">= 20x and >= 500 MB/s"])
+    scale = _load("bench_scale.json")
+    if scale and "throughput" in scale:
+        speeds = scale["throughput"]
+        for name in ("char", "bpe"):
+            one, two = speeds[f"{name}, 1 worker(s)"], speeds[f"{name}, 2 worker(s)"]
+            rows.append([f"prepare {name} in parts, {two['mb']:,.0f} MB synthetic OpenWebText, 2 workers (MB/s)",
+                         f"{two['ours_mb_per_s']:,.1f} (1 worker: {one['ours_mb_per_s']:,.1f})",
+                         f"{two['nanogpt_mb_per_s']:,.1f} (nanoGPT-style datasets.map, num_proc=2)",
+                         f"{speeds[f'{name} scaling 2 vs 1 worker']:.2f}x vs 1 worker / "
+                         f"{two['ours_mb_per_s'] / two['nanogpt_mb_per_s']:.1f}x nanoGPT", ">= 1.7x on 2 cores"])
+    if scale and "memory" in scale:
+        (small, small_mib), (large, large_mib) = scale["memory"]["peak_rss_mib"].items()
+        rows.append([f"prepare peak RSS, {large} vs {small} corpus (MiB)", f"{large_mib:,.0f}", f"{small_mib:,.0f}",
+                     f"{scale['memory']['growth_percent']:+.1f}%", "<= +10%"])
     pipe = _load("pipeline_overhead.json")
     if pipe:
         for mode, res in pipe["modes"].items():

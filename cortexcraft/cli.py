@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import re
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +29,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", choices=["char", "bpe"])
     parser.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
     parser.add_argument("--vocab", dest="vocab_file", help="use this vocab.txt instead of extracting one")
+    parser.add_argument("--tokenizer-file", help="use this Hugging Face tokenizer.json (e.g. GPT-2's) as the BPE "
+                        "tokenizer instead of training one (implies --tokenizer bpe)")
     parser.add_argument("--allow-unk", action="store_true", default=None,
                         help="map characters outside --vocab to <unk> instead of failing")
     parser.add_argument("--special-tokens", nargs="*", help="extra tokens, e.g. <pad> <unk> <bos> <eos>")
@@ -43,6 +46,8 @@ def _data_config_from_args(args: argparse.Namespace):
     from cortexcraft.config import DataConfig, validate_config
 
     fields = {name: getattr(args, name) for name in DataConfig.model_fields if getattr(args, name, None) is not None}
+    if "tokenizer_file" in fields:
+        fields.setdefault("tokenizer", "bpe")
     return validate_config({"data": fields}).data
 
 
@@ -50,6 +55,18 @@ def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) ->
     parser.add_argument("--preset", default=default_preset, help=f"named preset (default {default_preset}); see `cortexcraft presets`")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set n_layer=8 --set train.lr=1e-3")
+
+
+def _add_launch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nnodes", type=int, default=1, help="machines training together (each runs this command)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 on the one at --rdzv-endpoint")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port (c10d rendezvous)")
+
+
+def _add_parts_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes counting and encoding the corpus in parts (same output for any number)")
+    parser.add_argument("--part-mb", type=float, default=64.0, help="size of a part in MB (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: DATA_DIR/downloads)")
+    _add_parts_options(p)
 
     p = sub.add_parser("train", help="train a GPT on prepared shards")
     p.add_argument("--data", required=True, type=Path, help="directory written by `cortexcraft prepare`")
@@ -73,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--init-from", metavar="CHECKPOINT_DIR",
                    help="start a new run from this checkpoint's weights and step, with an lr segment of its own up to --max-iters")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes on this machine (torchrun)")
+    _add_launch_options(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run (text to stdout, logs to stderr)")
     _add_model_choice(p)
@@ -122,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
+    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
+    _add_parts_options(p)
+    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
+                   help="what runs the part tasks: local processes (default) or a Dask cluster")
+    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -151,7 +177,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cortexcraft.prepare import prepare
 
     cache_dir = args.cache_dir or default_data_dir() / "downloads"
-    manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir)
+    manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir, workers=args.workers,
+                       part_bytes=int(args.part_mb * 1e6))
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: vocab_size {manifest['vocab_size']}, {splits}", file=sys.stderr)
     return 0
@@ -160,7 +187,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cortexcraft.checkpoint import latest_checkpoint
     from cortexcraft.config import build_config
-    from cortexcraft.train import train
+    from cortexcraft.train import torchrun_command, train
+
+    if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        # Not yet under torchrun: start it with this same command (minus the launch options).
+        build_config(args.preset, args.overrides)  # a bad config fails here, not once per process
+        train_args = ["--data", str(args.data), "--out", str(args.out), "--preset", args.preset,
+                      *[f"--set={item}" for item in args.overrides],
+                      *([f"--max-iters={args.max_iters}"] if args.max_iters is not None else []),
+                      *([f"--max-minutes={args.max_minutes}"] if args.max_minutes is not None else []),
+                      *(["--resume"] if args.resume else []),
+                      *(["--init-from", args.init_from] if args.init_from else [])]
+        command = torchrun_command(train_args, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
+                                   rdzv_id=Path(args.out).name)
+        return subprocess.call(command)
 
     overrides = list(args.overrides)
     if args.max_iters is not None:
@@ -260,6 +300,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         preset=args.preset, overrides=args.overrides, source=args.source,
         data_dir=args.data_dir or default_data_dir(), refresh=args.refresh, nproc=args.nproc,
         model=args.model, retrain=args.retrain, retrain_iters=args.retrain_iters, promote_margin=args.promote_margin,
+        workers=args.workers, task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
+        nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
     )
 
 

@@ -25,6 +25,8 @@ class DataConfig(_Section):
     tokenizer: Literal["char", "bpe"] = "char"
     vocab_size: Optional[int] = Field(None, gt=0, description="BPE vocabulary size")
     vocab_file: Optional[str] = Field(None, description="use this vocab.txt instead of extracting one")
+    tokenizer_file: Optional[str] = Field(None, description="use this Hugging Face tokenizer.json (e.g. GPT-2's) instead of training BPE")
+    bpe_train_chars: int = Field(100_000_000, gt=0, description="BPE is trained on at most this many characters from the start of the train split")
     allow_unk: bool = Field(False, description="map characters outside --vocab to <unk>")
     special_tokens: list[str] = Field(default_factory=list, description="e.g. <pad> <unk> <bos> <eos>")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 from cortexcraft.config import DataConfig
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.parts import PART_BYTES, prepare_parts
 from cortexcraft.shards import check_out_dir, write_shards
 from cortexcraft.sources import download
 from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
@@ -14,10 +16,15 @@ from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
 log = logging.getLogger(__name__)
 
 
-def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, workers: int = 1,
+            part_bytes: int = PART_BYTES) -> dict:
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
-    Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``)."""
+    Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
+    ``workers`` > 1 the corpus is counted and encoded in parts of about ``part_bytes`` by that many
+    processes; the output is byte-identical."""
+    if workers < 1:
+        raise CortexCraftError(f"--workers {workers} must be at least 1")
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
     check_out_dir(out_dir)
@@ -28,6 +35,8 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None) 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     vocab_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".vocab", dir=out_dir.parent))
     try:
+        if workers > 1:
+            return prepare_parts(corpus, data_cfg, vocab_dir, vocab_dir / "parts", out_dir, workers, part_bytes)
         vocab = build_vocab(corpus, data_cfg, vocab_dir)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)

@@ -93,6 +93,42 @@ def corpus_chunks(corpus: dict, start: int = 0, stop: int | None = None) -> Iter
     return iter_text(Path(corpus["path"]), start, stop)
 
 
+def corpus_byte_range_text(corpus: dict, start: int, stop: int) -> Iterator[str]:
+    """Chunks of the corpus text held in bytes ``[start, stop)``; both ends on character boundaries."""
+    path = Path(corpus["path"])
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
+        while position < stop:
+            raw = handle.read(min(READ_BYTES, stop - position))
+            if not raw:
+                raise CortexCraftError(f"corpus {path} changed since it was read; re-run `cortexcraft prepare`")
+            try:
+                text = decoder.decode(raw, final=position + len(raw) >= stop)
+            except UnicodeDecodeError as exc:
+                raise CortexCraftError(f"{path} is not UTF-8 text ({exc.reason} near byte {position + exc.start:,}); convert it to UTF-8") from None
+            position += len(raw)
+            if text:
+                yield text
+
+
+def char_to_byte_offset(corpus: dict, char: int) -> int:
+    """Byte offset of character ``char`` of the corpus (one pass counting UTF-8 lead bytes)."""
+    if corpus["chars"] == corpus["bytes"]:
+        return char
+    seen = 0
+    with open(corpus["path"], "rb") as handle:
+        while raw := handle.read(READ_BYTES):
+            starts = np.flatnonzero((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80)
+            if seen + len(starts) > char:
+                return handle.tell() - len(raw) + int(starts[char - seen])
+            seen += len(starts)
+    if seen == char:
+        return corpus["bytes"]
+    raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
+
+
 def corpus_ascii_blocks(corpus: dict, start: int, stop: int) -> Iterator[bytes]:
     """Bytes ``[start, stop)`` of an ASCII corpus, where character offsets are byte offsets."""
     path = Path(corpus["path"])
@@ -404,12 +440,26 @@ def _describe_local_file(path: Path, spec: str) -> dict:
             "fingerprint": sha256_json({"corpus": sha, "doc_starts": None})}
 
 
+def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    """The ``column`` of every row of a local parquet file, one row group batch at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a bad file
+        raise CortexCraftError(f"{path} is not a readable parquet file ({_first_line(exc)}); check the file") from None
+    if column not in parquet.schema_arrow.names:
+        raise CortexCraftError(f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME")
+    for batch in parquet.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=[column]):
+        yield from (text or "" for text in batch.column(0).to_pylist())
+
+
 def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     spec = data_cfg.source
     files = _local_files(spec)
-    if len(files) == 1 and Path(spec).expanduser().is_file():
+    if len(files) == 1 and Path(spec).expanduser().is_file() and files[0].suffix != ".parquet":
         return _describe_local_file(files[0], spec)
-    key = {"files": revision["identity"]["files"], "separator": default_separator(data_cfg),
+    key = {"files": revision["identity"]["files"], "separator": default_separator(data_cfg), "text_column": data_cfg.text_column,
            "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     entry = _entry(cache_dir, "local", key)
     if (hit := _cached(entry)) is not None:
@@ -418,12 +468,17 @@ def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> di
                 max_docs=data_cfg.max_docs, max_bytes=data_cfg.max_bytes)
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         for path in files:
-            text = "".join(iter_text(path))
-            if not text:
-                raise CortexCraftError(f"source file {path} is empty; pass a file with text")
-            writer.add(text)
-            if _limit_reached(writer, data_cfg):
-                break
+            if path.suffix == ".parquet":
+                documents = _parquet_documents(path, data_cfg.text_column)
+            else:
+                text = "".join(iter_text(path))
+                if not text:
+                    raise CortexCraftError(f"source file {path} is empty; pass a file with text")
+                documents = [text]
+            for document in documents:
+                writer.add(document)
+                if _limit_reached(writer, data_cfg):
+                    return writer.commit()
         return writer.commit()
 
 
@@ -529,7 +584,8 @@ def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None
     ``chars``, ``documents``, ``separator``, ``spec``, ``origin``, ``revision`` and ``fingerprint``
     (content hash)."""
     spec = data_cfg.source.strip()
-    single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or Path(spec).expanduser().is_file()
+    single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or (
+        Path(spec).expanduser().is_file() and Path(spec).suffix != ".parquet")
     if single_document and (data_cfg.max_docs is not None or data_cfg.max_bytes is not None):
         raise CortexCraftError(
             f"--max-docs/--max-bytes pick whole documents from hub, directory and glob sources, but {spec!r} "

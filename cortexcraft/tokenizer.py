@@ -324,8 +324,31 @@ class BPETokenizer:
 
         return cls(HFTokenizer.from_file(str(path)), special_tokens)
 
+    @classmethod
+    def from_tokenizer_file(cls, path: Path, special_tokens: list[str]) -> "BPETokenizer":
+        """An existing tokenizer.json (e.g. GPT-2's); every special token must be in it."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise CortexCraftError(f"tokenizer file {path} does not exist; pass an existing tokenizer.json to --tokenizer-file")
+        try:
+            hf_tokenizer = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception on bad JSON
+            raise CortexCraftError(f"tokenizer file {path} is not a Hugging Face tokenizer.json ({str(exc)[:120]}); "
+                                   f"pass the tokenizer.json of a tokenizers/transformers tokenizer") from None
+        missing = [t for t in special_tokens if hf_tokenizer.token_to_id(t) is None]
+        if missing:
+            raise CortexCraftError(f"tokenizer file {path} has no token for {', '.join(missing)} (special tokens and the "
+                                   f"document separator); pass --separator with a token it has, or another tokenizer file")
+        return cls(hf_tokenizer, special_tokens)
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """``[encode(t) for t in texts]`` on all cores (the tokenizers batch API, without offsets)."""
+        return [np.asarray(e.ids, dtype=self.dtype) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in np.asarray(ids).ravel()]
@@ -354,9 +377,10 @@ class BPETokenizer:
 # building, loading and sizes
 
 
-def _char_tokenizer_for(corpus: dict, data_cfg: DataConfig) -> CharTokenizer:
+def char_tokenizer_from_counts(counts: np.ndarray, data_cfg: DataConfig) -> CharTokenizer:
+    """The character tokenizer of a corpus with these ``count_chars`` counts (summed over parts
+    when it was counted in parts)."""
     unk = UNK if data_cfg.allow_unk else None
-    counts = count_chars(corpus_chunks(corpus))
     if data_cfg.vocab_file is None:
         return CharTokenizer([chr(cp) for cp in np.flatnonzero(counts)], data_cfg.special_tokens, unk)
     tok = CharTokenizer.from_file(Path(data_cfg.vocab_file), data_cfg.special_tokens, unk)
@@ -379,7 +403,9 @@ def bpe_special_tokens(data_cfg: DataConfig) -> list[str]:
 
 def check_tokenizer_config(data_cfg: DataConfig) -> None:
     """Fail fast on tokenizer settings that would only break after the download."""
-    if data_cfg.tokenizer == "bpe":
+    if data_cfg.tokenizer == "bpe" and data_cfg.tokenizer_file is not None:
+        BPETokenizer.from_tokenizer_file(Path(data_cfg.tokenizer_file), bpe_special_tokens(data_cfg))
+    elif data_cfg.tokenizer == "bpe":
         if data_cfg.vocab_size is None:
             raise CortexCraftError("--tokenizer bpe needs a vocabulary size; pass --vocab-size N (e.g. 2048)")
         floor = 256 + len(bpe_special_tokens(data_cfg))
@@ -387,6 +413,8 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
             raise CortexCraftError(f"--vocab-size {data_cfg.vocab_size} is below the {floor} byte and special tokens BPE starts from; use at least {floor}")
         if data_cfg.vocab_file:
             raise CortexCraftError("--vocab applies to the char tokenizer only; drop it or use --tokenizer char")
+    elif data_cfg.tokenizer_file is not None:
+        raise CortexCraftError("--tokenizer-file loads a BPE tokenizer; add --tokenizer bpe or drop --tokenizer-file")
     elif data_cfg.vocab_file is not None:
         read_vocab_file(Path(data_cfg.vocab_file))
     bad = [t for t in data_cfg.special_tokens if len(t) < 2 or any(c.isspace() for c in t)]
@@ -394,18 +422,23 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
         raise CortexCraftError(f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>")
 
 
-def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path) -> dict:
+def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: np.ndarray | None = None) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
-    Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare), or ``--vocab``.
-    BPE: trained on the train split only. Returns the vocab manifest."""
+    Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare; ``char_counts``
+    when they were counted already), or ``--vocab``. BPE: ``--tokenizer-file``, or trained on the
+    first ``bpe_train_chars`` characters of the train split. Returns the vocab manifest."""
     out_dir = Path(out_dir)
     check_tokenizer_config(data_cfg)
     if data_cfg.tokenizer == "char":
-        tok = _char_tokenizer_for(corpus, data_cfg)
+        counts = count_chars(corpus_chunks(corpus)) if char_counts is None else char_counts
+        tok = char_tokenizer_from_counts(counts, data_cfg)
+    elif data_cfg.tokenizer_file is not None:
+        tok = BPETokenizer.from_tokenizer_file(Path(data_cfg.tokenizer_file), bpe_special_tokens(data_cfg))
     else:
         cut = train_val_cut(corpus, data_cfg.val_fraction)
-        tok = BPETokenizer.train(corpus_chunks(corpus, 0, cut), data_cfg.vocab_size, bpe_special_tokens(data_cfg))
+        sample = corpus_chunks(corpus, 0, min(cut, data_cfg.bpe_train_chars))
+        tok = BPETokenizer.train(sample, data_cfg.vocab_size, bpe_special_tokens(data_cfg))
     section = tok.save(out_dir)
     path = out_dir / section["file"]
     return {"dir": str(out_dir.resolve()), "path": str(path.resolve()), "sha256": section["sha256"],
@@ -444,6 +477,8 @@ def preset_vocab_size(data_cfg: DataConfig) -> int:
     """Vocabulary size ``data_cfg`` will produce, for parameter counts only (see the constants
     above for which figures are estimates)."""
     extra = len(data_cfg.special_tokens) + (1 if data_cfg.allow_unk and UNK not in data_cfg.special_tokens else 0)
+    if data_cfg.tokenizer == "bpe" and data_cfg.tokenizer_file:
+        return BPETokenizer.from_tokenizer_file(Path(data_cfg.tokenizer_file), bpe_special_tokens(data_cfg)).vocab_size
     if data_cfg.tokenizer == "bpe":
         return data_cfg.vocab_size or UNKNOWN_SOURCE_CHARS_ESTIMATE
     if data_cfg.vocab_file:

@@ -151,6 +151,29 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def torchrun_command(train_args: list[str], nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "cortexcraft") -> list[str]:
+    """``cortexcraft train <train_args>`` under torchrun: ``nproc_per_node`` processes on this
+    machine, alone (``--standalone``) or as node ``node_rank`` of ``nnodes`` meeting at the c10d
+    rendezvous ``rdzv_endpoint`` (HOST:PORT of node 0, which hosts it; every node passes the same)."""
+    if nproc_per_node < 1 or nnodes < 1:
+        raise CortexCraftError(f"--nproc-per-node {nproc_per_node} and --nnodes {nnodes} must be at least 1")
+    if nnodes == 1:
+        launch = ["--standalone"]
+    else:
+        host, _, port = (rdzv_endpoint or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise CortexCraftError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a free port, "
+                                   f"the same on every node), got {rdzv_endpoint!r}")
+        if not 0 <= node_rank < nnodes:
+            raise CortexCraftError(f"--node-rank {node_rank} must be between 0 and {nnodes - 1} (0 on the node at --rdzv-endpoint)")
+        # Node 0 hosts the rendezvous store; saying so also works when all nodes share one host name.
+        launch = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+                  f"--rdzv-conf=is_host={int(node_rank == 0)}"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc_per_node}",
+            "-m", "cortexcraft", "train", *train_args]
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":

@@ -32,6 +32,13 @@ class PipelineParams(BaseModel):
     promote_margin: float = Field(0.0, ge=0.0, description="a challenger is promoted when its val loss beats the champion's by more than this (nats)")
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
+    nnodes: int = Field(1, ge=1, description="machines training together; this one is node 0, the train stage logs the command for the others")
+    rdzv_endpoint: Optional[str] = Field(None, description="HOST:PORT of this machine for the other nodes (c10d rendezvous), with nnodes > 1")
+    workers: int = Field(1, ge=1, description="parallel tasks preparing the corpus in parts; > 1 (or dask) maps tasks over parts")
+    task_runner: Literal["process", "dask"] = Field(
+        "process", description="runs the part tasks: local processes, or Dask (a LocalCluster, or dask_address)")
+    dask_address: Optional[str] = Field(None, description="an existing Dask scheduler, tcp://HOST:PORT (implies task_runner dask)")
+    part_mb: float = Field(64.0, gt=0, description="size of a corpus part in MB")
 
     _config: RunConfig = PrivateAttr()
 
@@ -55,6 +62,9 @@ class PipelineParams(BaseModel):
 
     def refreshed(self) -> set[str]:
         return set(STAGES) if "all" in self.refresh else set(self.refresh)
+
+    def in_parts(self) -> bool:
+        return self.workers > 1 or self.task_runner == "dask" or self.dask_address is not None
 
     def data_path(self) -> str:
         # Absolute, so every task of the run resolves the same directory whatever its cwd.

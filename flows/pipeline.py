@@ -36,12 +36,13 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, dict[str, A
 
 def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
                           data_dir: str | os.PathLike, refresh: list[str], nproc: int = 1,
-                          **registry: Any) -> int:
+                          **options: Any) -> int:
     """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary.
-    ``registry``: model, retrain, retrain_iters, promote_margin (PipelineParams), when given."""
+    ``options``: model, retrain, retrain_iters, promote_margin, workers, task_runner, dask_address,
+    part_mb, nnodes, rdzv_endpoint (see PipelineParams); None means the default."""
     params = params_from_cli(preset=preset, overrides=overrides, source=source,
                              data_dir=str(data_dir), refresh=refresh, nproc=nproc,
-                             **{k: v for k, v in registry.items() if v is not None})
+                             **{k: v for k, v in options.items() if v is not None})
     # The CLI logs at INFO on the root logger, where Prefect's client would add a line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     records = pipeline(params)

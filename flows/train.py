@@ -25,7 +25,8 @@ def run_train(shards: dict[str, Any], config: RunConfig, params: PipelineParams)
     get_run_logger().info("retraining policy %s", plan["reason"])
     return run_stage(train_task, train_key(shards, config_dict, plan), refresh,
                      shards=shards, config=config_dict, plan=plan, data_dir=data_dir,
-                     fresh="train" in refresh, nproc=params.nproc)
+                     fresh="train" in refresh, nproc=params.nproc, nnodes=params.nnodes,
+                     rdzv_endpoint=params.rdzv_endpoint)
 
 
 @flow(name="train")

@@ -1,6 +1,7 @@
 """shards stage: train/val token shards plus the tokenizer, in one directory training reads."""
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
@@ -8,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from cortexcraft.config import DataConfig
-from tasks.stage import cache_key, files_under, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.stage import cache_key, files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
 
 STAGE = "shards"
 
@@ -21,17 +22,27 @@ def shards_key(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str
       retry_condition_fn=retry_unless_user_error,
       cache_key_fn=lambda ctx, p: cache_key(STAGE, shards_key(p["corpus"], p["vocab"], p["data_cfg"])))
 def write_shards_task(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str, Any],
-                      data_dir: str) -> dict[str, Any]:
+                      data_dir: str, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Encode the corpus into shards, or assemble them from ``parts`` (``encode_part_task``
+    records covering the corpus): the same bytes either way. Assembled parts are deleted."""
+    from cortexcraft.parts import write_shards_from_parts
     from cortexcraft.shards import MANIFEST as SHARDS_MANIFEST, write_shards
+    from tasks.parts import encoded_parts
 
     key = shards_key(corpus, vocab, data_cfg)
     out_dir = stage_dir(data_dir, STAGE, key)
     if not (out_dir / SHARDS_MANIFEST).is_file():
         # Leftovers of a damaged stage (e.g. only stage.json): write_shards refuses to replace them.
         shutil.rmtree(out_dir, ignore_errors=True)
-    manifest = write_shards(corpus["manifest"], vocab["manifest"], DataConfig(**data_cfg), out_dir)
+    if parts:
+        manifest = write_shards_from_parts(corpus["manifest"], vocab["manifest"], DataConfig(**data_cfg), out_dir,
+                                           encoded_parts(data_dir, parts), workers=os.cpu_count() or 1)
+    else:
+        manifest = write_shards(corpus["manifest"], vocab["manifest"], DataConfig(**data_cfg), out_dir)
     record = write_record(data_dir, STAGE, key, files_under(out_dir),
                           vocab_size=manifest["vocab_size"], splits=manifest["splits"])
+    for part in parts or []:  # the shards hold their ids now; keeping both would double the disk used
+        shutil.rmtree(resolve(data_dir, part["dir"]), ignore_errors=True)
     rows = [{"split": split, "file": f["name"], "tokens": f["tokens"], "sha256": f["sha256"][:12]}
             for split, info in manifest["splits"].items() for f in info["files"]]
     get_run_logger().info("shards in %s: %s", out_dir, ", ".join(

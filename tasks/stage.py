@@ -26,7 +26,8 @@ from cortexcraft.fileio import atomic_write_json, read_json, sha256_file, sha256
 
 STAGES = ("download", "vocab", "shards", "train", "report")
 # Directory under DATA_DIR holding each stage's keyed outputs.
-STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports"}
+STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports",
+              "count-part": "parts", "encode-part": "parts"}
 RECORD_NAME = "stage.json"
 KEY_CHARS = 20
 _OWN_PACKAGES = ("cortexcraft", "tasks")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,18 +32,15 @@ def train_key(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, An
     return stage_key(STAGE, inputs, {"model": config["model"], "train": config["train"]})
 
 
-def torchrun_command(config: dict[str, Any], shards_dir: Path, run_dir: Path, nproc: int,
-                     init_from: str | None = None) -> list[str]:
-    """`cortexcraft train` under torchrun, with every config value spelled out as --set."""
+def train_args(config: dict[str, Any], shards_dir: Path, run_dir: Path, init_from: str | None = None) -> list[str]:
+    """`cortexcraft train` arguments for this run, with every config value spelled out as --set."""
     from cortexcraft.checkpoint import list_checkpoints
 
     resume = ["--resume"] if list_checkpoints(run_dir) else []  # the CLI refuses --resume of nothing
     resume += ["--init-from", init_from] if init_from else []
     settings = [f"--set={section}.{name}={json.dumps(value)}"
                 for section in ("data", "model", "train", "sample") for name, value in config[section].items()]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "cortexcraft", "train", "--data", str(shards_dir), "--out", str(run_dir),
-            "--preset", config["preset"], *resume, *settings]
+    return ["--data", str(shards_dir), "--out", str(run_dir), "--preset", config["preset"], *resume, *settings]
 
 
 def _new_records(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -94,13 +91,14 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
       retry_condition_fn=retry_unless_user_error,
       cache_key_fn=lambda ctx, p: cache_key(STAGE, train_key(p["shards"], p["config"], p["plan"])))
 def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, Any], data_dir: str,
-               fresh: bool = False, nproc: int = 1) -> dict[str, Any]:
+               fresh: bool = False, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict[str, Any]:
     """Train (or resume) the run. ``plan`` (``cortexcraft.registry.plan_retrain``) says whether it
     starts from a champion's checkpoint; ``fresh`` starts over (``--refresh train``) except on a
     retry, which resumes what the first attempt checkpointed; ``nproc`` > 1 trains with that many
-    torchrun processes."""
+    torchrun processes; ``nnodes`` > 1 makes this machine node 0 of that many, meeting at
+    ``rdzv_endpoint`` (the log says what to run on the others)."""
     from cortexcraft.config import RunConfig
-    from cortexcraft.train import train
+    from cortexcraft.train import torchrun_command, train
 
     logger = get_run_logger()
     key = train_key(shards, config, plan)
@@ -120,8 +118,13 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
         update_progress_artifact(progress, 100.0 * m["step"] / max(m["max_steps"], 1))
 
     shards_dir = resolve(data_dir, shards["dir"])
-    if nproc > 1:
-        command = torchrun_command(run_config.model_dump(mode="json"), shards_dir, run_dir, nproc, plan["init_checkpoint"])
+    if nproc > 1 or nnodes > 1:
+        args = train_args(run_config.model_dump(mode="json"), shards_dir, run_dir, plan["init_checkpoint"])
+        command = torchrun_command(args, nproc, nnodes, 0, rdzv_endpoint, rdzv_id=run_dir.name)
+        for node in range(1, nnodes):
+            others = " ".join(shlex.quote(a) for a in ["cortexcraft", "train", *args, f"--nproc-per-node={nproc}",
+                                                       f"--nnodes={nnodes}", f"--node-rank={node}", f"--rdzv-endpoint={rdzv_endpoint}"])
+            logger.info("node %d of %d: run on that machine (same paths, shared filesystem): %s", node, nnodes, others)
         summary = _train_in_children(command, run_dir, logger, on_eval)
     else:
         summary = train(run_config, shards_dir, run_dir, resume=True, on_eval=on_eval, progress=False,

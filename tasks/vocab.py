@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
-from tasks.stage import cache_key, files_under, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.stage import cache_key, files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
 from tasks.download import file_digest
 
 STAGE = "vocab"
@@ -15,20 +15,30 @@ STAGE = "vocab"
 
 def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any]) -> str:
     inputs = [corpus["content"]]
-    if data_cfg.get("vocab_file"):
-        inputs.append(file_digest(data_cfg["vocab_file"]))
+    for name in ("vocab_file", "tokenizer_file"):
+        if data_cfg.get(name):
+            inputs.append(file_digest(data_cfg[name]))
     return stage_key(STAGE, inputs, data_cfg)
 
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
       cache_key_fn=lambda ctx, p: cache_key(STAGE, vocab_key(p["corpus"], p["data_cfg"])))
-def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
+def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str,
+                     part_counts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``part_counts``: records of ``count_part_task`` for every part, when counted in parts."""
     from cortexcraft.tokenizer import build_vocab
 
     key = vocab_key(corpus, data_cfg)
     out_dir = stage_dir(data_dir, STAGE, key)
-    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir)
+    counts = None
+    if part_counts:
+        import numpy as np
+
+        from cortexcraft.parts import add_counts
+
+        counts = add_counts(np.load(resolve(data_dir, name)) for record in part_counts for name in record["files"])
+    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir, char_counts=counts)
     record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
     preview = manifest.get("preview", "")
     get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["tokenizer"]["type"], out_dir)

@@ -30,3 +30,14 @@ def tinyshakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def openwebtext_vocab_path() -> Path:
     return _shared_file("openwebtext-vocab/vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def temporary_prefect_server(tmp_path_factory):
+    """A temporary Prefect server and database for the module's flow runs (PREFECT_HOME in a temp dir)."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -21,8 +21,6 @@ prefect = pytest.importorskip("prefect")
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId)
-from prefect.settings import PREFECT_HOME, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from cortexcraft.errors import CortexCraftError  # noqa: E402
 from flows.params import PipelineParams  # noqa: E402
@@ -38,14 +36,7 @@ TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, tinyshakespeare_path, prefect_server):
+def project(tmp_path_factory, tinyshakespeare_path, temporary_prefect_server):
     """A data dir and a private copy of Tiny Shakespeare (one test edits it), after a first run."""
     root = tmp_path_factory.mktemp("project")
     source = root / "input.txt"

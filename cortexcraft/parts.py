@@ -1,0 +1,171 @@
+"""Data preparation in parts: a corpus cut into byte ranges that are counted and encoded
+independently (in parallel), then assembled into shards byte-identical to ``write_shards``.
+
+A part is a byte range of one split of the corpus file. Every cut but the split's ends falls just
+before a newline between two visible ASCII characters: no BPE pre-token, special token or
+document separator spans that point (see ``shards._safe_pieces``), so the ids of the parts, one
+after another, are the ids of the whole split. A worker holds one read block at a time, so memory
+is bounded by the block size, not by the part or the corpus.
+
+``prepare_parts`` runs the plan with a process pool; the Prefect tasks in ``tasks/parts.py`` run
+the same functions one part per task, each cached on its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+
+from cortexcraft.config import DataConfig
+from cortexcraft.errors import CortexCraftError
+from cortexcraft.fileio import atomic_open
+from cortexcraft.shards import SPLITS, build_shard_dir, encode_range, shard_file_name, split_ranges
+from cortexcraft.sources import READ_BYTES, corpus_byte_range_text
+from cortexcraft.tokenizer import MAX_CODE_POINT, Tokenizer, build_vocab, count_chars, load_tokenizer
+
+PART_BYTES = 64 << 20
+# A safe cut: a newline between two visible ASCII characters (never whitespace, never part of a
+# multi-byte character); the cut goes before the newline.
+_SAFE_CUT = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
+COPY_BYTES = 1 << 24
+
+
+def _next_cut(handle, position: int, stop: int) -> int:
+    """The first safe cut at or after ``position`` and before ``stop``; ``stop`` when there is none."""
+    position -= 1  # the character before the newline
+    while position + 1 < stop:
+        handle.seek(position)
+        block = handle.read(min(READ_BYTES, stop - position) + 1)  # +1: the byte after a final newline
+        match = _SAFE_CUT.search(block)
+        if match is not None and position + match.start() + 1 < stop:
+            return position + match.start() + 1
+        if len(block) < 3:
+            break
+        position += len(block) - 2
+    return stop
+
+
+def plan_parts(corpus: dict, data_cfg: DataConfig, part_bytes: int = PART_BYTES) -> list[dict]:
+    """Parts of about ``part_bytes`` covering each split, in corpus order:
+    ``{"split", "index", "start", "stop"}`` (byte offsets into the corpus file)."""
+    if part_bytes < 1:
+        raise CortexCraftError(f"part size {part_bytes} must be at least 1 byte; use e.g. --part-mb 64")
+    _, ranges = split_ranges(corpus, data_cfg)
+    parts = []
+    with open(corpus["path"], "rb") as handle:
+        for split in SPLITS:
+            start, stop = ranges[split]
+            while start < stop:
+                end = _next_cut(handle, start + part_bytes, stop)
+                parts.append({"split": split, "index": len(parts), "start": start, "stop": end})
+                start = end
+    return parts
+
+
+def count_part(corpus: dict, part: dict) -> np.ndarray:
+    """Character counts of one part as a (2, k) array: code points, then their counts."""
+    counts = count_chars(corpus_byte_range_text(corpus, part["start"], part["stop"]))
+    present = np.flatnonzero(counts)
+    return np.stack([present, counts[present]])
+
+
+def add_counts(sparse_counts: Iterable[np.ndarray]) -> np.ndarray:
+    """The reduce of ``count_part``: dense counts of every code point, as ``count_chars`` gives."""
+    total = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
+    for sparse in sparse_counts:
+        np.add.at(total, sparse[0], sparse[1])
+    return total
+
+
+def encode_part(vocab_dir: str, corpus: dict, part: dict, out_path: str) -> dict:
+    """Write the raw ids of one part to ``out_path``; returns the part with ``tokens`` and ``path``."""
+    tok = load_tokenizer(Path(vocab_dir))
+    tokens = 0
+    with atomic_open(out_path) as handle:
+        for ids in encode_range(tok, corpus, part["start"], part["stop"]):
+            handle.write(memoryview(ids.astype(tok.dtype.newbyteorder("<"), copy=False)))
+            tokens += ids.size
+    return dict(part, tokens=tokens, path=str(out_path))
+
+
+def copy_tokens(out_path: str, pieces: list[tuple[str, int, int]], itemsize: int) -> str:
+    """Write token ranges ``[lo, hi)`` of part files, in order, into ``out_path``; returns its sha256."""
+    digest = hashlib.sha256()
+    with open(out_path, "wb") as out:
+        for path, lo, hi in pieces:
+            with open(path, "rb") as source:
+                source.seek(lo * itemsize)
+                remaining = (hi - lo) * itemsize
+                while remaining:
+                    block = source.read(min(COPY_BYTES, remaining))
+                    if not block:
+                        raise CortexCraftError(f"encoded part {path} is shorter than recorded; prepare again (the part is re-encoded)")
+                    digest.update(block)
+                    out.write(block)
+                    remaining -= len(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _shard_layout(directory: Path, split: str, encoded: list[dict], shard_tokens: int) -> list[tuple[str, list, int]]:
+    """(file path, part pieces, tokens) of each shard file of a split: the files ``_SplitWriter``
+    would write for the parts' ids one after another."""
+    total = sum(p["tokens"] for p in encoded)
+    files = []
+    for index, first in enumerate(range(0, total, shard_tokens)):
+        last, pieces, offset = min(first + shard_tokens, total), [], 0
+        for part in encoded:
+            lo, hi = max(first - offset, 0), min(last - offset, part["tokens"])
+            if lo < hi:
+                pieces.append((part["path"], lo, hi))
+            offset += part["tokens"]
+        files.append((str(directory / shard_file_name(split, index)), pieces, last - first))
+    return files
+
+
+def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path,
+                            encoded: list[dict], workers: int = 1) -> dict:
+    """``write_shards``' directory from parts ``encode_part`` wrote, ``workers`` shard files at a
+    time (threads: reading, hashing and writing release the GIL); returns the manifest."""
+
+    def write_split(directory: Path, split: str, tok: Tokenizer, start: int, stop: int) -> dict:
+        mine = sorted((p for p in encoded if p["split"] == split), key=lambda p: p["start"])
+        edges = [start] + [edge for p in mine[:-1] for edge in (p["stop"], p["stop"])] + [stop]
+        if [edge for p in mine for edge in (p["start"], p["stop"])] != edges:
+            raise CortexCraftError(f"the encoded parts do not cover the {split} split (bytes {start:,} to {stop:,}) "
+                                   f"exactly; plan the parts again for this corpus and configuration")
+        layout = _shard_layout(directory, split, mine, data_cfg.shard_tokens)
+        with ThreadPoolExecutor(workers) as pool:
+            hashes = list(pool.map(copy_tokens, [path for path, _, _ in layout], [pieces for _, pieces, _ in layout],
+                                   repeat(tok.dtype.itemsize)))
+        files = [{"name": Path(path).name, "tokens": tokens, "sha256": sha}
+                 for (path, _, tokens), sha in zip(layout, hashes)]
+        return {"tokens": sum(f["tokens"] for f in files), "files": files}
+
+    return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
+
+
+def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir: Path, out_dir: Path,
+                  workers: int, part_bytes: int = PART_BYTES) -> dict:
+    """Vocabulary and shards of ``corpus`` with ``workers`` processes; returns the shards manifest.
+
+    The character vocabulary is a map-reduce of per-part counts; BPE is trained in this process
+    (on a bounded sample) and the parts are encoded in the pool."""
+    parts = plan_parts(corpus, data_cfg, part_bytes)
+    parts_dir = Path(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    # spawn: the workers start clean (no inherited threads of tokenizers or torch to deadlock on).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        counts = add_counts(pool.map(count_part, repeat(corpus), parts)) if data_cfg.tokenizer == "char" else None
+        vocab = build_vocab(corpus, data_cfg, vocab_dir, char_counts=counts)
+        paths = [str(parts_dir / f"part-{p['index']:05d}.bin") for p in parts]
+        encoded = list(pool.map(encode_part, repeat(vocab["dir"]), repeat(corpus), parts, paths))
+        return write_shards_from_parts(corpus, vocab, data_cfg, out_dir, encoded, workers)
