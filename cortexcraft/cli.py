@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promote-margin", type=float, metavar="NATS",
                    help="promote a challenger only when its val loss beats the champion's by more than this (default 0)")
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
+    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
+    _add_parts_options(p)
+    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
+                   help="what runs the part tasks: local processes (default) or a Dask cluster")
+    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
 
     p = sub.add_parser("models", help="the model registry: list, show, promote, rollback versions")
     p.add_argument("--data-dir", type=Path, help="data directory holding models/ (default ./data)")
@@ -142,12 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
-    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
-    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
-    _add_parts_options(p)
-    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
-                   help="what runs the part tasks: local processes (default) or a Dask cluster")
-    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
