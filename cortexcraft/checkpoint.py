@@ -36,7 +36,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_bytes, atomic_write_json, ensure_free_space, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import (TempDir, atomic_write_bytes, atomic_write_json, ensure_free_space, fsync_dir,
+                                read_json, remove_dead_temps, sha256_file)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,7 @@ def save_checkpoint(
         raise CheckpointError(f"refusing to write the checkpoint of step {step} in {run_dir}: weight {not_finite} holds NaN "
                               "or inf (training diverged); lower train.lr or set train.grad_clip")
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
     training = dict(optimizer_tensors)
     for rank, rank_states in enumerate(rng_states):
@@ -114,7 +112,8 @@ def save_checkpoint(
     blobs = {MODEL_FILE: save(_tensor_dict(model_state)), TRAINING_FILE: save(_tensor_dict(training))}
     # The whole checkpoint must fit: better refused up front than a half-written directory.
     ensure_free_space(final, sum(map(len, blobs.values())))
-    tmp.mkdir()
+    temp = TempDir(root, final.name)
+    tmp = temp.path
     try:
         for name, blob in blobs.items():
             atomic_write_bytes(tmp / name, blob)
@@ -128,11 +127,13 @@ def save_checkpoint(
         atomic_write_json(tmp / STATE_FILE, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        temp.close()
         raise
     if final.exists():
         # Only a damaged leftover or a re-save of the same step (a resumed run) can be here.
         shutil.rmtree(final)
     os.replace(tmp, final)
+    temp.close()
     fsync_dir(root)
     return final
 
@@ -235,7 +236,7 @@ def load_training_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> t
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` valid checkpoints and the best one, plus any damaged
-    checkpoint or temporary directory older than the newest valid checkpoint.
+    checkpoint older than the newest valid checkpoint, and what killed writers left behind.
 
     Hashes are not re-checked: the trainer just wrote these, and hashing large ones each time is slow.
     """
@@ -248,5 +249,4 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     for path in list_checkpoints(run_dir):
         if path not in keep and path.name < newest:
             shutil.rmtree(path, ignore_errors=True)
-    for tmp in checkpoints_dir(run_dir).glob(".step_*.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_dead_temps(checkpoints_dir(run_dir))

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.interrupt import Interrupted
 
 log = logging.getLogger("cortexcraft")
 
@@ -381,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"cortexcraft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"cortexcraft {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"cortexcraft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,9 @@
 """Atomic file writes and content hashes shared by every stage.
 
+Every temporary file or directory is named ``.<final name>.<random>.tmp`` and is ``flock``ed by its
+writer for as long as the writer lives, so ``remove_dead_temps`` can tell the leftovers of a
+killed writer (unlocked) from work in progress (locked) and remove only the former.
+
 A full disk (ENOSPC, or a quota: EDQUOT) during any write made through here becomes one
 ``DiskFullError`` line naming the path, the space the write needed and the space that is free;
 the partial file is removed first, so whatever existed before is left intact.
@@ -7,6 +11,7 @@ the partial file is removed first, so whatever existed before is left intact.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +28,7 @@ from cortexcraft.errors import CortexCraftError
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 DEFAULT_FILE_MODE = 0o666 & ~_UMASK
+TEMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: Path) -> None:
@@ -85,7 +91,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", size: Optional[int] =
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    # A second descriptor keeps the writer's lock until the rename, after the file is closed.
+    lock_fd = os.dup(fd)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     try:
         with disk_full_is_an_error(path, size, cleanup=lambda: Path(tmp).unlink(missing_ok=True)):
             with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
@@ -98,7 +107,59 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", size: Optional[int] =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock_fd)
     fsync_dir(path.parent)
+
+
+class TempDir:
+    """``parent/.<name>.<random>[.<kind>].tmp``, locked by this process until ``close`` (or its death).
+
+    Build a directory here and rename it into place; ``close`` after the rename or removal."""
+
+    def __init__(self, parent: str | os.PathLike, name: str, kind: str = ""):
+        parent = Path(parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        suffix = f".{kind}{TEMP_SUFFIX}" if kind else TEMP_SUFFIX
+        self.path = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=suffix, dir=parent))
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_dead_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and directories in ``directory`` whose writer is gone (killed,
+    crashed, rebooted); a live writer's are locked and stay. Returns what was removed."""
+    directory = Path(directory)
+    try:
+        entries = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
+    except FileNotFoundError:
+        return []
+    removed = []
+    for path in entries:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

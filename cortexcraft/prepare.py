@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from cortexcraft.config import DataConfig
+from cortexcraft.fileio import TempDir
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.parts import PART_BYTES, prepare_parts
 from cortexcraft.shards import check_out_dir, write_shards
@@ -32,13 +32,13 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     corpus = download(data_cfg, cache_dir)
     log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
              f"{corpus['documents']:,}", corpus["origin"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    vocab_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".vocab", dir=out_dir.parent))
+    vocab_dir = TempDir(out_dir.parent, out_dir.name, kind="vocab")
     try:
         if workers > 1:
-            return prepare_parts(corpus, data_cfg, vocab_dir, vocab_dir / "parts", out_dir, workers, part_bytes)
-        vocab = build_vocab(corpus, data_cfg, vocab_dir)
+            return prepare_parts(corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes)
+        vocab = build_vocab(corpus, data_cfg, vocab_dir.path)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)
     finally:
-        shutil.rmtree(vocab_dir, ignore_errors=True)
+        shutil.rmtree(vocab_dir.path, ignore_errors=True)
+        vocab_dir.close()

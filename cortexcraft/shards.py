@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, disk_full_is_an_error, fsync_dir, read_json, sha256_file
+from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, fsync_dir, read_json,
+                                remove_dead_temps, sha256_file)
 from cortexcraft.sources import char_to_byte_offset, corpus_ascii_blocks, corpus_byte_range_text, train_val_cut
 from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -147,12 +147,13 @@ def check_out_dir(out_dir: Path) -> None:
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
+        old = TempDir(out_dir.parent, out_dir.name, kind="old")
+        os.replace(out_dir, old.path / out_dir.name)
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old.path)
+        old.close()
 
 
 def shard_file_name(split: str, index: int) -> str:
@@ -208,9 +209,9 @@ def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Pa
     train_val_cut(corpus, data_cfg.val_fraction)  # a split too small fails before anything is written
     if Path(corpus["path"]).stat().st_size != corpus["bytes"]:
         raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished directory should not be
+    remove_dead_temps(out_dir.parent)
+    temp = TempDir(out_dir.parent, out_dir.name)
+    tmp = temp.path
     # A character tokenizer writes one id per character; a BPE one fewer, by an unknown factor.
     needed = corpus["chars"] * tok.dtype.itemsize if isinstance(tok, CharTokenizer) else None
     try:
@@ -220,6 +221,8 @@ def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        temp.close()
     return manifest
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from array import array
@@ -36,7 +35,8 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_open, atomic_write_json, fsync_dir, read_json, sha256_file, sha256_json
+from cortexcraft.fileio import (TempDir, atomic_open, atomic_write_json, fsync_dir, read_json, remove_dead_temps,
+                                sha256_file, sha256_json)
 from cortexcraft.freshness import (SourceUnreachable, http_revision, hub_revision, local_revision, remembered,
                                    revision_id, state_file)
 
@@ -175,9 +175,9 @@ class CorpusWriter:
 
     def __init__(self, entry: Path, info: dict, separator: str):
         self.entry = entry
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
-        self.tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should not be
+        remove_dead_temps(entry.parent)
+        self._temp = TempDir(entry.parent, entry.name)
+        self.tmp = self._temp.path
         self.info = info
         self.separator = separator
         # datasets' own download cache lives in the entry's temp dir and is dropped on commit:
@@ -221,12 +221,14 @@ class CorpusWriter:
         if self.entry.exists():
             shutil.rmtree(self.entry)
         os.replace(self.tmp, self.entry)
+        self._temp.close()
         fsync_dir(self.entry.parent)
         return _with_paths(manifest, self.entry)
 
     def abort(self) -> None:
         self.handle.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._temp.close()
 
     def __enter__(self) -> "CorpusWriter":
         return self

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +35,9 @@ from cortexcraft.checkpoint import (
 from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, sha256_json
+from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, remove_dead_temps, sha256_json
+from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
+from cortexcraft.locks import lock_run_dir
 from cortexcraft.model import GPT, check_model_config
 from cortexcraft.shards import verify_shards
 from cortexcraft.tokenizer import load_tokenizer
@@ -113,6 +116,9 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.owns_group = False
+        if self.world_size > 1:
+            # A rank whose torchrun agent was killed gets SIGTERM and stops like on any signal.
+            exit_with_parent()
         if self.world_size > 1 and not dist.is_initialized():
             use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
             if use_cuda:
@@ -291,6 +297,10 @@ def train(
     to ``max_iters``, which must lie beyond it); its best checkpoint is chosen among the new steps.
     ``on_eval`` gets every eval record (rank 0). ``progress`` draws a progress bar on stderr
     (default: when stderr is a terminal). Returns the summary also written to RUN_DIR/summary.json.
+
+    One process trains a run directory at a time (LockBusy names the other one). The first
+    SIGINT/SIGTERM saves a checkpoint at the current step and raises ``Interrupted``; a second
+    one exits at once.
     """
     t_start = time.monotonic()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -298,29 +308,37 @@ def train(
     manifest = verify_shards(data_dir)
     vocab_size = manifest["vocab_size"]
     check_model_config(mcfg, vocab_size)
-    if not resume and list_checkpoints(run_dir):
-        raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
-    previous = latest_checkpoint(run_dir) if resume else None
-    if previous is not None:
-        _check_resumable(previous[1], config, vocab_size, str(run_dir), "use a new --out or the run's original settings")
-    init = None
-    if init_from is not None and previous is None:
-        init = (Path(init_from), read_checkpoint_state(init_from))
-        _check_resumable(init[1], config, vocab_size, f"checkpoint {init_from}", "train from scratch instead")
-        if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
-            raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of {init_from}; "
-                                   f"set max_iters to the step to train up to")
 
     ddp = Distributed(tcfg.device)
+    lock = None
     try:
-        return _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start)
+        if ddp.is_main:
+            lock = lock_run_dir(run_dir)
+            remove_dead_temps(run_dir)
+        if not resume and list_checkpoints(run_dir):
+            raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
+        previous = latest_checkpoint(run_dir) if resume else None
+        if previous is not None:
+            _check_resumable(previous[1], config, vocab_size, str(run_dir), "use a new --out or the run's original settings")
+        init = None
+        if init_from is not None and previous is None:
+            init = (Path(init_from), read_checkpoint_state(init_from))
+            _check_resumable(init[1], config, vocab_size, f"checkpoint {init_from}", "train from scratch instead")
+            if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
+                raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of {init_from}; "
+                                       f"set max_iters to the step to train up to")
+        with StopRequest() as stop:
+            return _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start, stop)
     finally:
+        if lock is not None:
+            lock.release()
         ddp.close()
 
 
 def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str, Any],
            previous: Optional[tuple[Path, dict[str, Any]]], init: Optional[tuple[Path, dict[str, Any]]], ddp: Distributed,
-           on_eval: Optional[Callable[[dict], None]], progress: Optional[bool], t_start: float) -> dict[str, Any]:
+           on_eval: Optional[Callable[[dict], None]], progress: Optional[bool], t_start: float,
+           stop: StopRequest) -> dict[str, Any]:
     tcfg, mcfg = config.train, config.model
     vocab_size = manifest["vocab_size"]
     device = select_device(tcfg.device, ddp.local_rank)
@@ -393,16 +411,18 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     last_record: Optional[dict[str, Any]] = history[-1] if history else None
     last_ckpt = previous[0] if previous else None
     stopped_by = "max_epochs" if tcfg.max_epochs is not None else "max_iters"
-    out_of_time = False
+    out_of_time = stopping = False
     t_loop = time.monotonic()
     t_log, tokens_at_log = t_loop, tokens_seen
     loss = None
     while True:
-        at_end = step >= max_steps or out_of_time
+        at_end = step >= max_steps or out_of_time or stopping
         # The first evaluation of a run started from a checkpoint scores that model on this data.
         new_step = step > start_step or previous is None
         record, improved = None, False
-        evaluates = new_step and (step % tcfg.eval_interval == 0 or at_end)
+        # A stop by signal skips the final evaluation (it can take long); eval batches use no RNG,
+        # so the resumed run still matches an uninterrupted one.
+        evaluates = new_step and (step % tcfg.eval_interval == 0 or (at_end and not stopping))
         checkpoints = new_step and step > segment_start and (step % tcfg.checkpoint_interval == 0 or at_end)
         if evaluates or checkpoints:
             health.check(last_ckpt)
@@ -484,8 +504,20 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             if out_of_time:
                 stopped_by = "max_minutes"
                 log.info("time budget of %s min reached at step %d; saving a checkpoint", tcfg.max_minutes, step)
+        # Ranks must agree on the step they stop at; agreeing costs a collective, so only every few steps.
+        if not ddp.enabled:
+            stopping = stop.requested
+        elif step % log_interval == 0:
+            stopping = ddp.any(stop.requested, device)
+        if stopping:
+            log.info("stop requested at step %d; saving a checkpoint", step)
     if bar is not None:
         bar.close()
+    if stopping:
+        signum = stop.signum or signal.SIGTERM
+        saved = f"checkpoint {last_ckpt}" if ddp.is_main else "rank 0 saved the checkpoint"
+        raise Interrupted(signum, f"training stopped by {signal_name(signum)} at step {step}; {saved}; "
+                                  "run the same command again to resume")
 
     train_seconds = time.monotonic() - t_loop
     trained_tokens = (step - start_step) * tokens_per_step

@@ -39,6 +39,8 @@ class PipelineParams(BaseModel):
         "process", description="runs the part tasks: local processes, or Dask (a LocalCluster, or dask_address)")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler, tcp://HOST:PORT (implies task_runner dask)")
     part_mb: float = Field(64.0, gt=0, description="size of a corpus part in MB")
+    crash_retries: int = Field(
+        2, ge=0, description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, resuming from the last checkpoint")
 
     _config: RunConfig = PrivateAttr()
 

@@ -5,12 +5,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
 from cortexcraft.fileio import sha256_file
 from cortexcraft.freshness import revision_id
-from tasks.stage import cache_key, retry_unless_user_error, stage_key, write_record
+from tasks.stage import retry_unless_user_error, stage_key, write_record
 
 STAGE = "download"
 
@@ -46,7 +47,7 @@ def revalidate_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, download_key(p["data_cfg"], p["revision"])))
+      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
 def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str) -> dict[str, Any]:
     from cortexcraft.sources import describe_revision, download
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from cortexcraft.fileio import atomic_write_text
-from tasks.stage import cache_key, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.stage import resolve, retry_unless_user_error, stage_dir, stage_key, write_record
 
 STAGE = "report"
 REPORT_FILE = "report.md"
@@ -21,7 +22,7 @@ def report_key(run: dict[str, Any], config: dict[str, Any], model: dict[str, Any
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, report_key(p["run"], p["config"], p["model"])))
+      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
 def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, Any], model: dict[str, Any],
                 data_dir: str) -> dict[str, Any]:
     from cortexcraft.checkpoint import resolve_checkpoint

@@ -6,10 +6,11 @@ import shutil
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_table_artifact
 
 from cortexcraft.config import DataConfig
-from tasks.stage import cache_key, files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.stage import files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
 
 STAGE = "shards"
 
@@ -20,7 +21,7 @@ def shards_key(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, shards_key(p["corpus"], p["vocab"], p["data_cfg"])))
+      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
 def write_shards_task(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: dict[str, Any],
                       data_dir: str, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Encode the corpus into shards, or assemble them from ``parts`` (``encode_part_task``

@@ -6,7 +6,12 @@ source of the code it runs). Its outputs live in ``DATA_DIR/<stage dir>/<key>/``
 ``runs/<key>`` for train) beside a ``stage.json`` record (files with sizes and sha256) that is also
 the task's result. Prefect's cache record for the key lives in ``DATA_DIR/.prefect-results``, so it
 travels with the data, not with ``~/.prefect``. Prefect cannot see that an output was deleted after the record was written, so
-``run_stage`` checks ``stage.json`` against the files first and refreshes the cache if it fails.
+``run_stage`` checks ``stage.json`` against the files first and drops the cache record if it fails.
+
+One writer per stage output: every stage task runs as a SERIALIZABLE transaction over its cache
+key, locked by ``StageLockManager`` (``DATA_DIR/.locks/<key>.lock``, released by the kernel when
+its holder dies, see ``cortexcraft.locks``). Pipelines that need the same output wait for the
+one computing it and come out Cached; pipelines that need different outputs run side by side.
 """
 from __future__ import annotations
 
@@ -18,11 +23,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from prefect import Task
+from prefect import Task, get_run_logger
+from prefect.cache_policies import CachePolicy
+from prefect.locking.protocol import LockManager
 from prefect.states import State
+from prefect.transactions import IsolationLevel
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, read_json, sha256_file, sha256_json
+from cortexcraft.fileio import atomic_write_json, read_json, remove_dead_temps, sha256_file, sha256_json
+from cortexcraft.locks import FileLock, describe_holder, lock_holder
 
 STAGES = ("download", "vocab", "shards", "train", "report")
 # Directory under DATA_DIR holding each stage's keyed outputs.
@@ -157,12 +166,108 @@ def resolve(data_dir: str | os.PathLike, name: str) -> Path:
     return Path(data_dir).resolve() / name
 
 
+def locks_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir).resolve() / ".locks"
+
+
+class StageLockManager(LockManager):
+    """Prefect's lock manager protocol over ``cortexcraft.locks.FileLock``: one lock file per key
+    in one directory, waited for as long as a live process holds it and taken over the moment
+    that process dies (Prefect's FileSystemLockManager never expires a dead holder's lock)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self._held: dict[str, tuple[str, FileLock]] = {}
+
+    def __deepcopy__(self, memo: dict) -> "StageLockManager":
+        # Prefect copies cache policies; a copy must still know which locks this process holds.
+        return self
+
+    def _lock(self, key: str) -> FileLock:
+        # Keys are "<stage>-<hex key>": safe file names, and never suffix-mangled.
+        return FileLock(self.directory / f"{key}.lock")
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        if key in self._held and self._held[key][0] == holder:
+            return True
+        lock = self._lock(key)  # another holder in this process too: flock makes it wait its turn
+        if not lock.acquire(timeout=acquire_timeout):
+            return False
+        self._held[key] = (holder, lock)
+        return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        if not self.is_lock_holder(key, holder):
+            raise ValueError(f"no lock held by {holder} for transaction with key {key}")
+        self._held.pop(key)[1].release()
+
+    def is_locked(self, key: str) -> bool:
+        return key in self._held or lock_holder(self.directory / f"{key}.lock") is not None
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        return key in self._held and self._held[key][0] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        probe = self._lock(key)
+        if not probe.acquire(timeout=timeout):
+            return False
+        probe.release()
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return self.wait_for_lock(key, timeout)
+
+
+_LOCK_MANAGERS: dict[Path, StageLockManager] = {}
+
+
+def stage_lock_manager(data_dir: str | os.PathLike) -> StageLockManager:
+    """The one lock manager of this process for ``data_dir``'s stage locks."""
+    directory = locks_dir(data_dir)
+    return _LOCK_MANAGERS.setdefault(directory, StageLockManager(directory))
+
+
+def _discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str, forced: bool) -> None:
+    """Under the stage's lock (so no writer is half-way): remove what killed writers left behind
+    and, unless the stage is forced anyway, drop a cache record whose outputs are missing or
+    changed, so that the stage computes again."""
+    lock = FileLock(locks_dir(data_dir) / f"{cache_key(stage, key)}.lock")
+    if not lock.try_acquire():
+        get_run_logger().info("waiting for %s, which %s is computing", stage, describe_holder(lock_holder(lock.path)))
+    with lock:
+        cache_record = results_dir(data_dir) / cache_key(stage, key)
+        # Prefect writes its record in place: one torn by a kill must not count as a cache hit.
+        if not forced and (valid_record(data_dir, stage, key) is None or not _is_json(cache_record)):
+            cache_record.unlink(missing_ok=True)
+        out_dir = stage_dir(data_dir, stage, key)
+        remove_dead_temps(out_dir)
+        remove_dead_temps(out_dir.parent)
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        read_json(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def run_stage(task: Task, key: str, refresh: Iterable[str], **parameters: Any) -> dict[str, Any]:
-    """Call a stage task (named after its stage) with the project's result storage, refreshing its
-    cache when forced or when the outputs behind a cached result are missing or changed."""
-    data_dir = parameters["data_dir"]
-    refresh_cache = task.name in refresh or valid_record(data_dir, task.name, key) is None
-    configured = task.with_options(result_storage=results_dir(data_dir), refresh_cache=refresh_cache)
+    """Call a stage task (named after its stage) with the project's result storage and its lock.
+
+    The task is Cached when its record exists and its outputs are intact; it recomputes when
+    forced (``refresh``) or when the outputs behind the record are missing or changed."""
+    data_dir, stage = parameters["data_dir"], task.name
+    forced = stage in refresh
+    _discard_stale_outputs(data_dir, stage, key, forced)
+    policy = CachePolicy.from_cache_key_fn(lambda *_: cache_key(stage, key)).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=stage_lock_manager(data_dir))
+    configured = task.with_options(cache_policy=policy, result_storage=results_dir(data_dir), refresh_cache=forced)
     return configured(**parameters)
 
 

@@ -9,17 +9,20 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
 from cortexcraft.fileio import read_json
-from tasks.stage import (cache_key, files_under, resolve, retry_unless_user_error, stage_dir,
+from tasks.stage import (files_under, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
 
 STAGE = "train"
@@ -69,17 +72,33 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
     metrics = run_dir / "metrics.jsonl"
     # Only evaluations made by these children: a resumed run's file already holds earlier ones.
     offset, last_lines, error = metrics.stat().st_size if metrics.is_file() else 0, [], None
+    # A session of its own, so that only this process signals torchrun (a terminal's Ctrl-C would
+    # reach it twice), and SIGTERM to it if this process dies (even by SIGKILL).
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as child:
-        for line in child.stdout:
-            line = line.rstrip()
-            logger.info("[torchrun] %s", line)
-            last_lines = (last_lines + [line])[-5:]
-            if CLI_ERROR in line:
-                error = line.split(CLI_ERROR, 1)[1]
-            records, offset = _new_records(metrics, offset)
-            for record in records:
-                on_eval(record)
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+                          preexec_fn=exit_with_parent) as child:
+        # The first SIGINT/SIGTERM here is passed on: torchrun stops the trainers, which checkpoint.
+        with StopRequest(on_request=lambda signum: child.send_signal(signal.SIGTERM)) as stop:
+            try:
+                for line in child.stdout:
+                    line = line.rstrip()
+                    logger.info("[torchrun] %s", line)
+                    last_lines = (last_lines + [line])[-5:]
+                    if CLI_ERROR in line:
+                        error = line.split(CLI_ERROR, 1)[1]
+                    records, offset = _new_records(metrics, offset)
+                    for record in records:
+                        on_eval(record)
+            except BaseException:  # a second signal: stop at once, leaving no trainer behind
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                raise
+    if stop.requested:
+        from cortexcraft.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(run_dir)
+        raise Interrupted(stop.signum, f"training stopped by {signal_name(stop.signum)}; "
+                                       f"checkpoint {latest[0] if latest else None}; re-run to resume")
     if child.returncode and error:  # a CortexCraftError in the children: retrying cannot help
         raise CortexCraftError(error)
     if child.returncode:
@@ -89,7 +108,7 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, train_key(p["shards"], p["config"], p["plan"])))
+      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
 def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, Any], data_dir: str,
                fresh: bool = False, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict[str, Any]:
     """Train (or resume) the run. ``plan`` (``cortexcraft.registry.plan_retrain``) says whether it

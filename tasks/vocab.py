@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
-from tasks.stage import cache_key, files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
+from tasks.stage import files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
 from tasks.download import file_digest
 
 STAGE = "vocab"
@@ -23,7 +24,7 @@ def vocab_key(corpus: dict[str, Any], data_cfg: dict[str, Any]) -> str:
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(STAGE, vocab_key(p["corpus"], p["data_cfg"])))
+      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
 def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir: str,
                      part_counts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``part_counts``: records of ``count_part_task`` for every part, when counted in parts."""

@@ -41,3 +41,14 @@ def temporary_prefect_server(tmp_path_factory):
     with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """One `prefect server start` for the tests that run several `cortexcraft pipeline` processes
+    against it (PREFECT_API_URL in their env); stopped at the end of the session."""
+    from prefect_server import prefect_server
+
+    tmp = tmp_path_factory.mktemp("api-server")
+    with prefect_server(tmp / "prefect-home", tmp / "server.log") as env:
+        yield {"env": env, "api": env["PREFECT_API_URL"]}

@@ -89,13 +89,13 @@ def isolated_prefect_env(home: Path, port: int) -> dict[str, str]:
     return env
 
 
-def wait_until(what: str, check, timeout: float, log: Path | None = None):
+def wait_until(what: str, check, timeout: float, log: Path | None = None, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
-        time.sleep(0.5)
+        time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail(log) if log else ''}")
 
 
@@ -125,6 +125,44 @@ def prefect_server(home: Path, log: Path, **settings: str) -> Iterator[dict[str,
         yield env
     finally:
         stop(server)
+
+
+def api_post(api: str, path: str, body: dict):
+    response = httpx.post(api + path, json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+@contextmanager
+def deployed_with_worker(tmp: Path, env: dict[str, str]) -> Iterator[Path]:
+    """The prefect.yaml deployments on a process pool of the server in ``env``, and a worker
+    taking its runs (stopped on exit); yields the worker's log."""
+    prefect(env, "work-pool", "create", POOL, "--type", "process")
+    prefect(env, "--no-prompt", "deploy", "--all")
+    log = tmp / "worker.log"
+    worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, log)
+    try:
+        yield log
+    finally:
+        stop(worker, 2)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of this user's live processes whose environment has ``name=value``: everything a
+    test started with that mark, children and grandchildren included."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "stat").read_text()
+                if status.rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def run_deployment(env: dict[str, str], name: str, params: dict) -> str:

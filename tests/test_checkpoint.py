@@ -88,7 +88,7 @@ def test_garbage_state_json_and_leftover_temp_dirs_are_skipped(data_dir, tmp_pat
     run = tmp_path / "run"
     train(tiny_config("cpu", "max_iters=20"), data_dir, run)
     (run / "checkpoints" / "step_00000020" / "state.json").write_text("{not json")
-    leftover = run / "checkpoints" / ".step_00000030.tmp-999"
+    leftover = run / "checkpoints" / ".step_00000030.x1y2z3.tmp"  # a killed writer's, unlocked
     leftover.mkdir()
     assert latest_checkpoint(run)[1]["step"] == 10
     summary = train(tiny_config("cpu", "max_iters=30"), data_dir, run)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -15,9 +13,9 @@ import yaml
 
 from flows.params import PipelineParams
 from flows.serve import PREFECT_YAML, deployments, entrypoint_flow
-from prefect_server import (CHROMIUM, CHROMIUM_ARGS, POOL, REPO, api_get, open_report_artifact, prefect,
+from prefect_server import (CHROMIUM, CHROMIUM_ARGS, POOL, REPO, api_get, deployed_with_worker, open_report_artifact,
                             prefect_server, report_artifact, report_sample_first_lines, require_chromium,
-                            run_deployment, start, stop, tail, TINY_OVERRIDES, wait_for_flow_run, wait_until)
+                            run_deployment, tail, TINY_OVERRIDES, wait_for_flow_run, wait_until)
 
 
 
@@ -95,15 +93,10 @@ def deployed(tmp_path_factory, tinyshakespeare_path):
     """A Prefect server with the prefect.yaml deployments, a process worker, and one finished run
     of pipeline-on-demand (tiny model, real Tiny Shakespeare). Everything is stopped afterwards."""
     tmp = tmp_path_factory.mktemp("deployment")
-    server_log, worker_log = tmp / "server.log", tmp / "worker.log"
+    server_log = tmp / "server.log"
 
-    with prefect_server(tmp / "prefect-home", server_log) as env, ExitStack() as cleanup:
+    with prefect_server(tmp / "prefect-home", server_log) as env, deployed_with_worker(tmp, env) as worker_log:
         api = env["PREFECT_API_URL"]
-        prefect(env, "work-pool", "create", POOL, "--type", "process")
-        prefect(env, "--no-prompt", "deploy", "--all")
-        worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL], env, worker_log)
-        cleanup.callback(stop, worker, 2)
-
         params = {"params": {"source": str(tinyshakespeare_path), "data_dir": str(tmp / "data"),
                              "overrides": TINY_OVERRIDES}}
         run = wait_for_flow_run(api, run_deployment(env, "pipeline/pipeline-on-demand", params), worker_log)

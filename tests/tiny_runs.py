@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from cortexcraft.checkpoint import MODEL_FILE
 from cortexcraft.config import DataConfig, RunConfig, build_config
 from cortexcraft.prepare import prepare
 
@@ -53,3 +55,9 @@ def make_data_dir(root: Path, data_cfg: DataConfig | None = None, chars: int = 3
 
 def tiny_config(preset: str = "cpu", *overrides: str) -> RunConfig:
     return build_config(preset, TINY + list(overrides))
+
+
+def same_weights(checkpoint_a: Path, checkpoint_b: Path) -> bool:
+    """Bitwise equality of two checkpoints' model tensors."""
+    a, b = load_file(str(Path(checkpoint_a) / MODEL_FILE)), load_file(str(Path(checkpoint_b) / MODEL_FILE))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,73 @@
+"""One writer per stage output (slow): three `cortexcraft pipeline` processes started at the same
+moment on one data directory, two alike and one with another model, all complete; every data stage
+is computed by exactly one of them (the others wait for it and come out Cached), the shared run is
+trained by one process, and the other model trains beside it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from cortexcraft.train import read_metrics
+from prefect_server import REPO, api_post, tail
+from tasks.stage import STAGES
+
+pytestmark = pytest.mark.slow
+
+TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=150", "warmup_iters=0",
+        "eval_interval=25", "eval_iters=2", "checkpoint_interval=25", "max_new_tokens=20", "device=cpu"]
+
+
+def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:
+    """{flow run id: {stage: state name}} of the pipeline runs started after ``since``."""
+    runs = api_post(api, "/flow_runs/filter", {"flow_runs": {"start_time": {"after_": since}}})
+    out = {}
+    for run in runs:
+        task_runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        out[run["id"]] = {"overrides": run["parameters"]["params"]["overrides"],
+                          **{t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in task_runs}}
+    return out
+
+
+def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, tinyshakespeare_path):
+    data = tmp_path / "data"
+    base = [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_path),
+            "--data-dir", str(data), *(f"--set={o}" for o in TINY)]
+    commands = [base, base, base + ["--set=n_embd=48"]]
+    since = datetime.now(timezone.utc).isoformat()
+    logs = [tmp_path / f"pipeline-{i}.log" for i in range(3)]
+    t0 = time.monotonic()
+    procs = []
+    for command, log in zip(commands, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(command, cwd=REPO, env=api_server["env"], stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    took = time.monotonic() - t0
+    assert codes == [0, 0, 0], "\n\n".join(tail(log) for log in logs)
+
+    states = list(stage_states(api_server["api"], since).values())
+    assert len(states) == 3
+    for stage in ("download", "vocab", "shards"):
+        assert sorted(s[stage] for s in states) == ["Cached", "Cached", "Completed"], (stage, states)
+    alike = [s for s in states if "n_embd=48" not in s["overrides"]]
+    other = [s for s in states if "n_embd=48" in s["overrides"]]
+    assert sorted(s["train"] for s in alike) == ["Cached", "Completed"] and other[0]["train"] == "Completed"
+    assert sorted(s["report"] for s in alike) == ["Cached", "Completed"] and other[0]["report"] == "Completed"
+    assert set(states[0]) == set(STAGES) | {"overrides"}
+
+    runs = sorted((data / "runs").glob("*"))
+    assert len(runs) == 2
+    for run in runs:
+        # One trainer per run directory: every evaluation appears once, in order.
+        assert [r["step"] for r in read_metrics(run)] == list(range(0, 151, 25))
+    assert not list((data / ".locks").glob("*.lock"))
+    print(f"\nthree pipelines on one data dir finished in {took:.1f} s; each data stage computed once")
