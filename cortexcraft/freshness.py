@@ -140,10 +140,11 @@ def hub_revision(endpoint: str, repo: str, revision: str | None, cache_dir: str 
 # local files
 
 
-def local_revision(files: list[Path], spec: str, cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """Content hashes of ``files``; a file whose size, mtime and inode match the last check is not re-read."""
-    path = state_file(cache_dir, "local", spec)
-    known = read_state(path).get("stat", {})
+def local_revision(files: list[Path], spec: str, cache_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Content hashes of ``files``; a file whose size, mtime and inode match the last check is not
+    re-read. ``cache_dir`` None: nothing is remembered (every file is hashed)."""
+    path = state_file(cache_dir, "local", spec) if cache_dir is not None else None
+    known = read_state(path).get("stat", {}) if path is not None else {}
     stat_cache, hashed = {}, 0
     now = time.time()
     for file in files:
@@ -158,7 +159,7 @@ def local_revision(files: list[Path], spec: str, cache_dir: str | os.PathLike) -
         stat_cache[name] = {"stat": key, "sha256": sha, "racy": now - st.st_mtime_ns / 1e9 < RACY_SECONDS}
     identity = {"files": [[name, entry["sha256"]] for name, entry in stat_cache.items()]}
     revision = {"kind": "local", "identity": identity, "checked_by": f"stat, {hashed} of {len(files)} files hashed"}
-    if stat_cache != known:
+    if path is not None and stat_cache != known:
         atomic_write_json(path, {**revision, "stat": stat_cache})
     return revision
 

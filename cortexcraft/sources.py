@@ -559,7 +559,11 @@ def source_revision(data_cfg: DataConfig, cache_dir: Path) -> dict:
             raise CortexCraftError(f"{exc}; {local_copy_hint(spec)}") from None
         except CortexCraftError as exc:
             raise CortexCraftError(f"{exc} or {local_copy_hint(spec)}") from None
-    return local_revision(_local_files(spec), spec, cache_dir)
+    files = _local_files(spec)
+    # A single file is used in place and leaves nothing in the cache (its state could land inside
+    # an output directory); a directory or glob keeps its stat cache there.
+    single = len(files) == 1 and Path(spec).expanduser().is_file()
+    return local_revision(files, spec, None if single else cache_dir)
 
 
 def _tinyshakespeare_revision(cache_dir: Path) -> dict:

@@ -93,9 +93,7 @@ def test_a_failed_rewrite_leaves_the_previous_directory_intact(tmp_path):
         write_shards(corpus, vocab, DataConfig(source=str(corpus_path)), out)
     assert {p.name: sha256_file(p) for p in out.iterdir()} == hashes
     assert verify_shards(out, check_hashes=True) == before
-    # No temp dir left (cache/ holds only the source's remembered revision).
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "out", "vocab"]
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["revisions"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "out", "vocab"]  # no temp dir left
 
 
 def test_out_dir_that_is_not_a_shard_directory_is_refused(tmp_path):
