@@ -1,4 +1,4 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, pipeline.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, pipeline, models.
 
 Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
 Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
@@ -92,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int)
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; ends with a checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--start-from", metavar="CHECKPOINT_DIR",
+                   help="start a new run from this checkpoint's weights and step, with an lr segment of its own up to --max-iters")
     p.add_argument("--nproc-per-node", type=int, default=1, help="training processes on this machine (torchrun)")
     _add_launch_options(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run (text to stdout, logs to stderr)")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    _add_model_choice(p)
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -107,17 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false")
 
     p = sub.add_parser("evaluate", help="val loss and bits per character of a checkpoint")
-    p.add_argument("--run", required=True, type=Path)
+    _add_model_choice(p)
     p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
     p.add_argument("--batches", type=int, help="evaluate on this many random batches instead of the whole split")
 
     p = sub.add_parser("verify", help="check every sha256 of a shard directory or a run directory's checkpoints")
     p.add_argument("dir", type=Path, help="a directory written by `cortexcraft prepare` or `cortexcraft train`")
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers model directory")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("--checkpoint", default="best", help="best | last | PATH")
+    _add_model_choice(p)
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers model, tokenizer and model card")
     p.add_argument("--out", required=True, type=Path, help="directory to write (replaced if it holds an earlier export)")
 
@@ -131,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="where stage outputs and the cache live (default ./data)")
     p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE",
                    help="force these stages to re-run: download vocab shards train report, or all")
-    p.add_argument("--continue-training-iters", type=int, metavar="N",
-                   help="continue the run's latest checkpoint for N more iterations (what scheduled retraining does)")
+    p.add_argument("--model", help="register the trained model under this name in DATA_DIR/models (default: the preset's name)")
+    p.add_argument("--retrain", choices=["fresh", "continue", "finetune", "auto"],
+                   help="fresh (default): from scratch; continue/finetune: from the champion's weights for "
+                        "--retrain-iters more steps; auto: continue on unchanged data, finetune on changed data")
+    p.add_argument("--retrain-iters", type=int, metavar="N", help="steps continue/finetune train beyond the champion (default 500)")
+    p.add_argument("--promote-margin", type=float, metavar="NATS",
+                   help="promote a challenger only when its val loss beats the champion's by more than this (default 0)")
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
     p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
@@ -140,9 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-runner", choices=["process", "dask"], default="process",
                    help="what runs the part tasks: local processes (default) or a Dask cluster")
     p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
+
+    p = sub.add_parser("models", help="the model registry: list, show, promote, rollback versions")
+    p.add_argument("--data-dir", type=Path, help="data directory holding models/ (default ./data)")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("list", help="one row per version of NAME (every model without NAME)")
+    a.add_argument("ref", nargs="?", metavar="NAME")
+    a = actions.add_parser("show", help="the record of NAME@vN (default NAME@champion) as JSON")
+    a.add_argument("ref", metavar="NAME[@vN|@champion]")
+    a = actions.add_parser("promote", help="make NAME@vN the champion")
+    a.add_argument("ref", metavar="NAME@vN")
+    a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
+    a.add_argument("ref", metavar="NAME[@vN]")
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _add_model_choice(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", type=Path, help="a run directory")
+    which.add_argument("--model", metavar="NAME[@champion|@vN]", help="a registered model (default @champion)")
+    parser.add_argument("--checkpoint", default="best", help="best | last | PATH (with --run)")
+    parser.add_argument("--data-dir", type=Path, help="data directory holding models/ (with --model; default ./data)")
+
+
+def _run_dir_of(args: argparse.Namespace) -> tuple[Path, str]:
+    """(run directory, checkpoint) chosen by --run/--checkpoint or --model."""
+    if args.model is None:
+        return args.run, args.checkpoint
+    from cortexcraft.registry import models_dir_of, resolve
+
+    path, record = resolve(models_dir_of(args.data_dir or default_data_dir()), args.model)
+    log.info("model %s is %s %s (step %d, val %.4f)", args.model, record["name"], record["version"],
+             record["step"], record["val_loss"])
+    return path, "best"
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -168,7 +204,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       *[f"--set={item}" for item in args.overrides],
                       *([f"--max-iters={args.max_iters}"] if args.max_iters is not None else []),
                       *([f"--max-minutes={args.max_minutes}"] if args.max_minutes is not None else []),
-                      *(["--resume"] if args.resume else [])]
+                      *(["--resume"] if args.resume else []),
+                      *(["--start-from", args.start_from] if args.start_from else [])]
         command = torchrun_command(train_args, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
                                    rdzv_id=Path(args.out).name)
         return subprocess.call(command)
@@ -182,7 +219,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Re-running into an existing run dir always continues it; --resume only insists that it can.
     if args.resume and latest_checkpoint(args.out) is None:
         raise CortexCraftError(f"--resume: no valid checkpoint in {args.out}; drop --resume to start a new run there")
-    summary = train(config, args.data, args.out, resume=True)
+    summary = train(config, args.data, args.out, resume=True, start_from=args.start_from)
     print(f"best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']}; "
           f"{summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s", file=sys.stderr)
     return 0
@@ -197,8 +234,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    run_dir, checkpoint = _run_dir_of(args)
     text = generate_from_run(
-        args.run, checkpoint=args.checkpoint, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        run_dir, checkpoint=checkpoint, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         kv_cache=args.kv_cache, on_text=write if streaming else None,
     )
@@ -211,7 +249,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cortexcraft.train import evaluate_run
 
-    result = evaluate_run(args.run, args.data, checkpoint=args.checkpoint, batches=args.batches)
+    run_dir, checkpoint = _run_dir_of(args)
+    result = evaluate_run(run_dir, args.data, checkpoint=checkpoint, batches=args.batches)
     # BPE tokens span several characters, so only bits per token can be reported for them.
     bits = f"bits/char {result['bits_per_char']:.4f}" if result["bits_per_char"] is not None else \
         f"bits/token {result['bits_per_token']:.4f} (BPE)"
@@ -240,7 +279,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from cortexcraft.hf import export_run
 
-    record = export_run(args.run, args.out, checkpoint=args.checkpoint)
+    run_dir, checkpoint = _run_dir_of(args)
+    record = export_run(run_dir, args.out, checkpoint=checkpoint)
     print(f"wrote {args.out}: {record['architecture']} from step {record['step']:,} ({record['checkpoint']})", file=sys.stderr)
     return 0
 
@@ -275,11 +315,41 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     return run_pipeline_from_cli(
         preset=args.preset, overrides=args.overrides, source=args.source,
-        data_dir=args.data_dir or default_data_dir(), refresh=args.refresh,
-        continue_training_iters=args.continue_training_iters, nproc=args.nproc, workers=args.workers,
-        task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
+        data_dir=args.data_dir or default_data_dir(), refresh=args.refresh, nproc=args.nproc,
+        model=args.model, retrain=args.retrain, retrain_iters=args.retrain_iters, promote_margin=args.promote_margin,
+        workers=args.workers, task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
         nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
     )
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    from cortexcraft import registry
+
+    models_dir = registry.models_dir_of(args.data_dir or default_data_dir())
+    if args.action == "list" and args.ref is None:
+        for name in registry.list_models(models_dir):
+            champion = registry.read_champion(models_dir, name)
+            versions = registry.list_versions(models_dir, name)
+            print(f"{name:<24} {len(versions):>3} versions  champion {champion['version'] if champion else '-'}")
+        return 0
+    if args.action == "list":
+        name, _ = registry.parse_ref(args.ref)
+        registry.require_model(models_dir, name)
+        print(f"  {'version':<8} {'created':<25} {'policy':<9} {'steps':>7} {'val loss':>9} {'bits/char':>9}  {'data':<12}  decision")
+        for row in registry.history_rows(models_dir, name):
+            bits = f"{row['bits_per_char']:.4f}" if row["bits_per_char"] is not None else "-"
+            print(f"{'*' if row['champion'] else ' '} {row['version']:<8} {row['created']:<25} {row['policy']:<9} "
+                  f"{row['steps']:>7,} {row['val_loss']:>9.4f} {bits:>9}  {row['data']:<12}  {row['decision'] or '-'}")
+        return 0
+    if args.action == "show":
+        path, record = registry.resolve(models_dir, args.ref)
+        print(json.dumps(dict(record, directory=str(path)), indent=2))
+        return 0
+    pointer = (registry.promote if args.action == "promote" else registry.rollback)(models_dir, args.ref)
+    print(f"champion of {registry.parse_ref(args.ref)[0]} is now {pointer['version']} ({pointer['reason']})")
+    return 0
 
 
 def _user_error_names() -> set[str]:
@@ -309,7 +379,8 @@ class HidePrefectReportsOfUserErrors(logging.Filter):
 
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
-    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets, "pipeline": _cmd_pipeline,
+    "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets,
+    "pipeline": _cmd_pipeline, "models": _cmd_models,
 }
 
 

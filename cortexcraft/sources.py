@@ -9,9 +9,12 @@ offset where each document starts, when there are several) and ``corpus.json`` (
 entry is built in a temp dir and renamed into place when complete, so a failed or partial download
 is never cached; a complete entry is reused without touching the network.
 
-Hub and URL sources are probed with a short timeout first (and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE
-are honoured) so an unreachable network is one immediate, clear error rather than a slow retry
-storm or a misleading "file not found".
+Every call first revalidates the source (``source_revision``, see ``cortexcraft.freshness``): cache
+entries are keyed by the revision found (ETag/Last-Modified/Content-Length of a URL, the commit sha
+of a hub revision, the content of local files), so a changed source is downloaded again and an
+unchanged one is not. When no server answers (or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set), the
+revision seen last is used, with a warning; with none seen yet it is one immediate, clear error
+rather than a slow retry storm or a misleading "file not found".
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -33,6 +37,8 @@ from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import (TempDir, atomic_open, atomic_write_json, fsync_dir, read_json, remove_dead_temps,
                                 sha256_file, sha256_json)
+from cortexcraft.freshness import (SourceUnreachable, http_revision, hub_revision, local_revision, remembered,
+                                   revision_id, state_file)
 
 log = logging.getLogger(__name__)
 
@@ -313,20 +319,20 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     return repo, revision or None, split or "train"
 
 
-def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path) -> dict:
+def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     spec = "tinyshakespeare"
-    entry = _entry(cache_dir, spec, {"repo": TINYSHAKESPEARE_REPO, "revision": TINYSHAKESPEARE_REVISION})
+    entry = _entry(cache_dir, spec, {"repo": TINYSHAKESPEARE_REPO, "revision": revision_id(revision)})
     if (hit := _cached(entry)) is not None:
         return hit
     _require_online(spec)
-    with CorpusWriter(entry, {"spec": spec, "kind": "tinyshakespeare"}, default_separator(data_cfg)) as writer:
-        text = None
-        _, hub_error = probe(hub_endpoint())
-        if hub_error is None:
+    with CorpusWriter(entry, _info(spec, "tinyshakespeare", revision), default_separator(data_cfg)) as writer:
+        text, hub_error = None, "its revision could not be resolved"
+        if revision["kind"] == "hub":
+            sha = revision["identity"]["sha"]
             try:
-                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=TINYSHAKESPEARE_REVISION, cache_dir=writer.scratch)
+                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=sha, cache_dir=writer.scratch)
                 text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
-                writer.info["origin"] = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} (train+validation+test)"
+                writer.info["origin"] = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} ({sha[:12]}; train+validation+test)"
             except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
                 hub_error = _first_line(exc)
                 log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
@@ -355,36 +361,33 @@ def _url_documents(url: str, scratch: str, spec: str) -> Iterator[str]:
     yield from dataset["text"]
 
 
-def _download_url(data_cfg: DataConfig, cache_dir: Path) -> dict:
+def _download_url(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     url = data_cfg.source
-    entry = _entry(cache_dir, "url", {"url": url, "separator": default_separator(data_cfg)})
+    entry = _entry(cache_dir, "url", {"url": url, "revision": revision_id(revision), "separator": default_separator(data_cfg)})
     if (hit := _cached(entry)) is not None:
         return hit
     _require_online(url)
-    status, reason = probe(url)
-    if reason is not None:
-        raise CortexCraftError(f"cannot reach {url} ({reason}); {local_copy_hint(url)}")
-    if status >= 400:
-        raise CortexCraftError(f"{url} answered HTTP {status}; check the URL or {local_copy_hint(url)}")
-    with CorpusWriter(entry, {"spec": url, "kind": "url", "origin": url}, default_separator(data_cfg)) as writer:
+    with CorpusWriter(entry, dict(_info(url, "url", revision), origin=url), default_separator(data_cfg)) as writer:
         for document in _url_documents(url, writer.scratch, url):
             writer.add(document)
         return writer.commit()
 
 
-def _download_hub(spec: str, repo: str, revision: str | None, split: str, data_cfg: DataConfig, cache_dir: Path) -> dict:
+def _download_hub(spec: str, repo: str, split: str, data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     column = data_cfg.text_column
-    key = {"repo": repo, "revision": revision, "split": split, "column": column,
+    sha = revision["identity"]["sha"]
+    key = {"repo": repo, "revision": sha, "split": split, "column": column,
            "separator": default_separator(data_cfg), **limits}
     entry = _entry(cache_dir, "hub-" + repo.replace("/", "--"), key)
     if (hit := _cached(entry)) is not None:
         return hit
     _require_hub(spec)
-    info = {"spec": spec, "kind": "hub", "origin": f"hub {repo}@{revision or 'main'}:{split}", "text_column": column, **limits}
+    info = dict(_info(spec, "hub", revision), origin=f"hub {repo}@{revision['requested']} ({sha[:12]}):{split}",
+                text_column=column, **limits)
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         try:
-            stream = _load_dataset(repo, revision=revision, split=split, streaming=True, cache_dir=writer.scratch)
+            stream = _load_dataset(repo, revision=sha, split=split, streaming=True, cache_dir=writer.scratch)
             for batch in stream.iter(batch_size=STREAM_BATCH_ROWS):
                 if column not in batch:
                     raise CortexCraftError(f"source {spec!r} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column NAME")
@@ -453,41 +456,139 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
         yield from (text or "" for text in batch.column(0).to_pylist())
 
 
-def _local_file_identity(path: Path, spec: str) -> tuple[str, str]:
-    """(absolute path, sha256) of a file of a local source; text files are checked to be UTF-8."""
-    if path.suffix == ".parquet":
-        return str(path.resolve()), sha256_file(path)
-    described = _describe_local_file(path, spec)
-    return described["origin"], described["sha256"]
-
-
-def _download_local(data_cfg: DataConfig, cache_dir: Path) -> dict:
+def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     spec = data_cfg.source
     files = _local_files(spec)
     if len(files) == 1 and Path(spec).expanduser().is_file() and files[0].suffix != ".parquet":
         return _describe_local_file(files[0], spec)
-    key = {"files": [_local_file_identity(f, spec) for f in files], "separator": default_separator(data_cfg), "text_column": data_cfg.text_column,
+    key = {"files": revision["identity"]["files"], "separator": default_separator(data_cfg), "text_column": data_cfg.text_column,
            "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     entry = _entry(cache_dir, "local", key)
     if (hit := _cached(entry)) is not None:
         return hit
-    info = {"spec": spec, "kind": "files", "origin": f"{len(files)} files from {spec}",
-            "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
+    info = dict(_info(spec, "files", revision), origin=f"{len(files)} files from {spec}",
+                max_docs=data_cfg.max_docs, max_bytes=data_cfg.max_bytes)
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         for path in files:
-            for document in _parquet_documents(path, data_cfg.text_column) if path.suffix == ".parquet" else ["".join(iter_text(path))]:
+            if path.suffix == ".parquet":
+                documents = _parquet_documents(path, data_cfg.text_column)
+            else:
+                text = "".join(iter_text(path))
+                if not text:
+                    raise CortexCraftError(f"source file {path} is empty; pass a file with text")
+                documents = [text]
+            for document in documents:
                 writer.add(document)
                 if _limit_reached(writer, data_cfg):
                     return writer.commit()
         return writer.commit()
 
 
-def download(data_cfg: DataConfig, cache_dir: Path) -> dict:
+# ---------------------------------------------------------------------------------------------
+# revisions
+
+
+def revision_summary(revision: dict) -> dict:
+    """What a manifest records of a revision: its id, what identifies it, how it was checked."""
+    return {"id": revision_id(revision), "kind": revision["kind"], "checked_by": revision["checked_by"],
+            **({"sha": revision["identity"]["sha"]} if revision["kind"] == "hub" else {}),
+            **({k: v for k, v in revision["identity"].items() if k != "files"} if revision["kind"] == "http" else {})}
+
+
+def _info(spec: str, kind: str, revision: dict) -> dict:
+    return {"spec": spec, "kind": kind, "revision": revision_summary(revision)}
+
+
+def _shown(value: str) -> str:
+    # Header values come from the server: reports and artifacts render this line as markdown, so
+    # anything that is not plain text (backticks, pipes, brackets, HTML) is shown as "?".
+    return re.sub(r"[^\w \"'./:+,=()-]", "?", str(value))[:200]
+
+
+def describe_revision(revision: dict | None) -> str:
+    """One line naming a revision (the hub sha, the ETag / Last-Modified, or the content hash),
+    safe to put in markdown."""
+    if not revision:
+        return "unknown"
+    if revision["kind"] == "hub":
+        text = f"hub commit {_shown(revision['sha'][:12])}"
+    elif revision["kind"] == "http":
+        parts = [f"ETag {_shown(revision['etag'])}" if revision.get("etag") else None,
+                 f"Last-Modified {_shown(revision['last_modified'])}" if revision.get("last_modified") else None,
+                 f"{revision['content_length']:,} bytes" if revision.get("content_length") is not None else None,
+                 f"sha256 {revision['sha256'][:12]}" if revision.get("sha256") else None]
+        text = ", ".join(p for p in parts if p)
+    else:
+        text = f"content {revision['id']}"
+    return f"{text} ({_shown(revision['checked_by'])})"
+
+
+def _checked(spec: str, check, state: Path) -> dict:
+    """``check()``, or the revision seen last when no server answers (a warning says so)."""
+    try:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if _env_true(name):
+                raise SourceUnreachable(f"{name} is set")
+        return check()
+    except SourceUnreachable as exc:
+        last = remembered(state)
+        if last is None:
+            raise
+        log.warning("could not revalidate source %r (%s); using the revision seen last", spec, exc)
+        return dict(last, checked_by=f"not revalidated: {exc}")
+
+
+def source_revision(data_cfg: DataConfig, cache_dir: Path) -> dict:
+    """The current revision of ``data_cfg.source``, found cheaply (see ``cortexcraft.freshness``):
+    ``{"kind": "http"|"hub"|"local", "identity": {...}, "checked_by": "..."}``."""
+    spec = data_cfg.source.strip()
+    cache_dir = Path(cache_dir)
+    if spec == "tinyshakespeare":
+        return _tinyshakespeare_revision(cache_dir)
+    if spec in HUB_ALIASES or spec.startswith("hf:"):
+        repo, revision, _ = parse_hub_spec(spec) if spec.startswith("hf:") else (HUB_ALIASES[spec], None, "train")
+        try:
+            return _checked(spec, lambda: hub_revision(hub_endpoint(), repo, revision, cache_dir),
+                            state_file(cache_dir, "hub", [repo, revision or "main"]))
+        except SourceUnreachable as exc:
+            raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({exc}); {local_copy_hint(spec)}") from None
+    if spec.startswith(("http://", "https://")):
+        try:
+            return _checked(spec, lambda: http_revision(spec, cache_dir), state_file(cache_dir, "url", spec))
+        except SourceUnreachable as exc:
+            raise CortexCraftError(f"{exc}; {local_copy_hint(spec)}") from None
+        except CortexCraftError as exc:
+            raise CortexCraftError(f"{exc} or {local_copy_hint(spec)}") from None
+    files = _local_files(spec)
+    # A single file is used in place and leaves nothing in the cache (its state could land inside
+    # an output directory); a directory or glob keeps its stat cache there.
+    single = len(files) == 1 and Path(spec).expanduser().is_file()
+    return local_revision(files, spec, None if single else cache_dir)
+
+
+def _tinyshakespeare_revision(cache_dir: Path) -> dict:
+    spec = "tinyshakespeare"
+    hub_state = state_file(cache_dir, "hub", [TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION])
+    url_state = state_file(cache_dir, "url", TINYSHAKESPEARE_URL)
+    try:
+        return _checked(spec, lambda: hub_revision(hub_endpoint(), TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION, cache_dir), hub_state)
+    except CortexCraftError as exc:
+        hub_error = str(exc)
+    try:
+        return _checked(spec, lambda: http_revision(TINYSHAKESPEARE_URL, cache_dir), url_state)
+    except CortexCraftError as exc:
+        raise CortexCraftError(f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw "
+                               f"file URL ({exc}); {local_copy_hint(spec)}") from None
+
+
+def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None) -> dict:
     """Resolve ``data_cfg.source`` to a corpus manifest, downloading into ``cache_dir`` when needed.
 
-    The manifest (JSON-serialisable) holds ``path`` (the UTF-8 corpus), ``doc_starts`` (``.npy`` of
-    document start offsets, or None for one document), ``sha256``, ``bytes``, ``chars``,
-    ``documents``, ``separator``, ``spec``, ``origin`` and ``fingerprint`` (content hash)."""
+    ``revision`` is what ``source_revision`` returned (checked now when None); the download is of
+    that revision. The manifest (JSON-serialisable) holds ``path`` (the UTF-8 corpus), ``doc_starts``
+    (``.npy`` of document start offsets, or None for one document), ``sha256``, ``bytes``,
+    ``chars``, ``documents``, ``separator``, ``spec``, ``origin``, ``revision`` and ``fingerprint``
+    (content hash)."""
     spec = data_cfg.source.strip()
     single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or (
         Path(spec).expanduser().is_file() and Path(spec).suffix != ".parquet")
@@ -496,13 +597,18 @@ def download(data_cfg: DataConfig, cache_dir: Path) -> dict:
             f"--max-docs/--max-bytes pick whole documents from hub, directory and glob sources, but {spec!r} "
             f"is one document; drop them or pass a directory of documents"
         )
+    cache_dir = Path(cache_dir)
+    revision = revision or source_revision(data_cfg, cache_dir)
     if spec == "tinyshakespeare":
-        return _download_tinyshakespeare(data_cfg, cache_dir)
-    if spec in HUB_ALIASES:
-        return _download_hub(spec, HUB_ALIASES[spec], None, "train", data_cfg, cache_dir)
-    if spec.startswith("hf:"):
-        repo, revision, split = parse_hub_spec(spec)
-        return _download_hub(spec, repo, revision, split, data_cfg, cache_dir)
-    if spec.startswith(("http://", "https://")):
-        return _download_url(data_cfg, cache_dir)
-    return _download_local(data_cfg, cache_dir)
+        manifest = _download_tinyshakespeare(data_cfg, cache_dir, revision)
+    elif spec in HUB_ALIASES:
+        manifest = _download_hub(spec, HUB_ALIASES[spec], "train", data_cfg, cache_dir, revision)
+    elif spec.startswith("hf:"):
+        repo, _, split = parse_hub_spec(spec)
+        manifest = _download_hub(spec, repo, split, data_cfg, cache_dir, revision)
+    elif spec.startswith(("http://", "https://")):
+        manifest = _download_url(data_cfg, cache_dir, revision)
+    else:
+        manifest = _download_local(data_cfg, cache_dir, revision)
+    # How this call found the revision (a cache entry keeps how the first download did).
+    return dict(manifest, revision=revision_summary(revision))

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from cortexcraft.batches import IGNORE_INDEX, TokenWindows
 from cortexcraft.checkpoint import (
     latest_checkpoint, list_checkpoints, load_model_state, load_training_state, prune_checkpoints,
-    resolve_checkpoint, save_checkpoint,
+    read_checkpoint_state, resolve_checkpoint, save_checkpoint,
 )
 from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
@@ -58,13 +58,16 @@ CALIBRATION_TOKENS = 512
 LOG_SECONDS = 30.0
 
 
-def learning_rate(step: int, cfg: TrainConfig, max_steps: int, time_fraction: float = 0.0) -> float:
+def learning_rate(step: int, cfg: TrainConfig, max_steps: int, start: int = 0, time_fraction: float = 0.0) -> float:
     """Linear warmup, then constant, cosine decay, or warmup-stable-decay ("wsd": constant, then
     linear decay over the last ``decay_fraction``) to min_lr (default lr/10) at max_steps.
 
+    A run started from another model's checkpoint at step ``start`` gets a segment of its own:
+    warmup from ``start``, decay to min_lr at ``max_steps``; the earlier schedule is not re-stretched.
     ``time_fraction`` is the share of the ``max_minutes`` budget already used: a wsd run is as far
     along as the steps or the clock say, whichever is further, so a budget that stops the run at
     any step still ends it on a finished decay."""
+    step, max_steps = step - start, max_steps - start
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
@@ -108,16 +111,17 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> dict[
 
 
 def apply_schedule(optimizers: dict[str, torch.optim.Optimizer], step: int, cfg: TrainConfig, max_steps: int,
-                   time_fraction: float = 0.0) -> float:
-    """Set this step's learning rates (Muon's scaled by muon_lr / lr) and Muon momentum; returns AdamW's lr."""
-    lr = learning_rate(step, cfg, max_steps, time_fraction)
+                   start: int = 0, time_fraction: float = 0.0) -> float:
+    """Set this step's learning rates (Muon's scaled by muon_lr / lr) and Muon momentum; returns AdamW's lr.
+    A segment starting at ``start`` has fresh optimizers, so its momentum warms up again too."""
+    lr = learning_rate(step, cfg, max_steps, start, time_fraction)
     for group in optimizers["optimizer"].param_groups:
         group["lr"] = lr
     if "muon" in optimizers:
         momentum = cfg.muon_momentum
-        if step < cfg.muon_momentum_warmup_iters:
-            start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
-            momentum = start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup_iters
+        if step - start < cfg.muon_momentum_warmup_iters:
+            first = min(MUON_MOMENTUM_START, cfg.muon_momentum)
+            momentum = first + (cfg.muon_momentum - first) * (step - start) / cfg.muon_momentum_warmup_iters
         for group in optimizers["muon"].param_groups:
             group["lr"] = cfg.muon_lr * lr / cfg.lr
             group["momentum"] = momentum
@@ -325,25 +329,18 @@ class HealthMonitor:
             f"nothing after it was saved; {saved}; lower train.lr (was {self.lr:.3g}) or set train.grad_clip, then re-run to resume")
 
 
-def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, run_dir: Path) -> None:
-    saved = dict(state["config"]["model"])
-    wanted = config.model.model_dump(mode="json")
-    # Dropout does not change any tensor shape; every other model field does or changes the maths.
-    changed = [f"{k} {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if k != "dropout" and saved.get(k) != wanted[k]]
-    if changed:
-        raise CortexCraftError(
-            f"{run_dir} holds a model with a different shape ({', '.join(changed)}); use a new --out or the run's original settings"
-        )
-    saved_optimizer = state["config"]["train"].get("optimizer", "adamw")
-    if saved_optimizer != config.train.optimizer:
-        raise CortexCraftError(
-            f"{run_dir} was trained with optimizer={saved_optimizer}, not {config.train.optimizer}; "
-            f"use a new --out or --set optimizer={saved_optimizer}"
-        )
+def shape_changes(saved_model: dict[str, Any], wanted_model: dict[str, Any]) -> list[str]:
+    """Model settings that differ between two configs, as "name old -> new". Dropout does not
+    change any tensor shape; every other model field does or changes the maths."""
+    return [f"{k} {saved_model.get(k)!r} -> {wanted_model[k]!r}" for k in wanted_model
+            if k != "dropout" and saved_model.get(k) != wanted_model[k]]
+
+
+def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, where: str, fix: str) -> None:
+    if changed := shape_changes(state["config"]["model"], config.model.model_dump(mode="json")):
+        raise CortexCraftError(f"{where} holds a model with a different shape ({', '.join(changed)}); {fix}")
     if state["vocab_size"] != vocab_size:
-        raise CortexCraftError(
-            f"{run_dir} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; use the run's data or a new --out"
-        )
+        raise CortexCraftError(f"{where} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; {fix}")
 
 
 def _with_pretrained_architecture(config: RunConfig, manifest: dict[str, Any], data_dir: Path) -> RunConfig:
@@ -369,14 +366,18 @@ def train(
     resume: bool = True,
     on_eval: Optional[Callable[[dict], None]] = None,
     progress: Optional[bool] = None,
+    start_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train (or continue training) the run in ``run_dir`` on the shards in ``data_dir``.
 
     ``resume=True`` continues from the newest valid checkpoint when there is one; ``resume=False``
     refuses a run dir that already has checkpoints. A finished run given a larger ``max_iters``
-    trains on (the cosine schedule is then stretched to the new end). ``on_eval`` gets every eval record (rank 0).
-    ``progress`` draws a progress bar on stderr (default: when stderr is a terminal).
-    Returns the summary also written to RUN_DIR/summary.json.
+    trains on (the cosine schedule is then stretched to the new end). ``start_from`` (a checkpoint
+    directory of another run) starts a new run from that model: its weights (the optimizer starts
+    fresh), its step and tokens seen, and a learning-rate segment of its own (warmup + decay from that step
+    to ``max_iters``, which must lie beyond it); its best checkpoint is chosen among the new steps.
+    ``on_eval`` gets every eval record (rank 0). ``progress`` draws a progress bar on stderr
+    (default: when stderr is a terminal). Returns the summary also written to RUN_DIR/summary.json.
 
     One process trains a run directory at a time (LockBusy names the other one). The first
     SIGINT/SIGTERM saves a checkpoint at the current step and raises ``Interrupted``; a second
@@ -402,9 +403,20 @@ def train(
             raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
         previous = latest_checkpoint(run_dir) if resume else None
         if previous is not None:
-            _check_resumable(previous[1], config, vocab_size, run_dir)
+            _check_resumable(previous[1], config, vocab_size, str(run_dir), "use a new --out or the run's original settings")
+            saved_optimizer = previous[1]["config"]["train"].get("optimizer", "adamw")
+            if saved_optimizer != tcfg.optimizer:  # a new segment (start_from) may switch, a resume may not
+                raise CortexCraftError(f"{run_dir} was trained with optimizer={saved_optimizer}, not {tcfg.optimizer}; "
+                                       f"use a new --out or --set optimizer={saved_optimizer}")
+        init = None
+        if start_from is not None and previous is None:
+            init = (Path(start_from), read_checkpoint_state(start_from))
+            _check_resumable(init[1], config, vocab_size, f"checkpoint {start_from}", "train from scratch instead")
+            if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
+                raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of {start_from}; "
+                                       f"set max_iters to the step to train up to")
         with StopRequest() as stop:
-            return _train(config, data_dir, run_dir, manifest, previous, ddp, on_eval, progress, t_start, stop)
+            return _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start, stop)
     finally:
         if lock is not None:
             lock.release()
@@ -413,7 +425,7 @@ def train(
 
 
 def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str, Any],
-           previous: Optional[tuple[Path, dict[str, Any]]], ddp: Distributed,
+           previous: Optional[tuple[Path, dict[str, Any]]], init: Optional[tuple[Path, dict[str, Any]]], ddp: Distributed,
            on_eval: Optional[Callable[[dict], None]], progress: Optional[bool], t_start: float,
            stop: StopRequest) -> dict[str, Any]:
     tcfg, mcfg = config.train, config.model
@@ -445,7 +457,14 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     model = model.to(device)
     optimizers = make_optimizers(model, tcfg, device)
     scaler = grad_scaler(device, dtype)
-    step, tokens_seen, best_val, best_step = 0, 0, math.inf, None
+    step, tokens_seen, best_val, best_step, segment_start = 0, 0, math.inf, None, 0
+    if init is not None:
+        path, state = init
+        # Weights only: the optimizer starts fresh, which the segment's own warmup is there for.
+        model.load_state_dict(load_model_state(path, device))
+        step = segment_start = state["step"]
+        tokens_seen = state["tokens_seen"]
+        log.info("starting %s from %s (step %d)", run_dir, path, step)
     if previous is not None:
         path, state = previous
         model.load_state_dict(load_model_state(path, device))
@@ -461,6 +480,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         best_step = state["best_step"]
+        segment_start = state.get("segment_start", 0)
         log.info("resuming %s from %s (step %d)", run_dir, path.name, step)
     start_step = step
     params = sum(p.numel() for p in model.parameters())
@@ -472,6 +492,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             "config": config.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
             "data_manifest_sha256": sha256_json(manifest), "data_source": manifest.get("source"), "vocab_size": vocab_size, "params": params,
             "device": str(device), "dtype": dtype_name(dtype), "world_size": ddp.world_size,
+            "start_from": str(init[0]) if init else None, "segment_start": segment_start,
         })
         # The history must end where the checkpoint does, so it equals an uninterrupted run's.
         _write_metrics(run_dir, [r for r in read_metrics(run_dir) if r["step"] <= start_step] if previous else [])
@@ -503,12 +524,13 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     loss = None
     while True:
         at_end = step >= max_steps or out_of_time or stopping
+        # The first evaluation of a run started from a checkpoint scores that model on this data.
         new_step = step > start_step or previous is None
         record, improved = None, False
         # A stop by signal skips the final evaluation (it can take long); eval batches use no RNG,
         # so the resumed run still matches an uninterrupted one.
         evaluates = new_step and (step % tcfg.eval_interval == 0 or (at_end and not stopping))
-        checkpoints = new_step and step > 0 and (step % tcfg.checkpoint_interval == 0 or at_end)
+        checkpoints = new_step and step > segment_start and (step % tcfg.checkpoint_interval == 0 or at_end)
         if evaluates or checkpoints:
             health.check(last_ckpt)
         if evaluates:
@@ -517,9 +539,11 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             eval_seconds += time.monotonic() - t_eval
             health.check(last_ckpt, losses, step)
             record = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, time_fraction), "tokens_seen": tokens_seen,
+                      "lr": learning_rate(min(step, max_steps - 1), tcfg, max_steps, segment_start, time_fraction),
+                      "tokens_seen": tokens_seen,
                       "elapsed_seconds": round(time.monotonic() - t_start, 3), "max_steps": max_steps}
-            improved = step > 0 and record["val_loss"] < best_val
+            # Only trained steps can be this run's best (never the model it started from).
+            improved = step > segment_start and record["val_loss"] < best_val
             if improved:
                 best_val, best_step = record["val_loss"], step
             last_record = record
@@ -536,7 +560,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                                             {name: opt.state_dict() for name, opt in optimizers.items()}, rng_states, {
                     "val_loss": record["val_loss"] if record else None, "best_val_loss": best_val if best_step is not None else None,
                     "best_step": best_step, "tokens_seen": tokens_seen, "vocab_size": vocab_size,
-                    "config": config.model_dump(mode="json"),
+                    "config": config.model_dump(mode="json"), "segment_start": segment_start,
                     "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 })
                 prune_checkpoints(run_dir, tcfg.keep_last)
@@ -544,7 +568,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         if at_end:
             break
 
-        apply_schedule(optimizers, step, tcfg, max_steps, time_fraction)
+        apply_schedule(optimizers, step, tcfg, max_steps, segment_start, time_fraction)
         if tuner is not None:
             threads = tuner.threads_for_next_step()
             if threads != torch.get_num_threads():
@@ -628,6 +652,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         "tokens_seen": tokens_seen, "wall_seconds": round(wall_seconds, 3),
         "tokens_per_second": round(trained_tokens / train_seconds, 1) if trained_tokens else None,
         "params": params, "resumed_from_step": start_step if previous is not None else None,
+        "start_from": str(init[0]) if init else None, "segment_start": segment_start,
         "checkpoint_best": str(best) if best else None, "checkpoint_last": str(last_ckpt) if last_ckpt else None,
         "metrics_path": str(run_dir / METRICS_FILE), "run_dir": str(run_dir), "device": str(device),
         "dtype": dtype_name(dtype), "world_size": ddp.world_size,

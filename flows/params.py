@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cortexcraft.config import RunConfig, build_config, describe_validation_error, parse_overrides
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.registry import check_name
 from tasks.stage import STAGES
 
 Stage = Literal["download", "vocab", "shards", "train", "report", "all"]
@@ -22,8 +23,13 @@ class PipelineParams(BaseModel):
     source: Optional[str] = Field(None, description="corpus spec (tinyshakespeare, hf:REPO, a URL, a local file); default: the preset's")
     data_dir: str = Field("data", description="where stage outputs and Prefect's result cache live")
     refresh: list[Stage] = Field(default_factory=list, description="stages to re-run even if cached (train then starts from scratch), or all")
-    continue_training_iters: Optional[int] = Field(
-        None, gt=0, description="continue the run's latest checkpoint for this many more iterations (scheduled retraining)")
+    model: Optional[str] = Field(None, description="register the trained model under this name in DATA_DIR/models; default: the preset's name")
+    retrain: Literal["fresh", "continue", "finetune", "auto"] = Field(
+        "fresh", description="fresh: train from scratch; continue/finetune: from the champion's weights for retrain_iters "
+                             "more iterations (finetune falls back to fresh when the vocabulary changed); auto: continue "
+                             "on unchanged data, finetune on changed data (scheduled retraining)")
+    retrain_iters: int = Field(500, gt=0, description="iterations continue/finetune train beyond the champion's step")
+    promote_margin: float = Field(0.0, ge=0.0, description="a challenger is promoted when its val loss beats the champion's by more than this (nats)")
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
     nnodes: int = Field(1, ge=1, description="machines training together; this one is node 0, the train stage logs the command for the others")
@@ -45,6 +51,7 @@ class PipelineParams(BaseModel):
             if self.source:
                 extra.setdefault("data", {})["source"] = self.source
             self._config = build_config(self.preset, extra)
+            check_name(self.model_name())
         except CortexCraftError as exc:
             raise ValueError(str(exc)) from None
         if self._config.train.init_from and self.in_parts():
@@ -54,6 +61,9 @@ class PipelineParams(BaseModel):
 
     def run_config(self) -> RunConfig:
         return self._config
+
+    def model_name(self) -> str:
+        return self.model or self.preset
 
     def refreshed(self) -> set[str]:
         return set(STAGES) if "all" in self.refresh else set(self.refresh)

@@ -1,4 +1,4 @@
-"""The full pipeline flow: download -> vocab -> shards -> train -> report.
+"""The full pipeline flow: revalidate -> download -> vocab -> shards -> train -> register -> report.
 
 The stages run as tasks of this one flow (subflows would cost ~1 s each); the stage-group flows
 ``prepare``, ``train`` and ``report`` reuse the same functions.
@@ -23,13 +23,15 @@ from cortexcraft.report import bits
 from flows.crashes import note_running_here, rerun_crashed
 from flows.params import PipelineParams, params_from_cli
 from flows.prepare import run_prepare
-from flows.report import run_report
+from flows.report import run_register, run_report
 from flows.train import run_train
 
 
 @flow(name="pipeline", on_crashed=[rerun_crashed])
 def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, dict[str, Any]]:
-    """Prepare data, train a GPT and write its report; every stage is cached by content."""
+    """Prepare data, train a GPT (from scratch or from the champion, by the retraining policy),
+    register it as a version of its model (champion if it beats the current one) and write its
+    report; every stage but register is cached by content."""
     note_running_here()
     config = params.run_config()
     records = run_prepare(config, params)
@@ -37,7 +39,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, dict[str, A
         records["train"] = run_train(records["shards"], config, params)
     except Interrupted as exc:  # stopped by a signal after a checkpoint: the run is Cancelled, not failed
         return Cancelled(message=str(exc))
-    records["report"] = run_report(records["train"], records["shards"], config, params)
+    records["register"] = run_register(records["train"], records["shards"], records["download"], params)
+    records["report"] = run_report(records["train"], records["shards"], records["register"], config, params)
     return records
 
 
@@ -46,13 +49,14 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
-                          data_dir: str | os.PathLike, refresh: list[str],
-                          continue_training_iters: int | None = None, nproc: int = 1, **parallel: Any) -> int:
+                          data_dir: str | os.PathLike, refresh: list[str], nproc: int = 1,
+                          **options: Any) -> int:
     """``cortexcraft pipeline``: run the flow in-process, print the report path and a summary.
-    ``parallel``: workers, task_runner, dask_address, part_mb, nnodes, rdzv_endpoint (see PipelineParams)."""
+    ``options``: model, retrain, retrain_iters, promote_margin, workers, task_runner, dask_address,
+    part_mb, nnodes, rdzv_endpoint (see PipelineParams); None means the default."""
     params = params_from_cli(preset=preset, overrides=overrides, source=source,
-                             data_dir=str(data_dir), refresh=refresh,
-                             continue_training_iters=continue_training_iters, nproc=nproc, **parallel)
+                             data_dir=str(data_dir), refresh=refresh, nproc=nproc,
+                             **{k: v for k, v in options.items() if v is not None})
     # The CLI logs at INFO on the root logger, where Prefect's client would add a line per request.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # SIGTERM unwinds like Ctrl-C (Prefect re-sends it here after recording the crash), so exit
@@ -71,8 +75,10 @@ def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
     best = summary["best_val_loss"]
     best_text = "no evaluation yet" if best is None else (
         f"best val loss {best:.4f} ({bits(best):.3f} bits/{unit}) at step {summary['best_step']:,}")
+    model = records["register"]
     print(records["report"]["report"])
     print(f"{best_text}; {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s")
+    print(f"model {model['name']} {model['version']} ({model['policy']['mode']}): {model['decision']['message']}")
     return 0
 
 

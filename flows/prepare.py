@@ -11,7 +11,7 @@ from cortexcraft.config import RunConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.parts import plan_parts
 from flows.params import PipelineParams
-from tasks.download import download_key, download_task
+from tasks.download import download_key, download_task, revalidate_task
 from tasks.parts import count_part_task, encode_part_task, map_parts
 from tasks.shards import shards_key, write_shards_task
 from tasks.stage import run_stage, valid_record
@@ -22,8 +22,11 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     """The data stages as tasks of the current flow; returns their records by stage."""
     data_cfg = config.data.model_dump(mode="json")
     data_dir, refresh = params.data_path(), params.refreshed()
-    corpus = run_stage(download_task, download_key(data_cfg), refresh,
-                       data_cfg=data_cfg, data_dir=data_dir)
+    # Asked on every run (a HEAD request, a hub API call or a stat per file): the download stage
+    # is keyed by the answer, so it re-runs exactly when the source changed.
+    revision = revalidate_task(data_cfg, data_dir)
+    corpus = run_stage(download_task, download_key(data_cfg, revision), refresh,
+                       data_cfg=data_cfg, revision=revision, data_dir=data_dir)
     if params.in_parts() and not _prepared(corpus, data_cfg, data_dir, refresh):
         return {"download": corpus, **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params)}
     init_from = config.train.init_from

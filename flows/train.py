@@ -1,29 +1,32 @@
-"""train flow: train (or resume, or continue) the run for a shards record."""
+"""train flow: train the run for a shards record, from scratch or from the champion's weights."""
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from cortexcraft.config import RunConfig
+from cortexcraft.registry import models_dir_of, plan_retrain
 from flows.params import PipelineParams
-from tasks.stage import run_stage
-from tasks.train import continuation, train_key, train_task
+from tasks.stage import resolve, run_stage
+from tasks.train import train_key, train_task
 
 
 def run_train(shards: dict[str, Any], config: RunConfig, params: PipelineParams) -> dict[str, Any]:
-    """The train stage as a task of the current flow. With continue_training_iters it always
-    runs (never Cached) and trains the existing run further."""
+    """The train stage as a task of the current flow. The retraining policy picks the start:
+    ``continue``/``finetune`` train the champion's weights ``retrain_iters`` steps further, in a
+    run directory of their own (so a re-run with nothing changed is Cached)."""
     config_dict = config.model_dump(mode="json")
     data_dir, refresh = params.data_path(), params.refreshed()
-    fresh = "train" in refresh
-    continued = None
-    if params.continue_training_iters and not fresh:
-        continued = continuation(data_dir, shards, config_dict, params.continue_training_iters)
-        refresh = refresh | {"train"}
-    return run_stage(train_task, train_key(shards, config_dict), refresh,
-                     shards=shards, config=config_dict, data_dir=data_dir, fresh=fresh, continued=continued,
-                     nproc=params.nproc, nnodes=params.nnodes, rdzv_endpoint=params.rdzv_endpoint)
+    plan = plan_retrain(models_dir_of(data_dir), params.model_name(), params.retrain,
+                        resolve(data_dir, shards["dir"]), config_dict["model"])
+    if plan["init_checkpoint"]:
+        config_dict["train"].update(max_iters=plan["init_step"] + params.retrain_iters, max_epochs=None)
+    get_run_logger().info("retraining policy %s", plan["reason"])
+    return run_stage(train_task, train_key(shards, config_dict, plan), refresh,
+                     shards=shards, config=config_dict, plan=plan, data_dir=data_dir,
+                     fresh="train" in refresh, nproc=params.nproc, nnodes=params.nnodes,
+                     rdzv_endpoint=params.rdzv_endpoint)
 
 
 @flow(name="train")

@@ -1,7 +1,6 @@
 """download stage: fetch (or read) the corpus into the download cache."""
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
 from cortexcraft.fileio import sha256_file, sha256_json
+from cortexcraft.freshness import revision_id
 from tasks.stage import retry_unless_user_error, stage_key, write_record
 
 STAGE = "download"
+
+
+def download_cache(data_dir: str) -> Path:
+    return Path(data_dir) / "downloads"
 
 
 def file_digest(path: str) -> str:
@@ -24,21 +28,10 @@ def file_digest(path: str) -> str:
         return f"unreadable:{path}"
 
 
-def local_source_digest(spec: str) -> str | None:
-    """Content hash of a local source (file, directory or glob), None for hub ids and URLs.
-
-    Content, not the path: an edited input.txt must re-run every stage.
-    """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    else:
-        return None
-    return sha256_json([[p.as_posix(), sha256_file(p)] for p in files])
+def download_key(data_cfg: dict[str, Any], revision: dict[str, Any]) -> str:
+    """Keyed by the source's current revision (``cortexcraft.sources.source_revision``), so an
+    edited file, a new ETag or a new hub commit re-runs the stage and everything after it."""
+    return stage_key(STAGE, [revision_id(revision)], data_cfg)
 
 
 # Files of a transformers model directory that hold weights, not the tokenizer.
@@ -60,27 +53,35 @@ def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
     return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
 
 
-def download_key(data_cfg: dict[str, Any]) -> str:
-    digest = local_source_digest(data_cfg["source"])
-    return stage_key(STAGE, [digest] if digest else [], data_cfg)
+@task(name="revalidate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)
+def revalidate_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """The source's current revision (a HEAD request, a hub API call or a stat per file): never
+    cached, since finding out whether the source changed is its whole job."""
+    from cortexcraft.sources import describe_revision, revision_summary, source_revision
+
+    revision = source_revision(DataConfig(**data_cfg), download_cache(data_dir))
+    get_run_logger().info("source %s: %s", data_cfg["source"], describe_revision(revision_summary(revision)))
+    return revision
 
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def download_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
-    from cortexcraft.sources import download
+def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    from cortexcraft.sources import describe_revision, download
 
-    key = download_key(data_cfg)
-    manifest = download(DataConfig(**data_cfg), Path(data_dir) / "downloads")
+    key = download_key(data_cfg, revision)
+    manifest = download(DataConfig(**data_cfg), download_cache(data_dir), revision=revision)
     files = [Path(manifest["path"])] + ([Path(manifest["doc_starts"])] if manifest.get("doc_starts") else [])
     record = write_record(data_dir, STAGE, key, files, manifest=manifest)
-    get_run_logger().info("corpus %s: %s documents, %s characters", data_cfg["source"],
-                          manifest["documents"], manifest["chars"])
+    revision_text = describe_revision(manifest.get("revision"))
+    get_run_logger().info("corpus %s: %s documents, %s characters, revision %s", data_cfg["source"],
+                          manifest["documents"], manifest["chars"], revision_text)
     create_markdown_artifact(
         key=f"corpus-{key}",
         description="Corpus read by the download stage",
         markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | `{data_cfg['source']}` |\n"
+                  f"| revision | {revision_text} |\n"
                   f"| documents | {manifest['documents']:,} |\n| characters | {manifest['chars']:,} |\n"
                   f"| files | {', '.join(f'`{f}`' for f in record['files'])} |\n"),
     )

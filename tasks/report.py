@@ -14,14 +14,17 @@ STAGE = "report"
 REPORT_FILE = "report.md"
 
 
-def report_key(run: dict[str, Any], config: dict[str, Any]) -> str:
-    return stage_key(STAGE, [run["content"]], {"sample": config["sample"]})
+def report_key(run: dict[str, Any], config: dict[str, Any], model: dict[str, Any]) -> str:
+    """The run's content, sampling settings, and the registry's verdict the report states."""
+    verdict = [model["name"], model["version"], model["decision"]["message"], model["revision"]]
+    return stage_key(STAGE, [run["content"]], {"sample": config["sample"], "model": verdict})
 
 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1,
       retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, Any], data_dir: str) -> dict[str, Any]:
+def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, Any], model: dict[str, Any],
+                data_dir: str) -> dict[str, Any]:
     from cortexcraft.checkpoint import resolve_checkpoint
     from cortexcraft.config import RunConfig
     from cortexcraft.generate import sample_prompts
@@ -29,7 +32,7 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
     from cortexcraft.train import read_metrics
 
     logger = get_run_logger()
-    key = report_key(run, config)
+    key = report_key(run, config, model)
     run_dir = resolve(data_dir, run["dir"])
     checkpoint, state = resolve_checkpoint(run_dir, "best")
     # The model section the run really trained (with init_from, the pretrained architecture).
@@ -41,7 +44,7 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
     markdown = render_report(
         config=run_config, summary=run["summary"], history=history, samples=samples,
         parameters=run["summary"]["params"], vocab_size=shards["vocab_size"],
-        run_dir=run_dir, checkpoint=checkpoint, continued=run.get("continued"),
+        run_dir=run_dir, checkpoint=checkpoint, model=model,
     )
     out_file = stage_dir(data_dir, STAGE, key) / REPORT_FILE
     atomic_write_text(out_file, markdown)

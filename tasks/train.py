@@ -30,29 +30,20 @@ STAGE = "train"
 CLI_ERROR = "cortexcraft train: error: "
 
 
-def train_key(shards: dict[str, Any], config: dict[str, Any]) -> str:
+def train_key(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, Any]) -> str:
+    """Content, config and code; a fine-tuned pretrained model also by its files, a run started
+    from a champion also by that champion's weights."""
     inputs = [shards["content"], *pretrained_digest(config["train"].get("init_from"))]
+    inputs += [plan["init_model_sha256"]] if plan["init_checkpoint"] else []
     return stage_key(STAGE, inputs, {"model": config["model"], "train": config["train"]})
 
 
-def continuation(data_dir: str, shards: dict[str, Any], config: dict[str, Any], extra_iters: int) -> dict[str, int]:
-    """Steps for "continue for ``extra_iters`` more iterations": from the run's newest valid
-    checkpoint, or from scratch to max_iters when there is none. Fixed before the task starts, so
-    a retry aims at the same final step."""
-    from cortexcraft.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(stage_dir(data_dir, STAGE, train_key(shards, config)))
-    if latest is None:
-        return {"from_step": 0, "to_step": config["train"]["max_iters"]}
-    step = latest[1]["step"]
-    return {"from_step": step, "to_step": step + extra_iters}
-
-
-def train_args(config: dict[str, Any], shards_dir: Path, run_dir: Path) -> list[str]:
+def train_args(config: dict[str, Any], shards_dir: Path, run_dir: Path, start_from: str | None = None) -> list[str]:
     """`cortexcraft train` arguments for this run, with every config value spelled out as --set."""
     from cortexcraft.checkpoint import list_checkpoints
 
     resume = ["--resume"] if list_checkpoints(run_dir) else []  # the CLI refuses --resume of nothing
+    resume += ["--start-from", start_from] if start_from else []
     settings = [f"--set={section}.{name}={json.dumps(value)}"
                 for section in ("data", "model", "train", "sample") for name, value in config[section].items()]
     return ["--data", str(shards_dir), "--out", str(run_dir), "--preset", config["preset"], *resume, *settings]
@@ -121,23 +112,20 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def train_task(shards: dict[str, Any], config: dict[str, Any], data_dir: str, fresh: bool = False,
-               continued: dict[str, int] | None = None, nproc: int = 1, nnodes: int = 1,
-               rdzv_endpoint: str | None = None) -> dict[str, Any]:
-    """Train (or resume) the run. ``fresh`` starts over (``--refresh train``) except on a retry,
-    which resumes what the first attempt checkpointed; ``continued`` trains up to its ``to_step``;
-    ``nproc`` > 1 trains with that many torchrun processes; ``nnodes`` > 1 makes this machine node 0
-    of that many, meeting at ``rdzv_endpoint`` (the log says what to run on the others)."""
+def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, Any], data_dir: str,
+               fresh: bool = False, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the run. ``plan`` (``cortexcraft.registry.plan_retrain``) says whether it
+    starts from a champion's checkpoint; ``fresh`` starts over (``--refresh train``) except on a
+    retry, which resumes what the first attempt checkpointed; ``nproc`` > 1 trains with that many
+    torchrun processes; ``nnodes`` > 1 makes this machine node 0 of that many, meeting at
+    ``rdzv_endpoint`` (the log says what to run on the others)."""
     from cortexcraft.config import RunConfig
     from cortexcraft.train import torchrun_command, train
 
     logger = get_run_logger()
-    key = train_key(shards, config)
+    key = train_key(shards, config, plan)
     run_dir = stage_dir(data_dir, STAGE, key)
     run_config = RunConfig.model_validate(config)
-    if continued:
-        run_config.train.max_iters = continued["to_step"]
-        logger.info("continuing %s from step %d to step %d", run_dir, continued["from_step"], continued["to_step"])
     if fresh and TaskRunContext.get().task_run.run_count <= 1 and run_dir.exists():
         logger.info("refresh requested: removing %s to train from scratch", run_dir)
         shutil.rmtree(run_dir)
@@ -153,7 +141,7 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], data_dir: str, fr
 
     shards_dir = resolve(data_dir, shards["dir"])
     if nproc > 1 or nnodes > 1:
-        args = train_args(run_config.model_dump(mode="json"), shards_dir, run_dir)
+        args = train_args(run_config.model_dump(mode="json"), shards_dir, run_dir, plan["init_checkpoint"])
         command = torchrun_command(args, nproc, nnodes, 0, rdzv_endpoint, rdzv_id=run_dir.name)
         for node in range(1, nnodes):
             others = " ".join(shlex.quote(a) for a in ["cortexcraft", "train", *args, f"--nproc-per-node={nproc}",
@@ -161,8 +149,9 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], data_dir: str, fr
             logger.info("node %d of %d: run on that machine (same paths, shared filesystem): %s", node, nnodes, others)
         summary = _train_in_children(command, run_dir, logger, on_eval)
     else:
-        summary = train(run_config, shards_dir, run_dir, resume=True, on_eval=on_eval, progress=False)
+        summary = train(run_config, shards_dir, run_dir, resume=True, on_eval=on_eval, progress=False,
+                        start_from=plan["init_checkpoint"])
     update_progress_artifact(progress, 100.0)
     logger.info("trained %s to step %s: best val loss %s at step %s", run_dir, summary["steps"],
                 summary["best_val_loss"], summary["best_step"])
-    return write_record(data_dir, STAGE, key, files_under(run_dir), summary=summary, continued=continued)
+    return write_record(data_dir, STAGE, key, files_under(run_dir), summary=summary, plan=plan)

@@ -14,9 +14,9 @@ from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
 
-def torchrun_train(data_dir: Path, run_dir: Path, max_iters: int) -> subprocess.CompletedProcess:
+def torchrun_train(data_dir: Path, run_dir: Path, max_iters: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "cortexcraft", "train", "--data", str(data_dir),
-           "--out", str(run_dir), "--max-iters", str(max_iters), "--set", "dropout=0.1", "--set", "device=cpu"]
+           "--out", str(run_dir), "--max-iters", str(max_iters), "--set", "dropout=0.1", "--set", "device=cpu", *extra]
     cmd += [arg for s in TINY for arg in ("--set", s)]
     return subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=120)
 
@@ -40,6 +40,11 @@ def test_two_cpu_processes_train_with_ddp_and_resume_together(tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [0, 10, 20, 30]
     assert read_checkpoint_state(list_checkpoints(run)[-1])["step"] == 30
 
+    # A new run from that checkpoint (what continue/finetune retraining does under torchrun).
+    third = torchrun_train(data_dir, tmp_path / "from-30", 40, "--start-from", str(list_checkpoints(run)[-1]))
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stderr.count("starting") == 2  # every rank loaded the weights
+    assert [r["step"] for r in read_metrics(tmp_path / "from-30")] == [30, 40]
 
 ITERS = 60  # the multi-node runs: time to kill a node after the first checkpoint
 

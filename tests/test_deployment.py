@@ -26,16 +26,17 @@ def yaml_deployments() -> dict[str, dict]:
 
 def test_prefect_yaml_deploys_the_pipeline_flow_with_valid_parameters():
     specs = yaml_deployments()
-    assert set(specs) == {"pipeline-on-demand", "retrain-nightly"}
+    assert set(specs) == {"pipeline-on-demand", "retrain-nightly", "champion-card"}
     for spec in specs.values():
         path, _, _ = spec["entrypoint"].partition(":")
         assert (REPO / path).is_file()
-        assert entrypoint_flow(spec["entrypoint"]).name == "pipeline"
         assert spec["work_pool"]["name"] == POOL
-        PipelineParams(**spec["parameters"]["params"])
+    for name in ("pipeline-on-demand", "retrain-nightly"):
+        assert entrypoint_flow(specs[name]["entrypoint"]).name == "pipeline"
+        PipelineParams(**specs[name]["parameters"]["params"])
 
 
-def test_nightly_retraining_runs_daily_and_continues_training():
+def test_nightly_retraining_runs_daily_with_the_auto_policy():
     from prefect.server.schemas.schedules import CronSchedule
 
     spec = yaml_deployments()["retrain-nightly"]
@@ -44,7 +45,31 @@ def test_nightly_retraining_runs_daily_and_continues_training():
     start = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
     dates = asyncio.run(cron.get_dates(3, start=start))
     assert [(d.day, d.hour, d.minute) for d in dates] == [(2, 3, 0), (3, 3, 0), (4, 3, 0)]
-    assert spec["parameters"]["params"]["continue_training_iters"] > 0
+    params = PipelineParams(**spec["parameters"]["params"])
+    assert params.retrain == "auto" and params.retrain_iters > 0
+
+
+def test_promotion_automation_fires_on_promotions_only():
+    import uuid
+
+    from prefect.events import DeploymentEventTrigger
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
+
+    spec = yaml_deployments()["champion-card"]
+    assert entrypoint_flow(spec["entrypoint"]).name == "champion-card"
+    (trigger,) = [d for d in deployments() if d.name == "champion-card"][0].triggers
+    assert isinstance(trigger, DeploymentEventTrigger)
+    # Evaluated as the server evaluates it (the slow three-night test sees it run for real).
+    server_side = EventTrigger.model_validate(trigger.trigger_type(**trigger.model_dump()).model_dump())
+    def event(name, resource="cortexcraft.model.cpu"):
+        return ReceivedEvent(id=uuid.uuid4(), occurred=datetime.now(timezone.utc), event=name,
+                             resource={"prefect.resource.id": resource}, payload={"version": "v2"})
+
+    assert server_side.covers(event("cortexcraft.model.promoted"))
+    assert not server_side.covers(event("cortexcraft.model.rejected"))
+    assert not server_side.covers(event("cortexcraft.model.promoted", resource="prefect.flow-run.x"))
+    assert set(trigger.parameters) == {"model", "version", "data_dir"}
 
 
 def test_serve_offers_the_same_deployments_as_prefect_yaml():
@@ -53,10 +78,12 @@ def test_serve_offers_the_same_deployments_as_prefect_yaml():
     assert set(served) == set(specs)
     for name, spec in specs.items():
         deployment = served[name]
-        assert deployment.parameters == spec["parameters"]
+        assert deployment.parameters == spec.get("parameters", {})
         assert deployment.concurrency_limit == spec.get("concurrency_limit")
         crons = [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules or []]
         assert crons == [(s["cron"], s["timezone"]) for s in spec.get("schedules", [])]
+        assert [(t.expect, t.parameters) for t in deployment.triggers] == [
+            (set(t["expect"]), t["parameters"]) for t in spec.get("triggers", [])]
 
 
 # --- a real server, deploy, worker, run, browser ---------------------------------------------------
@@ -91,7 +118,7 @@ def test_on_demand_deployment_runs_on_a_process_worker_in_the_clone(deployed):
 
 
 @pytest.mark.slow
-def test_server_schedules_nightly_runs_that_continue_training(deployed):
+def test_server_schedules_nightly_runs_that_retrain_with_the_auto_policy(deployed):
     api = deployed["api"]
     nightly = api_get(api, "/deployments/name/pipeline/retrain-nightly")
     spec = yaml_deployments()["retrain-nightly"]
@@ -107,7 +134,7 @@ def test_server_schedules_nightly_runs_that_continue_training(deployed):
     for scheduled in upcoming:
         start_time = datetime.fromisoformat(scheduled["expected_start_time"].replace("Z", "+00:00"))
         assert (start_time.hour, start_time.minute, start_time.utcoffset()) == (3, 0, timedelta(0))
-        assert scheduled["parameters"]["params"]["continue_training_iters"] == spec["parameters"]["params"]["continue_training_iters"]
+        assert scheduled["parameters"]["params"]["retrain"] == "auto"
 
 
 @pytest.mark.slow

@@ -25,9 +25,8 @@ from tiny_runs import ONE_THREAD_ENV, make_data_dir, one_thread, repetitive_text
 REPO = Path(__file__).resolve().parent.parent
 NO_EXTRA = 'the Hugging Face extra is not installed (pip install -e ".[hf]")'
 # Presets no transformers architecture computes, and the field the error names; every other preset
-# exports. (The cpu preset's logit soft-cap exists only in architectures whose blocks differ.)
-UNEXPORTABLE_PRESETS = {"cortexcraft": "model.norm=post", "gpt2-small": "model.norm=post",
-                        "cpu": "model.logit_softcap=15.0"}
+# exports.
+UNEXPORTABLE_PRESETS = {"cortexcraft": "model.norm=post", "gpt2-small": "model.norm=post"}
 EXPORTABLE_PRESETS = [name for name in preset_names() if name not in UNEXPORTABLE_PRESETS]
 # GPT-2's shape, spelled out so the variants below do not depend on what a preset chose.
 GPT2_SHAPE = ["pos_encoding=learned", "normalization=layernorm", "qk_norm=false", "logit_softcap=null",
@@ -37,7 +36,6 @@ VARIANTS = {
     "bias-free, untied, gelu_tanh": GPT2_SHAPE + ["bias=false", "tie_weights=false", "activation=gelu_tanh"],
     "relu2": GPT2_SHAPE + ["activation=relu2"],
     "special tokens": GPT2_SHAPE + ["special_tokens=[\"<pad>\",\"<eos>\"]"],
-    "apertus: the cpu preset without its soft-cap": ["logit_softcap=null"],
     "apertus: rope rmsnorm qk_norm relu2, tied": GPT2_SHAPE + ["pos_encoding=rope", "normalization=rmsnorm", "qk_norm=true",
                                                                "activation=relu2", "bias=false"],
     "arcee: rope rmsnorm, biases": GPT2_SHAPE + ["pos_encoding=rope", "normalization=rmsnorm", "bias=true"],
@@ -99,7 +97,8 @@ def test_exported_preset_gives_our_logits_and_greedy_text(transformers, preset, 
     _export(run, tmp_path / "hf", capsys)
     gap = _check_export(transformers, run, tmp_path / "hf", capsys)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["architectures"] == ["GPT2LMHeadModel"]
+    rope = build_config(preset).model.pos_encoding == "rope"  # the cpu preset
+    assert config["architectures"] == ["ApertusForCausalLM" if rope else "GPT2LMHeadModel"]
     assert config["bos_token_id"] is None and config["eos_token_id"] is None  # char vocabulary
     print(f"{preset}: max |logit difference| {gap:.2e}")
 
@@ -409,3 +408,24 @@ def test_init_from_with_parts_is_refused_before_any_work(transformers, tmp_path,
     with pytest.raises(CortexCraftError, match=r"init_from=hf:.* with workers=2 or a Dask task runner: a pretrained tokenizer "
                                                r"is applied in one process only; use workers=1 and the default task runner"):
         params_from_cli(source=str(corpus), overrides=[f"init_from=hf:{directory}"], workers=2)
+
+
+def test_export_of_a_registered_model_by_name(transformers, tmp_path, capsys, one_thread):
+    from cortexcraft import registry
+
+    run = _trained_run(tmp_path, "cpu", [])
+    data = tmp_path / "data"
+    summary = json.loads((run / "summary.json").read_text())
+    models = registry.models_dir_of(tmp_path / "root")
+    record, _ = registry.register(models, "tiny", run, data=registry.data_identity(data), code_version="test",
+                                  policy=registry.plan_retrain(models, "tiny", "fresh", None, None), summary=summary)
+    registry.decide(models, "tiny", record["version"], 0.0)
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", "tiny@champion", "--data-dir", str(tmp_path / "root"), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    exported = json.loads((out / "cortexcraft-export.json").read_text())
+    assert exported["step"] == record["step"] and exported["architecture"] == "ApertusForCausalLM"
+    _check_export(transformers, run, out, capsys)
+    assert main(["export", "--model", "tiny@v9", "--data-dir", str(tmp_path / "root"), "--out", str(out)]) == 2
+    assert "model 'tiny' has no version v9" in capsys.readouterr().err

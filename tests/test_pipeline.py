@@ -7,8 +7,11 @@ directory, like a user re-running the pipeline in the same project.
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import shutil
+import threading
 import time
 
 import pytest
@@ -51,11 +54,21 @@ def run(source, data_dir, overrides=(), **extra):
 
 
 def stage_states(state) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    # Task runs reach the API through events, shipped in the background: wait for all of them.
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        final = len(task_runs) >= len(STAGES) + 2 and all(tr.state and tr.state.is_final() for tr in task_runs)
+        if final or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
-    assert sorted(states) == sorted(STAGES)
+    # revalidate asks whether the source changed and register reads and changes the model
+    # registry, so both run every time (see test_freshness and test_registry).
+    assert sorted(states) == sorted(STAGES + ("revalidate", "register"))
+    assert states.pop("revalidate") == states.pop("register") == "Completed"
     return states
 
 
@@ -109,7 +122,7 @@ def test_stage_group_flows_chain_on_their_own_and_share_the_cache(project):
     params = PipelineParams(source=str(project["source"]), data_dir=str(project["data_dir"]), overrides=TINY)
     data = prepare(params)
     run_record = train(data["shards"], params)
-    report_record = report(run_record, data["shards"], params)
+    report_record = report(run_record, data, params)
     assert report_record == project["first"][1]["report"]
 
 
@@ -138,15 +151,30 @@ def test_training_change_reruns_train_and_report(project):
     assert records["train"]["dir"] != project["first"][1]["train"]["dir"]
 
 
-def test_continue_training_always_trains_further_from_the_last_checkpoint(project):
-    state, records = run(project["source"], project["data_dir"], continue_training_iters=10)
+def test_retrain_continue_starts_from_the_champion_in_a_run_of_its_own(project):
+    first = project["first"][1]
+    state, records = run(project["source"], project["data_dir"], model="nightly")
+    assert stage_states(state)["train"] == "Cached"  # an existing run registers under a new name as is
+    assert records["register"]["version"] == "v1" and records["register"]["decision"]["rule"] == "first version"
+    state, records = run(project["source"], project["data_dir"], model="nightly", retrain="continue", retrain_iters=10)
     states = stage_states(state)
     assert states["train"] == "Completed" and states["report"] == "Completed"
     summary = records["train"]["summary"]
-    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
-    assert records["train"]["dir"] == project["first"][1]["train"]["dir"]
+    assert summary["segment_start"] == 20 and summary["steps"] == 30 and summary["resumed_from_step"] is None
+    assert records["train"]["dir"] != first["train"]["dir"]  # the champion's run is left as it was
+    model = records["register"]
+    assert model["version"] == "v2" and model["policy"]["parent"] == "v1" and model["policy"]["mode"] == "continue"
     report = (project["data_dir"] / records["report"]["dir"] / "report.md").read_text()
-    assert "continued from step 20 to step 30" in report
+    assert "**Model:** `nightly` v2, continue from v1 (step 20 to 30)" in report
+    # Its own lr segment: warmup from step 20, then decay to min_lr at step 30.
+    history = json.loads(latest_artifact(f"eval-history-{records['train']['key']}").data)
+    assert [row["step"] for row in history] == [20, 30]
+
+    again, same = run(project["source"], project["data_dir"], model="nightly", retrain="continue", retrain_iters=10)
+    if same["register"]["decision"]["promoted"]:  # v2 is champion: continuing it is a new run
+        assert same["train"]["dir"] != records["train"]["dir"]
+    else:  # v1 still champion: the same continuation, Cached, and not registered twice
+        assert stage_states(again)["train"] == "Cached" and same["register"]["version"] == "v2"
 
 
 def test_refresh_forces_the_chosen_stage(project):
@@ -184,6 +212,37 @@ def test_changed_source_reruns_every_stage(project):
         source.write_bytes(original)
 
 
+def test_url_source_is_revalidated_each_run_and_downloaded_only_when_it_changed(tmp_path, tinyshakespeare_path, temporary_prefect_server):
+    from test_freshness import CountingHandler, bodies_sent, edit
+
+    site = tmp_path / "site"
+    site.mkdir()
+    text = tinyshakespeare_path.read_text(encoding="utf-8")[:60_000]
+    (site / "input.txt").write_text(text, encoding="utf-8")
+    log: list = []
+    handler = type("Handler", (CountingHandler,), {"log": log})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/input.txt"
+        state, first = run(url, tmp_path / "data")
+        sent = bodies_sent(log)
+        assert stage_states(state)["download"] == "Completed" and sent >= 1
+        assert "Last-Modified" in latest_artifact(f"corpus-{first['download']['key']}").data
+
+        state, again = run(url, tmp_path / "data")
+        assert set(stage_states(state).values()) == {"Cached"} and bodies_sent(log) == sent  # a HEAD only
+        assert ("HEAD", 200) in log[-1:]
+
+        edit(site / "input.txt", text + "ROMEO:\nAnd more.\n")
+        state, changed = run(url, tmp_path / "data")
+        assert set(stage_states(state).values()) == {"Completed"} and bodies_sent(log) > sent
+        assert changed["download"]["key"] != first["download"]["key"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_bad_parameter_fails_before_any_stage_naming_it(project):
     state = pipeline(params={"source": str(project["source"]), "overrides": TINY + ["n_layer=0"]},
                      return_state=True)
@@ -199,9 +258,12 @@ def test_bad_parameter_fails_before_any_stage_naming_it(project):
     with pytest.raises(CortexCraftError, match="refresh"):
         run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
                               refresh=["everything"])
-    with pytest.raises(CortexCraftError, match="continue_training_iters: Input should be greater than 0"):
+    with pytest.raises(CortexCraftError, match="retrain_iters: Input should be greater than 0"):
         run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
-                              refresh=[], continue_training_iters=0)
+                              refresh=[], retrain_iters=0)
+    with pytest.raises(CortexCraftError, match="model name 'no/slash' is not valid"):
+        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
+                              refresh=[], model="no/slash")
 
 
 def test_diverging_training_fails_the_train_stage_and_no_report_is_written(project):

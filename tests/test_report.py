@@ -10,7 +10,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from cortexcraft.config import build_config
-from cortexcraft.report import bits, eval_rows, loss_curve_svg, render_report, svg_data_uri
+from cortexcraft.report import bits, eval_rows, loss_curve_svg, model_history_markdown, render_report, svg_data_uri
 
 HISTORY = [
     {"step": 0, "train_loss": 4.17, "val_loss": 4.18, "lr": 1e-3, "tokens_seen": 0, "elapsed_seconds": 1.0},
@@ -66,9 +66,39 @@ def test_sample_with_backticks_cannot_close_its_fence():
     assert "````text\n```not a fence```\n````" in text
 
 
-def test_continued_run_is_visible():
-    assert "continued from step 1,500 to step 2,000" in render(continued={"from_step": 1500, "to_step": 2000})
-    assert "trained from scratch" in render(continued={"from_step": 0, "to_step": 1500})
+MODEL = {"name": "cpu", "version": "v3", "step": 2000, "source": "/data/input.txt",
+         "revision": "content 0123456789abcdef (stat, 0 of 1 files hashed)",
+         "policy": {"mode": "finetune", "parent": "v2", "init_step": 1500,
+                    "reason": "auto: finetune from champion v2 (step 1,500; data changed)"},
+         "decision": {"message": "not promoted: val 1.7000 vs champion v2 1.6500"}}
+
+
+def test_registry_verdict_policy_and_data_revision_are_visible():
+    text = render(model=MODEL)
+    assert "**Model:** `cpu` v3, finetune from v2 (step 1,500 to 2,000); not promoted: val 1.7000 vs champion v2 1.6500." in text
+    assert "**Retraining policy:** auto: finetune from champion v2 (step 1,500; data changed)." in text
+    assert "**Data:** `/data/input.txt`, revision content 0123456789abcdef (stat, 0 of 1 files hashed)." in text
+    fresh = dict(MODEL, policy={"mode": "fresh", "parent": None, "init_step": None, "reason": "fresh: trained from scratch"})
+    assert "**Model:** `cpu` v3, fresh; " in render(model=fresh)
+
+
+def test_model_history_chart_rings_promoted_versions():
+    rows = [{"version": "v1", "champion": False, "policy": "fresh", "steps": 40, "val_loss": 2.5, "promoted": True,
+             "decision": "promoted v1: first version of m (val 2.5000)"},
+            {"version": "v2", "champion": True, "policy": "finetune", "steps": 60, "val_loss": 2.1, "promoted": True,
+             "decision": "promoted v2: val 2.1000 vs champion v1 2.4000"},
+            {"version": "v3", "champion": False, "policy": "continue", "steps": 80, "val_loss": 3.0, "promoted": False,
+             "decision": "not promoted: val 3.0000 vs champion v2 2.1000"}]
+    text = model_history_markdown("m", rows)
+    svg = base64.b64decode(text.split("](data:image/svg+xml;base64,", 1)[1].split(")", 1)[0]).decode()
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    (line,) = root.findall(f"{ns}polyline")
+    assert len(line.get("points").split()) == 3
+    rings = [c for c in root.findall(f"{ns}circle") if c.get("fill") == "none"]
+    assert len(rings) == 2  # v1 and v2 were promoted
+    assert [t.text for t in root.findall(f"{ns}text") if t.text in ("1", "2", "3")] == ["1", "2", "3"]
+    assert "| v2 (champion) | finetune | 60 | 2.1000 | promoted v2: val 2.1000 vs champion v1 2.4000 |" in text
 
 
 def test_bpe_reports_bits_per_token():

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
+import json
+import re
 import socket
 import threading
+import urllib.parse
 
 import datasets
 import pyarrow as pa
@@ -15,6 +19,7 @@ from cortexcraft import sources
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import sha256_file
+from cortexcraft.freshness import STATE_DIR
 from cortexcraft.sources import download, train_val_cut
 
 REAL_LOAD_DATASET = datasets.load_dataset
@@ -56,14 +61,48 @@ def closed_url():
     return f"http://127.0.0.1:{port}"
 
 
+class FakeHub(list):
+    """The load_dataset calls our code made, plus the hub API's answers: ``revisions[(repo, rev)]``
+    is the commit sha a revision resolves to (a test may change it to publish a new commit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.revisions: dict[tuple[str, str], str] = {}
+        self.api_calls: list[str] = []
+
+    def sha(self, repo, revision="main"):
+        return self.revisions.setdefault((repo, revision), hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest())
+
+
 @pytest.fixture
-def hub(monkeypatch, serve, tmp_path):
-    """A reachable fake hub endpoint; returns the list of load_dataset calls our code made."""
+def hub(monkeypatch):
+    """A reachable fake hub endpoint whose API resolves revisions (any repo exists)."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    (tmp_path / "hub").mkdir()
-    monkeypatch.setenv("HF_ENDPOINT", serve(tmp_path / "hub"))
-    return []
+    fake = FakeHub()
+
+    class Api(_QuietHandler):
+        def do_GET(self):
+            fake.api_calls.append(self.path)
+            match = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^/?]+)", self.path)
+            if not match:
+                self.send_error(404)
+                return
+            body = json.dumps({"id": match[1], "sha": fake.sha(match[1], urllib.parse.unquote(match[2]))}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield fake
+    server.shutdown()
+    server.server_close()
 
 
 def _parquet(path, **columns):
@@ -72,7 +111,8 @@ def _parquet(path, **columns):
 
 
 def _no_entries(cache_dir):
-    return not cache_dir.exists() or not [p for p in cache_dir.iterdir() if p.name != "datasets"]
+    """No corpus entry in the cache (revalidation state under revisions/ does not count)."""
+    return not cache_dir.exists() or not [p for p in cache_dir.iterdir() if p.name not in ("datasets", STATE_DIR)]
 
 
 def test_local_file_is_used_in_place_and_fingerprinted_by_content(tmp_path):
@@ -133,8 +173,9 @@ def test_http_url_through_datasets_is_exact_and_cached(tmp_path, serve, tinyshak
     url = serve(tinyshakespeare_path.parent) + "/input.txt"
     manifest = download(DataConfig(source=url), tmp_path / "cache")
     assert manifest["chars"] == 1_115_394 and manifest["sha256"] == sha256_file(tinyshakespeare_path)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [manifest["path"].split("/")[-2]]
-    monkeypatch.setattr(sources, "probe", None)  # a cached source must not touch the network at all
+    entries = [p.name for p in (tmp_path / "cache").iterdir() if p.name != STATE_DIR]
+    assert entries == [manifest["path"].split("/")[-2]]
+    monkeypatch.setattr(sources, "_url_documents", None)  # revalidated and unchanged: not downloaded again
     assert download(DataConfig(source=url), tmp_path / "cache") == manifest
 
 
@@ -190,11 +231,27 @@ def test_tinyshakespeare_from_the_hub_is_the_exact_text(tmp_path, hub, monkeypat
     text = tinyshakespeare_path.read_text(encoding="utf-8")
     monkeypatch.setattr(datasets, "load_dataset", _tinyshakespeare_hub(tmp_path, text, hub))
     manifest = download(DataConfig(), tmp_path / "cache")
-    assert hub == [("karpathy/tiny_shakespeare", "refs/convert/parquet")]
+    assert hub == [("karpathy/tiny_shakespeare", hub.sha("karpathy/tiny_shakespeare", "refs/convert/parquet"))]
+    assert manifest["revision"]["sha"] == hub.sha("karpathy/tiny_shakespeare", "refs/convert/parquet")
     assert manifest["chars"] == 1_115_394 and manifest["sha256"] == sha256_file(tinyshakespeare_path)
     monkeypatch.setenv("HF_ENDPOINT", closed_url)
-    assert download(DataConfig(), tmp_path / "cache") == manifest
+    offline = download(DataConfig(), tmp_path / "cache")  # the hub is gone: the revision seen last serves
+    assert offline["revision"]["checked_by"].startswith("not revalidated: cannot reach")
+    assert dict(offline, revision=manifest["revision"]) == manifest
     assert len(hub) == 1
+
+
+def test_a_new_hub_commit_is_downloaded_and_an_unchanged_one_is_not(tmp_path, hub, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, ["one", "two"]))
+    first = download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")
+    assert first["revision"]["sha"] == hub.sha("me/corpus") and len(hub) == 1
+    assert download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")["path"] == first["path"]
+    assert len(hub) == 1 and hub.api_calls[-1] == "/api/datasets/me/corpus/revision/main"
+    hub.revisions[("me/corpus", "main")] = "f" * 40  # someone pushed to main
+    second = download(DataConfig(source="hf:me/corpus"), tmp_path / "cache")
+    assert hub[-1][:2] == ("me/corpus", "f" * 40) and len(hub) == 2
+    assert second["path"] != first["path"] and second["revision"]["sha"] == "f" * 40
+    assert "hub commit ffffffffffff" in sources.describe_revision(second["revision"])
 
 
 def test_tinyshakespeare_falls_back_to_the_raw_file_url(tmp_path, hub, monkeypatch, serve, tinyshakespeare_path):
@@ -236,7 +293,7 @@ def test_openwebtext_streams_and_stops_at_max_docs(tmp_path, hub, monkeypatch):
     texts = [f"document {i} " * 20 for i in range(1000)]
     monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, texts))
     manifest = download(DataConfig(source="openwebtext-10k", max_docs=3), tmp_path / "cache")
-    assert hub == [("sam2ai/openwebtext-10k", None, "train", True)]
+    assert hub == [("sam2ai/openwebtext-10k", hub.sha("sam2ai/openwebtext-10k"), "train", True)]
     with open(manifest["path"], encoding="utf-8") as handle:
         assert handle.read() == "\n\n".join(texts[:3])
     assert manifest["documents"] == 3
@@ -251,7 +308,7 @@ def test_hub_spec_with_revision_split_and_column(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, ["one", "two"]))
     with pytest.raises(CortexCraftError, match=r"has no column 'body' \(columns: text, id\); pass --text-column NAME"):
         download(DataConfig(source="hf:me/corpus@v2:validation", text_column="body"), tmp_path / "cache")
-    assert hub == [("me/corpus", "v2", "validation", True)]
+    assert hub == [("me/corpus", hub.sha("me/corpus", "v2"), "validation", True)]
     assert _no_entries(tmp_path / "cache")
     manifest = download(DataConfig(source="hf:me/corpus@v2:validation"), tmp_path / "cache")
     assert manifest["documents"] == 2 and manifest["chars"] == len("one\n\ntwo")
