@@ -188,6 +188,25 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
         old.close()
 
 
+@contextmanager
+def build_dir(out_dir: str | os.PathLike, needed: Optional[int] = None, approximate: bool = False) -> Iterator[Path]:
+    """A locked temp dir beside ``out_dir`` to build it in, renamed over ``out_dir`` when the block
+    succeeds and removed when it fails (a full disk then raises ``disk_full_error`` naming
+    ``needed`` bytes). Temporaries that dead writers left beside it are removed first."""
+    out_dir = Path(out_dir)
+    remove_dead_temps(out_dir.parent)
+    temp = TempDir(out_dir.parent, out_dir.name)
+    try:
+        with disk_full_is_an_error(out_dir, needed, approximate, cleanup=lambda: shutil.rmtree(temp.path, ignore_errors=True)):
+            yield temp.path
+            replace_dir(temp.path, out_dir)
+    except BaseException:
+        shutil.rmtree(temp.path, ignore_errors=True)
+        raise
+    finally:
+        temp.close()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb", size=len(data)) as handle:
         handle.write(data)

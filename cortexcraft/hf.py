@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,8 +32,7 @@ import torch
 from cortexcraft.checkpoint import resolve_checkpoint
 from cortexcraft.config import ModelConfig, RunConfig, pretrained_reference
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import (TempDir, atomic_write_json, atomic_write_text, fsync_tree, read_json, remove_dead_temps,
-                                replace_dir)
+from cortexcraft.fileio import atomic_write_json, atomic_write_text, build_dir, fsync_tree, read_json
 from cortexcraft.report import fence
 from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -335,10 +333,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
                    config.sample.temperature, config.sample.top_k, config.sample.top_p, generator)
     sample = (prompt, tok.decode(ids[0, len(prompt_ids):].tolist()))
 
-    remove_dead_temps(out_dir.parent)
-    temp = TempDir(out_dir.parent, out_dir.name)
-    tmp = temp.path
-    try:
+    with build_dir(out_dir) as tmp:
         hf_model.save_pretrained(str(tmp))
         if "rope_parameters" in plan.config:
             # transformers 4.x reads rope_theta / rope_scaling instead; without them it would rotate
@@ -355,12 +350,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
                   "vocab_size": state["vocab_size"], "tokenizer": tok.kind}
         atomic_write_json(tmp / EXPORT_RECORD, record)
         fsync_tree(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        temp.close()
     log.info("exported %s (step %d) as %s to %s", path, state["step"], plan.architecture, out_dir)
     return {**record, "out_dir": str(out_dir)}
 

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, read_json, remove_dead_temps,
-                                replace_dir, sha256_file)
+from cortexcraft.fileio import atomic_write_json, build_dir, read_json, sha256_file
 from cortexcraft.sources import char_to_byte_offset, corpus_ascii_blocks, corpus_byte_range_text, train_val_cut
 from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
@@ -197,20 +195,10 @@ def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Pa
     train_val_cut(corpus, data_cfg.val_fraction)  # a split too small fails before anything is written
     if Path(corpus["path"]).stat().st_size != corpus["bytes"]:
         raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
-    remove_dead_temps(out_dir.parent)
-    temp = TempDir(out_dir.parent, out_dir.name)
-    tmp = temp.path
     # A character tokenizer writes one id per character; a BPE one fewer, by an unknown factor.
     needed = corpus["chars"] * tok.dtype.itemsize if isinstance(tok, CharTokenizer) else None
-    try:
-        with disk_full_is_an_error(out_dir, needed, approximate=True, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
-            manifest = _fill_shard_dir(tmp, tok, corpus, data_cfg, write_split)
-            replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        temp.close()
+    with build_dir(out_dir, needed, approximate=True) as tmp:
+        manifest = _fill_shard_dir(tmp, tok, corpus, data_cfg, write_split)
     return manifest
 
 
