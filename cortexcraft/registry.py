@@ -163,7 +163,16 @@ def register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLik
     ``data`` is ``data_identity`` of that data, ``policy`` how the model was trained (a
     ``plan_retrain`` result). A checkpoint that is already a version of ``name`` is not registered
     again (found by path without loading anything, else by weights): returns (record, created).
+    Registrations of one model are serialised, so two runs of one model never make two versions.
     """
+    with _locked(models_dir, name):
+        return _register(models_dir, name, run_dir, data=data, code_version=code_version, policy=policy,
+                         summary=summary)
+
+
+def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLike, *,
+              data: dict[str, Any], code_version: str, policy: dict[str, Any],
+              summary: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     known = list_versions(models_dir, name)
     if summary.get("checkpoint_best"):
         best = str(Path(summary["checkpoint_best"]).resolve())

@@ -62,7 +62,12 @@ def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, 
     other = [s for s in states if "n_embd=48" in s["overrides"]]
     assert sorted(s["train"] for s in alike) == ["Cached", "Completed"] and other[0]["train"] == "Completed"
     assert sorted(s["report"] for s in alike) == ["Cached", "Completed"] and other[0]["report"] == "Completed"
-    assert set(states[0]) == set(STAGES) | {"overrides"}
+    assert set(states[0]) == set(STAGES) | {"revalidate", "register", "overrides"}
+    # Never cached: they read the source and the registry.
+    assert [(s["revalidate"], s["register"]) for s in states] == [("Completed", "Completed")] * 3
+    # The identical pair registered one version between them; the other model the second.
+    versions = sorted(p.name for p in (data / "models" / "cpu" / "versions").iterdir() if not p.name.startswith("."))
+    assert versions == ["v1", "v2"]
 
     runs = sorted((data / "runs").glob("*"))
     assert len(runs) == 2
