@@ -123,7 +123,7 @@ def champion_card_markdown(record: dict[str, Any], version_dir: str | os.PathLik
         f"| val loss | {record['val_loss']:.4f} ({bits_text}) |",
         f"| data | {_code(record['data']['source'], in_table=True)}, {record['data'].get('revision_text') or 'revision not recorded'} |",
         f"| directory | {_code(str(version_dir), in_table=True)} |", "",
-        f"**Sample** (prompt {_code(json.dumps(prompt, ensure_ascii=False))})", "", _fence(sample), "",
+        f"**Sample** (prompt {_code(json.dumps(prompt, ensure_ascii=False))})", "", fence(sample), "",
     ])
 
 

@@ -141,6 +141,7 @@ def test_multi_node_options_are_checked_before_launching(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this Python")
 def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run, tmp_path, temporary_prefect_server):
+    from cortexcraft.registry import models_dir_of, plan_retrain
     from flows.params import PipelineParams
     from flows.prepare import prepare
     from flows.train import train
@@ -154,7 +155,9 @@ def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run
                             nnodes=2, rdzv_endpoint=endpoint)
     shards = prepare(params)["shards"]
     config = params.run_config().model_dump(mode="json")
-    run_dir = stage_dir(params.data_path(), "train", train_key(shards, config))
+    plan = plan_retrain(models_dir_of(params.data_path()), params.model_name(), params.retrain,
+                        tmp_path / "data" / shards["dir"], config["model"])
+    run_dir = stage_dir(params.data_path(), "train", train_key(shards, config, plan))
     # What the train stage logs for node 1.
     node1 = [sys.executable, "-m", "cortexcraft", "train", *train_args(config, tmp_path / "data" / shards["dir"], run_dir),
              "--nproc-per-node=1", "--nnodes=2", "--node-rank=1", f"--rdzv-endpoint={endpoint}"]

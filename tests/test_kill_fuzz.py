@@ -40,6 +40,8 @@ OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=
              "device=cpu"]
 STAGE_END = "prefect.task_runs: Finished in state"
 FLOW_START = "Beginning flow run"
+# The pipeline's tasks in order: the five stages, and the always-run revalidate and register.
+TASKS = ("revalidate", "download", "vocab", "shards", "train", "register", "report")
 
 
 class Pipeline:
@@ -91,7 +93,7 @@ def kill_during(run: Pipeline, index: int, seconds: float) -> str:
         finished = run.proc.poll() is not None
     finally:
         run.kill()
-    return "done" if finished or in_stage >= len(STAGES) else STAGES[in_stage]
+    return "done" if finished or in_stage >= len(TASKS) else TASKS[in_stage]
 
 
 def check_outputs(data: Path) -> None:
@@ -133,8 +135,8 @@ def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterr
     reference = Pipeline(command(reference_dir), env)
     assert reference.finish() == 0, reference.output()[-3000:]
     starts = reference.stage_starts()
-    assert len(starts) == len(STAGES) + 1, reference.output()[-3000:]
-    lengths = {stage: starts[i + 1] - starts[i] for i, stage in enumerate(STAGES)}
+    assert len(starts) == len(TASKS) + 1, reference.output()[-3000:]
+    lengths = {task: starts[i + 1] - starts[i] for i, task in enumerate(TASKS)}
 
     rng = random.Random(SEED)
     targets = sorted(list(STAGES) + [rng.choice(STAGES) for _ in range(KILLS - len(STAGES))], key=STAGES.index)
@@ -146,7 +148,7 @@ def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterr
         # again, earlier (every attempt is a real kill and counts).
         for attempt in range(3):
             stage = kill_during(Pipeline(command(data, *([] if target == "train" else ["--refresh", target])), env),
-                                STAGES.index(target), fraction / 2 ** attempt * lengths[target])
+                                TASKS.index(target), fraction / 2 ** attempt * lengths[target])
             landed.append((target, round(fraction / 2 ** attempt, 3), stage))
             check_outputs(data)
             if stage == target:
