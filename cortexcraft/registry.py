@@ -28,14 +28,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_write_json, fsync_dir, read_json
+from cortexcraft.fileio import atomic_write_json, build_dir, read_json
 
 MODELS_SUBDIR = "models"
 VERSION_FILE = "version.json"
@@ -192,8 +191,9 @@ def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLi
             return record, False
     root = model_dir(models_dir, name) / "versions"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
-    try:
+    # Registrations of a model hold its lock, so the next number cannot be taken meanwhile.
+    version = f"v{max((_number(p.name) for p in root.iterdir() if _VERSION.match(p.name)), default=0) + 1}"
+    with build_dir(root / version) as tmp:
         target = tmp / "checkpoints" / checkpoint.name
         target.mkdir(parents=True)
         for file in checkpoint.iterdir():
@@ -202,7 +202,8 @@ def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLi
         val = evaluate_run(tmp, data["shards_dir"])
         bits = val["val_loss"] / math.log(2)
         record = {
-            "name": name, "created": now(), "run_dir": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()),
+            "name": name, "version": version, "created": now(), "run_dir": str(run_dir.resolve()),
+            "checkpoint": str(checkpoint.resolve()),
             "step": state["step"], "tokens_seen": state["tokens_seen"], "model_sha256": model_sha,
             "config": state["config"], "vocab_size": state["vocab_size"], "data": data,
             "code_version": code_version, "policy": policy,
@@ -211,24 +212,8 @@ def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLi
             "train_loss": summary.get("final_train_loss"), "train_best_val_loss": summary.get("best_val_loss"),
             "decision": None,
         }
-        while True:
-            numbers = [_number(p.name) for p in root.iterdir() if _VERSION.match(p.name)]
-            version = f"v{max(numbers, default=0) + 1}"
-            record["version"] = version
-            atomic_write_json(tmp / VERSION_FILE, record)
-            try:
-                os.rename(tmp, root / version)  # fails if another registration took the number
-            except OSError:
-                if (root / version).exists():
-                    continue
-                raise
-            break
-        os.chmod(root / version, 0o755)
-        fsync_dir(root)
-        return record, True
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / VERSION_FILE, record)
+    return record, True
 
 
 def _set_champion(models_dir: str | os.PathLike, name: str, version: str, reason: str,
