@@ -6,9 +6,18 @@ schedules the same run again (what ``prefect flow-run retry`` does) while it has
 ``crash_retries`` + 1 times; each attempt finds finished stages Cached and resumes training from
 the last checkpoint. A crash the flow-run process reported itself (it saw a signal or an exception,
 e.g. an operator stopping it) is left alone.
+
+The re-run cannot be scheduled from inside the hook: a Prefect 3.8 process worker runs the hook in
+a short-lived subprocess and, once it returns, reports the crash a second time, which would turn a
+run the hook had just scheduled back into Crashed. So the hook starts a detached process
+(``python -m flows.crashes``) that waits for the worker's own report, then schedules the run.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 from uuid import UUID
 
@@ -21,6 +30,9 @@ from pydantic import ValidationError
 from flows.params import PipelineParams
 
 _RUNNING_HERE: set[UUID] = set()
+# How long the detached process waits for the worker's second crash report before it goes ahead
+# (a worker that died after its hook ran never sends one).
+WORKER_REPORT_SECONDS = 20.0
 
 
 def note_running_here() -> None:
@@ -39,10 +51,37 @@ def rerun_crashed(flow: Any, flow_run: Any, state: Any) -> None:
         return
     with get_client(sync_client=True) as client:
         runs = client.read_flow_run(flow_run.id).run_count
-        if runs > allowed:
-            logger.warning("flow run crashed (%s) after %d attempts; not re-running it (crash_retries=%d)",
-                           state.message, runs, allowed)
-            return
-        client.set_flow_run_state(flow_run.id, Scheduled(
-            message=f"automatic re-run {runs} of {allowed} after a crash: {state.message}"), force=True)
-    logger.warning("flow run crashed (%s); scheduled automatic re-run %d of %d", state.message, runs, allowed)
+    if runs > allowed:
+        logger.warning("flow run crashed (%s) after %d attempts; not re-running it (crash_retries=%d)",
+                       state.message, runs, allowed)
+        return
+    message = f"automatic re-run {runs} of {allowed} after a crash: {state.message}"
+    # Without the flow run's id in its environment it is not taken for an attempt of the run.
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT__FLOW_RUN_ID"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    subprocess.Popen([sys.executable, "-m", "flows.crashes", str(flow_run.id), str(state.id), message],
+                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+    logger.warning("flow run crashed (%s); scheduling automatic re-run %d of %d", state.message, runs, allowed)
+
+
+def schedule_after_worker_report(flow_run_id: UUID, hook_state_id: UUID, message: str) -> None:
+    """Schedule the run again once the worker's own crash report replaced the state the hook saw.
+
+    Anything else that moves the run meanwhile (an operator's retry or cancel) wins: the run is
+    scheduled only if it is still Crashed.
+    """
+    deadline = time.monotonic() + WORKER_REPORT_SECONDS
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is None or not state.is_crashed():
+                return
+            if state.id != hook_state_id or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        client.set_flow_run_state(flow_run_id, Scheduled(message=message), force=True)
+
+
+if __name__ == "__main__":
+    schedule_after_worker_report(UUID(sys.argv[1]), UUID(sys.argv[2]), sys.argv[3])

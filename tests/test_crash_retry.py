@@ -112,8 +112,6 @@ def test_a_sigkilled_run_is_crashed_and_flow_run_retry_resumes_it_bitwise(worker
     print(f"\nSIGKILLed at checkpoint step {killed_at}; `prefect flow-run retry` resumed it to 240, bitwise equal")
 
 
-@pytest.mark.xfail(reason="since the retraining merge the automatic re-run scheduled by on_crashed is not picked "
-                          "up again by the worker (issue 9 item 3 regressed; see the closing note)", strict=False)
 def test_crashed_runs_rerun_automatically_at_most_crash_retries_times_then_a_new_run_resumes(
         worker, tmp_path, tinyshakespeare_path, one_thread):
     data_dir = tmp_path / "data"
