@@ -2,19 +2,24 @@
 
 Three defaults keep a run from collapsing when something else is busy on its cores:
 
-- **Passive OpenMP waiting.** By default an OpenMP thread that reaches a barrier spins for a while
-  before it sleeps. When a peer thread has been descheduled by another process, the spinner burns
-  the very core the peer needs: two torch threads beside one busy process ran 10-40x slower.
-  ``OMP_WAIT_POLICY=PASSIVE`` (GNU and LLVM OpenMP) and ``KMP_BLOCKTIME=0`` (Intel OpenMP) make
-  waiting threads sleep at once. OpenMP reads them when the library loads, i.e. at ``import torch``,
-  so ``cortexcraft/__init__.py`` sets them (unless already set) before anything imports torch, and
-  child processes inherit them.
+- **Short, bounded OpenMP spinning.** By default an OpenMP thread that reaches a barrier spins for
+  a long while before it sleeps. When a peer thread has been descheduled by another process, the
+  spinner burns the very core the peer needs: two torch threads beside one busy process ran 10-40x
+  slower. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) fixes that but costs a quiet machine a
+  third of its speed, since small ops then pay a wake-up at every barrier (2 threads: 10.7k vs
+  16.2k tokens/s on the ``cpu`` preset). So waiting threads spin briefly and then sleep:
+  ``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=10000`` (GNU OpenMP, which torch's Linux wheels
+  use) and ``KMP_BLOCKTIME=0`` (Intel OpenMP). OpenMP reads them when the library loads, i.e. at
+  ``import torch``, so ``cortexcraft/__init__.py`` sets them (unless already set) before anything
+  imports torch, and child processes inherit them. Short spins still hurt a lot beside a busy
+  process, which the thread choice below handles.
 - **Threads from the cores that are free.** At start: the cores this process may run on
   (``sched_getaffinity``, capped by a cgroup ``cpu.max`` quota), minus the cores other processes kept
   busy during a short sample of ``/proc/stat``.
 - **Adapting while running.** Every ``period`` steps the trainer times a few steps on the other
   thread count and keeps whichever was faster, so a neighbour that starts or stops mid-run is
-  followed.
+  followed; steps that suddenly take much longer than after the last comparison (a neighbour has
+  arrived) bring the next comparison forward.
 
 A thread count set by the user (``--set threads=N``, or ``OMP_NUM_THREADS`` in the environment)
 is used as given and never adapted. Floating-point reductions may split differently with another
@@ -28,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-OPENMP_PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+OPENMP_PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
 
 
 def set_passive_openmp_env(env: Optional[dict] = None) -> None:
-    """Make OpenMP threads sleep instead of spin while they wait (values already set are kept)."""
+    """Make waiting OpenMP threads spin only briefly before they sleep (values already set are kept)."""
     env = os.environ if env is None else env
     for name, value in OPENMP_PASSIVE_ENV.items():
         env.setdefault(name, value)
@@ -120,15 +125,20 @@ class ThreadTuner:
 
     It starts at ``start`` threads. Every ``period`` steps it runs ``probe`` steps on the other
     count and compares their median time with the median of the last ``probe`` steps on the
-    current count; the other count wins only when clearly faster (by ``margin``)."""
+    current count; the other count wins only when clearly faster (by ``margin``). When the last
+    ``probe`` steps take ``slowdown`` times as long as right after the previous comparison, the
+    next comparison starts at once: spinning threads beside a newly busy neighbour run several
+    times slower, and waiting ``period`` steps at that pace would cost minutes."""
 
     def __init__(self, max_threads: int, start: int, period: int = 200, probe: int = 8, margin: float = 0.1,
-                 first_probe: int = 24):
+                 first_probe: int = 24, slowdown: float = 1.6):
         self.max_threads, self.period, self.probe, self.margin = max_threads, period, probe, margin
+        self.slowdown = slowdown
         self.current = start
         self.switches = 0
         self._recent: list[float] = []
         self._trial: list[float] = []
+        self._settled: Optional[float] = None  # median step time right after the last comparison
         # The first comparison comes early (after warm-up steps), later ones every `period` steps.
         self._steps_since_probe = period - first_probe
 
@@ -155,6 +165,9 @@ class ThreadTuner:
         if not self._probing:
             self._recent = (self._recent + [seconds])[-self.probe:]
             self._steps_since_probe += 1
+            if self._settled is not None and len(self._recent) == self.probe \
+                    and _median(self._recent) > self.slowdown * self._settled:
+                self._steps_since_probe = self.period
             return
         self._trial.append(seconds)
         if len(self._trial) < self.probe:
@@ -163,6 +176,7 @@ class ThreadTuner:
             self.current = self.other
             self.switches += 1
             self._recent = list(self._trial)
+        self._settled = _median(self._recent)
         self._trial = []
         self._steps_since_probe = 0
 

@@ -12,18 +12,18 @@ from cortexcraft.train import train
 from tiny_runs import TINY, make_data_dir, tiny_config
 
 
-def test_importing_cortexcraft_sets_passive_openmp_waiting_before_torch_loads_and_keeps_user_values():
-    probe = ("import sys, os, cortexcraft.train; "
-             "print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'], 'torch' in sys.modules)")
+def test_importing_cortexcraft_sets_short_openmp_spinning_before_torch_loads_and_keeps_user_values():
+    probe = ("import sys, os, cortexcraft.train; print(os.environ['OMP_WAIT_POLICY'], "
+             "os.environ['GOMP_SPINCOUNT'], os.environ['KMP_BLOCKTIME'], 'torch' in sys.modules)")
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["PASSIVE", "0", "True"]
+    assert out.split() == ["PASSIVE", "10000", "0", "True"]
     out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "ACTIVE"
     env_copy = {"KMP_BLOCKTIME": "5"}
     set_passive_openmp_env(env_copy)
-    assert env_copy == {"KMP_BLOCKTIME": "5", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env_copy == {"KMP_BLOCKTIME": "5", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 
 
 def test_cgroup_quota_caps_the_cores(tmp_path):
@@ -70,6 +70,19 @@ def test_the_tuner_drops_to_one_thread_when_two_are_slower_and_returns_when_they
     assert used[30:34] == [2] * 4  # it keeps checking, every `period` steps
     used = run_tuner(tuner, {2: 0.1, 1: 0.3}, 60)  # the neighbour is gone
     assert tuner.current == 2 and tuner.switches == 2
+
+
+def test_a_sudden_slowdown_brings_the_next_comparison_forward():
+    tuner = ThreadTuner(max_threads=2, start=2, period=200, probe=4, first_probe=6)
+    used = run_tuner(tuner, {2: 0.1, 1: 0.15}, 30)  # quiet: two threads are faster and stay
+    assert tuner.current == 2 and used.count(1) == 4
+    used = run_tuner(tuner, {2: 0.5, 1: 0.16}, 12)  # a neighbour arrives; spinning threads crawl
+    # Once the slow steps dominate the window one thread is tried at once, not 200 steps later.
+    first_try = used.index(1)
+    assert 1 <= first_try <= 4 and set(used[first_try:]) == {1}
+    assert tuner.current == 1 and tuner.switches == 1
+    run_tuner(tuner, {2: 0.5, 1: 0.16}, 100)  # steady at the new pace: no further early comparisons
+    assert tuner.current == 1 and tuner.switches == 1
 
 
 def test_the_tuner_keeps_its_choice_when_the_other_count_is_not_clearly_faster():
