@@ -28,7 +28,7 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_open
 from cortexcraft.shards import SPLITS, build_shard_dir, encode_range, shard_file_name, split_ranges
 from cortexcraft.sources import READ_BYTES, corpus_byte_range_text
-from cortexcraft.tokenizer import MAX_CODE_POINT, Tokenizer, build_vocab, count_chars, load_tokenizer
+from cortexcraft.tokenizer import MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars, load_tokenizer
 
 PART_BYTES = 64 << 20
 # A safe cut: a newline between two visible ASCII characters (never whitespace, never part of a
@@ -153,19 +153,96 @@ def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
 
 
+def encode_part_in_place(vocab_dir: str, corpus: dict, part: dict, pieces: list[tuple[str, int, int]]) -> int:
+    """Write the ids of one part straight into the shard files at ``pieces`` (path, token offset,
+    tokens), in order; returns the token count, which must fill the pieces exactly."""
+    tok = load_tokenizer(Path(vocab_dir))
+    dtype, itemsize = tok.dtype.newbyteorder("<"), tok.dtype.itemsize
+    remaining = iter(pieces)
+    written, fd, offset, room = 0, None, 0, 0
+    try:
+        for ids in encode_range(tok, corpus, part["start"], part["stop"]):
+            data = memoryview(ids.astype(dtype, copy=False)).cast("B")
+            while len(data):
+                if room == 0:
+                    if fd is not None:
+                        os.close(fd)
+                        fd = None
+                    path, offset, room = next(remaining, (None, 0, 0))
+                    if path is None:
+                        raise CortexCraftError(f"part {part['index']} encodes to more tokens than its characters; "
+                                               f"prepare again with --workers 1")
+                    fd = os.open(path, os.O_WRONLY)
+                take = min(room * itemsize, len(data))
+                os.pwrite(fd, data[:take], offset * itemsize)
+                data, offset, room, written = data[take:], offset + take // itemsize, room - take // itemsize, written + take // itemsize
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if written != sum(tokens for _, _, tokens in pieces):
+        raise CortexCraftError(f"part {part['index']} encoded to {written:,} tokens, not the {sum(t for _, _, t in pieces):,} "
+                               f"its characters promised; prepare again with --workers 1")
+    return written
+
+
+def _hash_and_sync(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(COPY_BYTES), b""):
+            digest.update(block)
+        os.fsync(handle.fileno())
+    return digest.hexdigest()
+
+
+def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path, parts: list[dict],
+                          part_tokens: list[int], pool, workers: int) -> dict:
+    """``write_shards``' directory with each part encoded by ``pool`` straight into its place in the
+    shard files: possible when every part's token count is known beforehand (a character tokenizer
+    without special tokens writes one id per character), and it spares writing every id twice."""
+
+    def write_split(directory: Path, split: str, tok: Tokenizer, start: int, stop: int) -> dict:
+        mine = [(p, tokens) for p, tokens in zip(parts, part_tokens) if p["split"] == split]
+        placed = [dict(p, tokens=tokens, path=str(p["index"])) for p, tokens in mine]
+        layout = _shard_layout(directory, split, placed, data_cfg.shard_tokens)
+        for path, _, tokens in layout:
+            with open(path, "wb") as handle:
+                handle.truncate(tokens * tok.dtype.itemsize)
+        # Turn the layout's (part, lo, hi) pieces around into each part's (file, offset, tokens).
+        pieces: dict[str, list] = {p["path"]: [] for p in placed}
+        for path, file_pieces, _ in layout:
+            offset = 0
+            for part_key, lo, hi in file_pieces:
+                pieces[part_key].append((path, offset, hi - lo))
+                offset += hi - lo
+        list(pool.map(encode_part_in_place, repeat(vocab["dir"]), repeat(corpus), [p for p, _ in mine],
+                      [pieces[p["path"]] for p in placed]))
+        with ThreadPoolExecutor(workers) as threads:
+            hashes = list(threads.map(_hash_and_sync, [path for path, _, _ in layout]))
+        files = [{"name": Path(path).name, "tokens": tokens, "sha256": sha}
+                 for (path, _, tokens), sha in zip(layout, hashes)]
+        return {"tokens": sum(f["tokens"] for f in files), "files": files}
+
+    return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
+
+
 def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir: Path, out_dir: Path,
                   workers: int, part_bytes: int = PART_BYTES) -> dict:
     """Vocabulary and shards of ``corpus`` with ``workers`` processes; returns the shards manifest.
 
-    The character vocabulary is a map-reduce of per-part counts; BPE is trained in this process
-    (on a bounded sample) and the parts are encoded in the pool."""
+    The character vocabulary is a map-reduce of per-part counts, and those counts place every
+    part's ids in the shard files directly; BPE is trained in this process (on a bounded sample)
+    and the parts are encoded in the pool to part files, then assembled."""
     parts = plan_parts(corpus, data_cfg, part_bytes)
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     # spawn: the workers start clean (no inherited threads of tokenizers or torch to deadlock on).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        counts = add_counts(pool.map(count_part, repeat(corpus), parts)) if data_cfg.tokenizer == "char" else None
-        vocab = build_vocab(corpus, data_cfg, vocab_dir, char_counts=counts)
+        part_counts = list(pool.map(count_part, repeat(corpus), parts)) if data_cfg.tokenizer == "char" else None
+        vocab = build_vocab(corpus, data_cfg, vocab_dir, char_counts=add_counts(part_counts) if part_counts else None)
+        tok = load_tokenizer(Path(vocab["dir"]))
+        if part_counts is not None and isinstance(tok, CharTokenizer) and not tok.special_tokens:
+            part_tokens = [int(counts[1].sum()) for counts in part_counts]
+            return write_shards_in_place(corpus, vocab, data_cfg, out_dir, parts, part_tokens, pool, workers)
         paths = [str(parts_dir / f"part-{p['index']:05d}.bin") for p in parts]
         encoded = list(pool.map(encode_part, repeat(vocab["dir"]), repeat(corpus), parts, paths))
         return write_shards_from_parts(corpus, vocab, data_cfg, out_dir, encoded, workers)

@@ -68,6 +68,8 @@ def test_parts_and_workers_give_the_serial_shards_byte_for_byte(name, docs, tmp_
     one_worker = tmp_path / "one-worker"
     prepare_parts(corpus, config, tmp_path / "vocab", tmp_path / "parts", one_worker, workers=1, part_bytes=333)
     assert _files(one_worker) == _files(serial)
+    # Plain characters are encoded straight into the shard files; the others go through part files.
+    assert bool(list((tmp_path / "parts").iterdir())) == (name != "char")
     assert len(read_json(serial / "manifest.json")["splits"]["train"]["files"]) > 1  # the layout is exercised
 
 
