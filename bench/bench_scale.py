@@ -9,7 +9,8 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
 - throughput (MB of text per second, the download stage cached, so vocabulary + shards):
   ``cortexcraft.prepare(workers=N)`` for N in 1, 2, char and BPE; the baseline is nanoGPT's
   ``data/openwebtext/prepare.py`` recipe, ``datasets.map(num_proc=N)`` encoding each document
-  (char: ``[stoi[c] for c in text]``; BPE: the same tokenizer.json, ``encode(text).ids``) and
+  (char: ``[stoi[c] for c in text]``; BPE: the same tokenizer.json, ``encode(text).ids``, which ours
+  loads with ``tokenizer_file``: training it is not timed) and
   writing one memmap per split. Char runs on ``--char-mb`` of the corpus, BPE on ``--bpe-mb``
   (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run is a fresh child process, with
   RAYON_NUM_THREADS=1 so the tokenizers library does not add threads of its own: the worker count
@@ -93,7 +94,8 @@ split = ds.train_test_split(test_size=0.1, seed=2357, shuffle=False)
 split["val"] = split.pop("test")
 tokens = 0
 for name, dset in split.items():
-    tokenized = dset.map(process, remove_columns=["text"], num_proc=args["num_proc"])
+    # load_from_cache_file=False: an earlier run's cached map must not stand in for encoding.
+    tokenized = dset.map(process, remove_columns=["text"], num_proc=args["num_proc"], load_from_cache_file=False)
     arr_len = int(np.sum(tokenized["len"], dtype=np.uint64))
     arr = np.memmap(f"{args['out']}/{name}.bin", dtype=dtype, mode="w+", shape=(arr_len,))
     total_batches = min(64, len(tokenized))
@@ -220,13 +222,15 @@ def main() -> None:
             vocab_dir = work / "vocab"
             rows, speeds = [], {}
             for name, data in (("char", char_part), ("bpe", bpe)):
-                _ours(corpus_dir, work, data, 1)  # also caches the download
                 from cortexcraft.config import DataConfig
                 from cortexcraft.sources import download
                 from cortexcraft.tokenizer import build_vocab
 
                 config = DataConfig(source=str(corpus_dir), **data)
-                vocab = build_vocab(download(config, work / "cache"), config, vocab_dir / name)
+                vocab = build_vocab(download(config, work / "cache"), config, vocab_dir / name)  # caches the download
+                if name == "bpe":
+                    # Both systems encode with the same tokenizer.json; training one is not part of the race.
+                    data = {**data, "tokenizer_file": vocab["path"]}
                 max_docs = _documents_within(files, data.get("max_bytes"))
                 _nanogpt(files, work, name, Path(vocab["path"]), 1, 2)  # datasets' arrow cache of the files
                 for workers in (1, 2):

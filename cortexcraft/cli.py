@@ -67,7 +67,8 @@ def _add_launch_options(parser: argparse.ArgumentParser) -> None:
 def _add_parts_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes counting and encoding the corpus in parts (same output for any number)")
-    parser.add_argument("--part-mb", type=float, default=64.0, help="size of a part in MB (default 64)")
+    parser.add_argument("--part-mb", type=float, default=None,
+                        help="size of a part in MB (pipeline: 64; prepare: 64, or less so each worker gets 8 parts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +187,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cache_dir = args.cache_dir or default_data_dir() / "downloads"
     manifest = prepare(_data_config_from_args(args), args.out, cache_dir=cache_dir, workers=args.workers,
-                       part_bytes=int(args.part_mb * 1e6), init_from=args.init_from)
+                       part_bytes=int(args.part_mb * 1e6) if args.part_mb else None, init_from=args.init_from)
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: vocab_size {manifest['vocab_size']}, {splits}", file=sys.stderr)
     return 0

@@ -2,9 +2,11 @@
 independently (in parallel), then assembled into shards byte-identical to ``write_shards``.
 
 A part is a byte range of one split of the corpus file. Every cut but the split's ends falls just
-before a newline between two visible ASCII characters: no BPE pre-token, special token or
-document separator spans that point (see ``shards._safe_pieces``), so the ids of the parts, one
-after another, are the ids of the whole split. A worker holds one read block at a time, so memory
+before a newline that follows a visible ASCII character: BPE's byte-level pre-tokenizer never joins
+a non-space character with the whitespace after it, and pre-tokens are matched left to right with
+lookahead only, so the text after the cut splits as it does inside the whole text; no special token
+(no whitespace) straddles it either. So the ids of the parts, one after another, are the ids of the
+whole split. Paragraph breaks (``"x\n\nY"``) qualify, which real corpora are full of. A worker holds one read block at a time, so memory
 is bounded by the block size, not by the part or the corpus.
 
 ``prepare_parts`` runs the plan with a process pool; the Prefect tasks in ``tasks/parts.py`` run
@@ -31,9 +33,12 @@ from cortexcraft.sources import READ_BYTES, corpus_byte_range_text
 from cortexcraft.tokenizer import MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars, load_tokenizer
 
 PART_BYTES = 64 << 20
-# A safe cut: a newline between two visible ASCII characters (never whitespace, never part of a
+# Parts per worker when the size is left to prepare_parts: fewer leave a worker idle at the end
+# while the other finishes a big part (with 9 parts of 64 MB on 2 workers, up to an eighth).
+PARTS_PER_WORKER = 8
+# A safe cut: a newline after a visible ASCII character (never whitespace, never part of a
 # multi-byte character); the cut goes before the newline.
-_SAFE_CUT = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
+_SAFE_CUT = re.compile(rb"[\x21-\x7e]\n")
 COPY_BYTES = 1 << 24
 
 
@@ -42,13 +47,13 @@ def _next_cut(handle, position: int, stop: int) -> int:
     position -= 1  # the character before the newline
     while position + 1 < stop:
         handle.seek(position)
-        block = handle.read(min(READ_BYTES, stop - position) + 1)  # +1: the byte after a final newline
+        block = handle.read(min(READ_BYTES, stop - position))
         match = _SAFE_CUT.search(block)
         if match is not None and position + match.start() + 1 < stop:
             return position + match.start() + 1
-        if len(block) < 3:
+        if len(block) < 2:
             break
-        position += len(block) - 2
+        position += len(block) - 1
     return stop
 
 
@@ -225,14 +230,20 @@ def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_d
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
 
 
+def balanced_part_bytes(corpus_bytes: int, workers: int) -> int:
+    """At most ``PART_BYTES``, at least 1 MB, and small enough for ``PARTS_PER_WORKER`` parts each."""
+    return min(PART_BYTES, max(1 << 20, corpus_bytes // (workers * PARTS_PER_WORKER)))
+
+
 def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir: Path, out_dir: Path,
-                  workers: int, part_bytes: int = PART_BYTES) -> dict:
+                  workers: int, part_bytes: int | None = None) -> dict:
     """Vocabulary and shards of ``corpus`` with ``workers`` processes; returns the shards manifest.
+    Parts are ``part_bytes`` long, by default ``balanced_part_bytes``.
 
     The character vocabulary is a map-reduce of per-part counts, and those counts place every
     part's ids in the shard files directly; BPE is trained in this process (on a bounded sample)
     and the parts are encoded in the pool to part files, then assembled."""
-    parts = plan_parts(corpus, data_cfg, part_bytes)
+    parts = plan_parts(corpus, data_cfg, part_bytes or balanced_part_bytes(corpus["bytes"], workers))
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     # spawn: the workers start clean (no inherited threads of tokenizers or torch to deadlock on).

@@ -8,7 +8,7 @@ from pathlib import Path
 from cortexcraft.config import DataConfig
 from cortexcraft.fileio import TempDir
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.parts import PART_BYTES, prepare_parts
+from cortexcraft.parts import prepare_parts
 from cortexcraft.shards import check_out_dir, write_shards
 from cortexcraft.sources import download
 from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, workers: int = 1,
-            part_bytes: int = PART_BYTES, init_from: str | None = None) -> dict:
+            part_bytes: int | None = None, init_from: str | None = None) -> dict:
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
     Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
     ``workers`` > 1 the corpus is counted and encoded in parts of about ``part_bytes`` by that many
-    processes; the output is byte-identical. With ``init_from`` (``hf:...``) the shards use that
+    processes (by default in parts small enough to keep every worker busy to the end); the output is
+    byte-identical. With ``init_from`` (``hf:...``) the shards use that
     pretrained model's tokenizer (in one process)."""
     if workers < 1:
         raise CortexCraftError(f"--workers {workers} must be at least 1")

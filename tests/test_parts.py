@@ -15,7 +15,7 @@ from cortexcraft.cli import main
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import read_json
-from cortexcraft.parts import add_counts, count_part, plan_parts, prepare_parts
+from cortexcraft.parts import PART_BYTES, add_counts, balanced_part_bytes, count_part, plan_parts, prepare_parts
 from cortexcraft.prepare import prepare
 from cortexcraft.sources import download
 from cortexcraft.tokenizer import BPETokenizer, count_chars, load_tokenizer
@@ -60,6 +60,7 @@ def test_parts_and_workers_give_the_serial_shards_byte_for_byte(name, docs, tmp_
     prepare(config, serial, cache_dir=tmp_path / "cache")
     corpus = download(config, tmp_path / "cache")
     runs = {"2 workers, 600-byte parts": dict(workers=2, part_bytes=600),
+            "2 workers, 40-byte parts": dict(workers=2, part_bytes=40),
             "2 workers, 1 part per split": dict(workers=2, part_bytes=10**9)}
     for label, options in runs.items():
         out = tmp_path / label.replace(" ", "-").replace(",", "")
@@ -73,7 +74,7 @@ def test_parts_and_workers_give_the_serial_shards_byte_for_byte(name, docs, tmp_
     assert len(read_json(serial / "manifest.json")["splits"]["train"]["files"]) > 1  # the layout is exercised
 
 
-def test_parts_cover_each_split_and_cut_before_a_newline_between_visible_characters(docs, tmp_path):
+def test_parts_cover_each_split_and_cut_before_a_newline_after_a_visible_character(docs, tmp_path):
     config = DataConfig(source=str(docs))
     corpus = download(config, tmp_path / "cache")
     parts = plan_parts(corpus, config, part_bytes=500)
@@ -84,7 +85,7 @@ def test_parts_cover_each_split_and_cut_before_a_newline_between_visible_charact
         assert all(a["stop"] == b["start"] for a, b in zip(mine, mine[1:]))
         for part in mine[:-1]:
             assert part["stop"] - part["start"] >= 500
-            assert data[part["stop"]:part["stop"] + 1] == b"\n" and 0x21 <= data[part["stop"] - 1] <= 0x7E and 0x21 <= data[part["stop"] + 1] <= 0x7E
+            assert data[part["stop"]:part["stop"] + 1] == b"\n" and 0x21 <= data[part["stop"] - 1] <= 0x7E
     assert parts[0]["start"] == 0 and parts[-1]["stop"] == corpus["bytes"]
     train_stop = max(p["stop"] for p in parts if p["split"] == "train")
     cut_char = prepare(config, tmp_path / "out", cache_dir=tmp_path / "cache")["split_char"]
@@ -187,3 +188,9 @@ def test_dask_runner_without_prefect_dask_says_how_to_install_it(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # what an install without the extra gives
     with pytest.raises(CortexCraftError, match=r"--task-runner dask needs prefect-dask; install it with .*\[dask\]"):
         parts_task_runner(PipelineParams(data_dir=str(tmp_path), task_runner="dask"))
+
+
+def test_default_parts_keep_every_worker_busy_to_the_end():
+    assert balanced_part_bytes(500_000_000, 2) == 31_250_000  # 16 parts: 8 for each worker
+    assert balanced_part_bytes(10**12, 2) == PART_BYTES  # OpenWebText-size corpora keep 64 MB parts
+    assert balanced_part_bytes(1000, 4) == 1 << 20  # tiny corpora are not cut into crumbs
