@@ -6,8 +6,9 @@ before a newline that follows a visible ASCII character: BPE's byte-level pre-to
 a non-space character with the whitespace after it, and pre-tokens are matched left to right with
 lookahead only, so the text after the cut splits as it does inside the whole text; no special token
 (no whitespace) straddles it either. So the ids of the parts, one after another, are the ids of the
-whole split. Paragraph breaks (``"x\n\nY"``) qualify, which real corpora are full of. A worker holds one read block at a time, so memory
-is bounded by the block size, not by the part or the corpus.
+whole split. Paragraph breaks (``"x\n\nY"``) qualify, which real corpora are full of. A worker
+holds one read block at a time, so memory is bounded by the block size, not by the part or the
+corpus.
 
 ``prepare_parts`` runs the plan with a process pool; the Prefect tasks in ``tasks/parts.py`` run
 the same functions one part per task, each cached on its own.
@@ -163,31 +164,33 @@ def encode_part_in_place(vocab_dir: str, corpus: dict, part: dict, pieces: list[
     tokens), in order; returns the token count, which must fill the pieces exactly."""
     tok = load_tokenizer(Path(vocab_dir))
     dtype, itemsize = tok.dtype.newbyteorder("<"), tok.dtype.itemsize
-    remaining = iter(pieces)
-    written, fd, offset, room = 0, None, 0, 0
+    promised = sum(tokens for _, _, tokens in pieces)
+    pieces_left = iter(pieces)
+    fd, position, room, written = None, 0, 0, 0  # position, room and written in bytes
     try:
         for ids in encode_range(tok, corpus, part["start"], part["stop"]):
             data = memoryview(ids.astype(dtype, copy=False)).cast("B")
-            while len(data):
-                if room == 0:
+            while data:
+                if not room:
                     if fd is not None:
                         os.close(fd)
                         fd = None
-                    path, offset, room = next(remaining, (None, 0, 0))
+                    path, offset, tokens = next(pieces_left, (None, 0, 0))
                     if path is None:
-                        raise CortexCraftError(f"part {part['index']} encodes to more tokens than its characters; "
-                                               f"prepare again with --workers 1")
+                        raise CortexCraftError(f"part {part['index']} encodes to more than the {promised:,} tokens its "
+                                               f"characters promised; prepare again with --workers 1")
                     fd = os.open(path, os.O_WRONLY)
-                take = min(room * itemsize, len(data))
-                os.pwrite(fd, data[:take], offset * itemsize)
-                data, offset, room, written = data[take:], offset + take // itemsize, room - take // itemsize, written + take // itemsize
+                    position, room = offset * itemsize, tokens * itemsize
+                take = min(room, len(data))
+                os.pwrite(fd, data[:take], position)
+                data, position, room, written = data[take:], position + take, room - take, written + take
     finally:
         if fd is not None:
             os.close(fd)
-    if written != sum(tokens for _, _, tokens in pieces):
-        raise CortexCraftError(f"part {part['index']} encoded to {written:,} tokens, not the {sum(t for _, _, t in pieces):,} "
+    if written != promised * itemsize:
+        raise CortexCraftError(f"part {part['index']} encoded to {written // itemsize:,} tokens, not the {promised:,} "
                                f"its characters promised; prepare again with --workers 1")
-    return written
+    return promised
 
 
 def _hash_and_sync(path: str) -> str:
@@ -207,6 +210,7 @@ def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_d
 
     def write_split(directory: Path, split: str, tok: Tokenizer, start: int, stop: int) -> dict:
         mine = [(p, tokens) for p, tokens in zip(parts, part_tokens) if p["split"] == split]
+        # _shard_layout names each part by its "path"; here the part's index stands in for it.
         placed = [dict(p, tokens=tokens, path=str(p["index"])) for p, tokens in mine]
         layout = _shard_layout(directory, split, placed, data_cfg.shard_tokens)
         for path, _, tokens in layout:
