@@ -1,10 +1,10 @@
 """Training on a shared machine: tokens/s with one competing busy process, as a share of quiet.
 
 Each trainer runs in a fresh process with no thread flags, exactly as a user starts it: ours (the
-``cpu`` preset through ``cortexcraft.train.train``, which picks and adapts its own threads and
-waits passively) and the nanoGPT-style reference (its CPU recipe, torch's default threads and
-OpenMP's default spin-waiting: the OpenMP variables cortexcraft sets are removed from its
-environment). Each is measured quiet, then beside one ``while True: pass`` process, alternately
+``cpu`` preset through ``cortexcraft.train.train``, which picks and adapts its own threads, whose
+OpenMP waits spin only briefly) and the nanoGPT-style reference (its CPU recipe, torch's default
+threads and OpenMP's default spin-waiting: the OpenMP variables cortexcraft sets are removed from
+its environment). Each is measured quiet, then beside one ``while True: pass`` process, alternately
 in the same run. Goal: ours keeps >= 0.4x of its quiet tokens/s (ideal 0.5x on 2 cores).
 
     python bench/bench_shared.py [--quick] [--steps N]
