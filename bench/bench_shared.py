@@ -57,11 +57,11 @@ def worker(system: str, data_dir: str, steps: int) -> None:
 
 
 def child_env(system: str) -> dict[str, str]:
-    from cortexcraft.threads import OPENMP_PASSIVE_ENV
+    from cortexcraft.threads import OPENMP_WAIT_ENV
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if system == "nanogpt":
-        for name, value in OPENMP_PASSIVE_ENV.items():
+        for name, value in OPENMP_WAIT_ENV.items():
             if env.get(name) == value:
                 del env[name]
     return env

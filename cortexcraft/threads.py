@@ -33,13 +33,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-OPENMP_PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+OPENMP_WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
 
 
-def set_passive_openmp_env(env: Optional[dict] = None) -> None:
+def set_openmp_wait_env(env: Optional[dict] = None) -> None:
     """Make waiting OpenMP threads spin only briefly before they sleep (values already set are kept)."""
     env = os.environ if env is None else env
-    for name, value in OPENMP_PASSIVE_ENV.items():
+    for name, value in OPENMP_WAIT_ENV.items():
         env.setdefault(name, value)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cortexcraft.threads import (
-    ThreadTuner, available_cores, cgroup_cpu_limit, free_cores, set_passive_openmp_env, user_thread_count,
+    ThreadTuner, available_cores, cgroup_cpu_limit, free_cores, set_openmp_wait_env, user_thread_count,
 )
 from cortexcraft.train import train
 from tiny_runs import TINY, make_data_dir, tiny_config
@@ -22,7 +22,7 @@ def test_importing_cortexcraft_sets_short_openmp_spinning_before_torch_loads_and
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "ACTIVE"
     env_copy = {"KMP_BLOCKTIME": "5"}
-    set_passive_openmp_env(env_copy)
+    set_openmp_wait_env(env_copy)
     assert env_copy == {"KMP_BLOCKTIME": "5", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 
 
