@@ -15,10 +15,12 @@ from cortexcraft.cli import main
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import read_json
-from cortexcraft.parts import PART_BYTES, add_counts, balanced_part_bytes, count_part, plan_parts, prepare_parts
+from cortexcraft.parts import (
+    PART_BYTES, add_counts, balanced_part_bytes, count_part, encode_part_in_place, plan_parts, prepare_parts,
+)
 from cortexcraft.prepare import prepare
 from cortexcraft.sources import download
-from cortexcraft.tokenizer import BPETokenizer, count_chars, load_tokenizer
+from cortexcraft.tokenizer import BPETokenizer, build_vocab, count_chars, load_tokenizer
 
 PIECES = ["the", "quick", "Grüße", "😀", "日本語", " ", "\n", "\n\n", "  indented", "\t", "x\u2028y", "é", "a\u0301",
           "\r\n", "<eos>", "don't", "123"]
@@ -194,3 +196,21 @@ def test_default_parts_keep_every_worker_busy_to_the_end():
     assert balanced_part_bytes(500_000_000, 2) == 31_250_000  # 16 parts: 8 for each worker
     assert balanced_part_bytes(10**12, 2) == PART_BYTES  # OpenWebText-size corpora keep 64 MB parts
     assert balanced_part_bytes(1000, 4) == 1 << 20  # tiny corpora are not cut into crumbs
+
+
+def test_a_part_that_does_not_fill_its_promised_place_is_a_one_line_error(docs, tmp_path):
+    config = DataConfig(source=str(docs))
+    corpus = download(config, tmp_path / "cache")
+    part = plan_parts(corpus, config, part_bytes=500)[0]
+    counts = count_part(corpus, part)
+    vocab = build_vocab(corpus, config, tmp_path / "vocab", char_counts=add_counts([counts]))
+    tokens = int(counts[1].sum())
+    shard = tmp_path / "shard.bin"
+    shard.write_bytes(bytes(4 * tokens))
+    assert encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens)]) == tokens
+    with pytest.raises(CortexCraftError, match=rf"^part 0 encodes to more than the {tokens - 1:,} tokens its characters "
+                                               r"promised; prepare again with --workers 1$"):
+        encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens - 1)])
+    with pytest.raises(CortexCraftError, match=rf"^part 0 encoded to {tokens:,} tokens, not the {tokens + 1:,} its "
+                                               r"characters promised; prepare again with --workers 1$"):
+        encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens + 1)])
