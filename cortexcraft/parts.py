@@ -28,7 +28,7 @@ import numpy as np
 
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import atomic_open
+from cortexcraft.fileio import atomic_open, sha256_file
 from cortexcraft.shards import SPLITS, build_shard_dir, encode_range, shard_file_name, split_ranges
 from cortexcraft.sources import READ_BYTES, corpus_byte_range_text
 from cortexcraft.tokenizer import MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars, load_tokenizer
@@ -194,12 +194,9 @@ def encode_part_in_place(vocab_dir: str, corpus: dict, part: dict, pieces: list[
 
 
 def _hash_and_sync(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(COPY_BYTES), b""):
-            digest.update(block)
         os.fsync(handle.fileno())
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path, parts: list[dict],
