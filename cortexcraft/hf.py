@@ -122,7 +122,7 @@ def _gpt2_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int
         "vocab_size": vocab_size, "n_positions": m.positions, "n_embd": m.n_embd, "n_layer": m.n_layer,
         "n_head": m.n_head, "n_inner": m.d_ff, "activation_function": HF_ACTIVATIONS[m.activation],
         "layer_norm_epsilon": m.norm_eps, "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
-        "attn_pdrop": m.dropout, "tie_word_embeddings": m.tie_weights,
+        "attn_pdrop": m.attention_dropout, "tie_word_embeddings": m.tie_weights,
         "bos_token_id": specials["bos"], "eos_token_id": specials["eos"], "pad_token_id": specials["pad"],
     }
     keys = [("transformer.wte.weight", "tok_emb.weight", "copy"), ("transformer.wpe.weight", "pos_emb.weight", "copy")]
@@ -143,7 +143,7 @@ def _rope_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int
         "vocab_size": vocab_size, "hidden_size": m.n_embd, "intermediate_size": m.ff_width,
         "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_head,
         "hidden_act": HF_ACTIVATIONS[m.activation], "max_position_embeddings": m.positions,
-        "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_weights, "attention_dropout": m.dropout,
+        "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_weights, "attention_dropout": m.attention_dropout,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "attention_bias": m.bias,
         "bos_token_id": specials["bos"], "eos_token_id": specials["eos"], "pad_token_id": specials["pad"],
     }
@@ -419,7 +419,7 @@ def pretrained_model_config(spec: str, model_cfg: ModelConfig) -> ModelConfig:
                                f"init_from={spec}; set block_size to at most {hf_config.n_positions}")
     return ModelConfig(
         block_size=model_cfg.block_size, n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-        d_ff=hf_config.n_inner, dropout=model_cfg.dropout, bias=True, pos_encoding="learned",
+        d_ff=hf_config.n_inner, dropout=model_cfg.dropout, attn_dropout=model_cfg.attn_dropout, bias=True, pos_encoding="learned",
         max_positions=hf_config.n_positions, activation=IMPORTED_ACTIVATIONS[hf_config.activation_function],
         norm="pre", norm_eps=hf_config.layer_norm_epsilon, tie_weights=bool(hf_config.tie_word_embeddings),
     )

@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
+        self.attn_dropout = cfg.attention_dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -122,7 +122,7 @@ class CausalSelfAttention(nn.Module):
             cache.layers[layer] = (k, v)
         with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=past is None and T > 1
+                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=past is None and T > 1
             )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))

@@ -244,11 +244,13 @@ def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir
     The character vocabulary is a map-reduce of per-part counts, and those counts place every
     part's ids in the shard files directly; BPE is trained in this process (on a bounded sample)
     and the parts are encoded in the pool to part files, then assembled."""
-    parts = plan_parts(corpus, data_cfg, part_bytes or balanced_part_bytes(corpus["bytes"], workers))
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     # spawn: the workers start clean (no inherited threads of tokenizers or torch to deadlock on).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in range(workers):  # every worker starts (and imports) while the cuts are planned
+            pool.submit(int)
+        parts = plan_parts(corpus, data_cfg, part_bytes or balanced_part_bytes(corpus["bytes"], workers))
         part_counts = list(pool.map(count_part, repeat(corpus), parts)) if data_cfg.tokenizer == "char" else None
         vocab = build_vocab(corpus, data_cfg, vocab_dir, char_counts=add_counts(part_counts) if part_counts else None)
         tok = load_tokenizer(Path(vocab["dir"]))

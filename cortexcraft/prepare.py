@@ -21,9 +21,9 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     """Write ``out_dir`` (tokenizer file, ``manifest.json``, train/val shards); returns the manifest.
 
     Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
-    ``workers`` > 1 the corpus is counted and encoded in parts of about ``part_bytes`` by that many
-    processes (by default in parts small enough to keep every worker busy to the end); the output is
-    byte-identical. With ``init_from`` (``hf:...``) the shards use that
+    ``workers`` > 1 that many processes collect a source of many documents (by file, parquet row
+    groups or hub shards), then count and encode the corpus in parts of about ``part_bytes`` (by
+    default small enough to keep every worker busy to the end); the output is byte-identical. With ``init_from`` (``hf:...``) the shards use that
     pretrained model's tokenizer (in one process)."""
     if workers < 1:
         raise CortexCraftError(f"--workers {workers} must be at least 1")
@@ -39,7 +39,7 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
         pretrained_tokenizer(init_from)  # fails now, not after the download, when it cannot load
     else:
         check_tokenizer_config(data_cfg)
-    corpus = download(data_cfg, cache_dir)
+    corpus = download(data_cfg, cache_dir, workers=workers)
     log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
              f"{corpus['documents']:,}", corpus["origin"])
     vocab_dir = TempDir(out_dir.parent, out_dir.name, kind="vocab")

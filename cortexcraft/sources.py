@@ -22,6 +22,7 @@ import codecs
 import glob
 import hashlib
 import logging
+import multiprocessing
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import urllib.error
 import urllib.request
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +52,13 @@ TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/maste
 TINYSHAKESPEARE_CHARS = 1_115_394
 HUB_ALIASES = {"openwebtext": "dvruette/openwebtext", "openwebtext-10k": "sam2ai/openwebtext-10k"}
 PROBE_TIMEOUT_SECONDS = 5.0
-READ_BYTES = 1 << 22
+READ_BYTES = 1 << 20
 STREAM_BATCH_ROWS = 256
+# Text (uncompressed parquet) bytes per segment when several processes collect a corpus, and
+# segments per process: fewer leave a worker idle at the end while the other finishes.
+SEGMENT_BYTES = 64 << 20
+SEGMENTS_PER_WORKER = 8
+COPY_BYTES = 1 << 24
 
 
 def default_separator(data_cfg: DataConfig) -> str:
@@ -120,10 +127,11 @@ def char_to_byte_offset(corpus: dict, char: int) -> int:
     seen = 0
     with open(corpus["path"], "rb") as handle:
         while raw := handle.read(READ_BYTES):
-            starts = np.flatnonzero((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80)
-            if seen + len(starts) > char:
-                return handle.tell() - len(raw) + int(starts[char - seen])
-            seen += len(starts)
+            leads = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
+            count = int(np.count_nonzero(leads))
+            if seen + count > char:
+                return handle.tell() - len(raw) + int(np.flatnonzero(leads)[char - seen])
+            seen += count
     if seen == char:
         return corpus["bytes"]
     raise CortexCraftError(f"corpus {corpus['path']} changed since it was read; re-run `cortexcraft prepare`")
@@ -201,6 +209,21 @@ class CorpusWriter:
         self.digest.update(data)
         self.chars += len(text)
         self.bytes += len(data)
+
+    def add_segment(self, path: str, chars: int, starts: np.ndarray) -> None:
+        """Append the documents another process wrote to ``path`` (joined by the separator,
+        starting at characters ``starts`` of it), exactly as ``add`` would have, then delete it."""
+        if len(starts):
+            if self.starts:
+                self._write(self.separator)
+            self.starts.frombytes((starts + self.chars).astype(np.int64).tobytes())
+            with open(path, "rb") as segment:
+                while block := segment.read(COPY_BYTES):
+                    self.handle.write(block)
+                    self.digest.update(block)
+                    self.bytes += len(block)
+            self.chars += chars
+        os.remove(path)
 
     def commit(self) -> dict:
         self.handle.flush()
@@ -373,7 +396,8 @@ def _download_url(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict
         return writer.commit()
 
 
-def _download_hub(spec: str, repo: str, split: str, data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
+def _download_hub(spec: str, repo: str, split: str, data_cfg: DataConfig, cache_dir: Path, revision: dict,
+                  workers: int) -> dict:
     limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     column = data_cfg.text_column
     sha = revision["identity"]["sha"]
@@ -386,20 +410,8 @@ def _download_hub(spec: str, repo: str, split: str, data_cfg: DataConfig, cache_
     info = dict(_info(spec, "hub", revision), origin=f"hub {repo}@{revision['requested']} ({sha[:12]}):{split}",
                 text_column=column, **limits)
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
-        try:
-            stream = _load_dataset(repo, revision=sha, split=split, streaming=True, cache_dir=writer.scratch)
-            for batch in stream.iter(batch_size=STREAM_BATCH_ROWS):
-                if column not in batch:
-                    raise CortexCraftError(f"source {spec!r} has no column {column!r} (columns: {', '.join(batch)}); pass --text-column NAME")
-                for text in batch[column]:
-                    writer.add(text or "")
-                    if _limit_reached(writer, data_cfg):
-                        return writer.commit()
-        except CortexCraftError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- a broken stream is one line, and nothing is cached
-            raise CortexCraftError(f"streaming source {spec!r} from the hub failed after {len(writer.starts):,} documents "
-                                   f"({_first_line(exc)}); check the id, re-run to retry, or {local_copy_hint(spec)}") from None
+        stream = {"kind": "hub", "spec": spec, "repo": repo, "sha": sha, "split": split, "column": column}
+        _collect(writer, _hub_segments(stream, writer.scratch, workers), data_cfg, workers)
         if not writer.starts:
             raise CortexCraftError(f"source {spec!r} split {split!r} has no rows; choose another split with hf:{repo}:SPLIT")
         return writer.commit()
@@ -442,21 +454,7 @@ def _describe_local_file(path: Path, spec: str) -> dict:
             "fingerprint": sha256_json({"corpus": sha, "doc_starts": None})}
 
 
-def _parquet_documents(path: Path, column: str) -> Iterator[str]:
-    """The ``column`` of every row of a local parquet file, one row group batch at a time."""
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a bad file
-        raise CortexCraftError(f"{path} is not a readable parquet file ({_first_line(exc)}); check the file") from None
-    if column not in parquet.schema_arrow.names:
-        raise CortexCraftError(f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME")
-    for batch in parquet.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=[column]):
-        yield from (text or "" for text in batch.column(0).to_pylist())
-
-
-def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
+def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict, workers: int) -> dict:
     spec = data_cfg.source
     files = _local_files(spec)
     if len(files) == 1 and Path(spec).expanduser().is_file() and files[0].suffix != ".parquet":
@@ -466,22 +464,162 @@ def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> di
     entry = _entry(cache_dir, "local", key)
     if (hit := _cached(entry)) is not None:
         return hit
+    segments = _local_segments(files, data_cfg.text_column)
     info = dict(_info(spec, "files", revision), origin=f"{len(files)} files from {spec}",
                 max_docs=data_cfg.max_docs, max_bytes=data_cfg.max_bytes)
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
-        for path in files:
-            if path.suffix == ".parquet":
-                documents = _parquet_documents(path, data_cfg.text_column)
-            else:
-                text = "".join(iter_text(path))
-                if not text:
-                    raise CortexCraftError(f"source file {path} is empty; pass a file with text")
-                documents = [text]
-            for document in documents:
+        _collect(writer, segments, data_cfg, workers)
+        return writer.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# segments
+#
+# A source of many documents is collected as segments, in corpus order: a run of text files, a
+# range of a parquet file's row groups, or a contiguous shard of a streamed hub split (of its
+# files, or of its row groups when it has fewer files than segments are wanted). One process reads
+# the segments in order; several processes write a segment file each, and the corpus is their
+# concatenation: the same bytes either way.
+
+
+def _open_parquet(path: Path, column: str):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a bad file
+        raise CortexCraftError(f"{path} is not a readable parquet file ({_first_line(exc)}); check the file") from None
+    if column not in parquet.schema_arrow.names:
+        raise CortexCraftError(f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME")
+    return parquet
+
+
+def _local_segments(files: list[Path], column: str) -> list[dict]:
+    """Runs of text files of about ``SEGMENT_BYTES``, and row-group ranges of parquet files of about
+    that many uncompressed bytes; every parquet file is opened (and checked) here, before any work."""
+    segments: list[dict] = []
+    text_files: list[str] = []
+    text_bytes = 0
+    for path in files:
+        if path.suffix != ".parquet":
+            if path.stat().st_size == 0:
+                raise CortexCraftError(f"source file {path} is empty; pass a file with text")
+            text_files.append(str(path))
+            text_bytes += path.stat().st_size
+            if text_bytes >= SEGMENT_BYTES:
+                segments.append({"kind": "text", "files": text_files})
+                text_files, text_bytes = [], 0
+            continue
+        if text_files:
+            segments.append({"kind": "text", "files": text_files})
+            text_files, text_bytes = [], 0
+        metadata = _open_parquet(path, column).metadata
+        first, size = 0, 0
+        for group in range(metadata.num_row_groups):
+            size += metadata.row_group(group).total_byte_size
+            if size >= SEGMENT_BYTES or group == metadata.num_row_groups - 1:
+                segments.append({"kind": "parquet", "path": str(path), "column": column, "row_groups": [first, group + 1]})
+                first, size = group + 1, 0
+    if text_files:
+        segments.append({"kind": "text", "files": text_files})
+    return segments
+
+
+def _hub_stream(segment: dict, scratch: str):
+    stream = _load_dataset(segment["repo"], revision=segment["sha"], split=segment["split"], streaming=True,
+                           cache_dir=scratch)
+    if segment.get("reshard"):
+        stream = stream.reshard()
+    if segment.get("shard"):
+        index, count = segment["shard"]
+        stream = stream.shard(num_shards=count, index=index)
+    return stream
+
+
+def _hub_failure(segment: dict, exc: Exception, documents: int) -> CortexCraftError:
+    spec = segment["spec"]
+    where = f"shard {segment['shard'][0] + 1} of {segment['shard'][1]} " if segment.get("shard") else ""
+    return CortexCraftError(f"streaming source {spec!r} from the hub failed {where}after {documents:,} documents "
+                            f"({_first_line(exc)}); check the id, re-run to retry, or {local_copy_hint(spec)}")
+
+
+def _hub_segments(stream: dict, scratch: str, workers: int) -> list[dict]:
+    """The whole split for one process; else contiguous shards, ``SEGMENTS_PER_WORKER`` per worker
+    where the split has that many files or row groups."""
+    if workers == 1:
+        return [stream]
+    wanted = workers * SEGMENTS_PER_WORKER
+    try:
+        dataset = _hub_stream(stream, scratch)
+        reshard = dataset.num_shards < wanted
+        count = min(wanted, (dataset.reshard() if reshard else dataset).num_shards)
+    except Exception as exc:  # noqa: BLE001 -- a failed listing is one line, and nothing is cached
+        raise _hub_failure(stream, exc, 0) from None
+    return [dict(stream, reshard=reshard, shard=[index, count]) for index in range(count)]
+
+
+def _segment_documents(segment: dict, scratch: str) -> Iterator[str]:
+    if segment["kind"] == "text":
+        for name in segment["files"]:
+            yield "".join(iter_text(Path(name)))
+    elif segment["kind"] == "parquet":
+        parquet = _open_parquet(Path(segment["path"]), segment["column"])
+        for batch in parquet.iter_batches(batch_size=STREAM_BATCH_ROWS, row_groups=range(*segment["row_groups"]),
+                                          columns=[segment["column"]]):
+            yield from (text or "" for text in batch.column(0).to_pylist())
+    else:
+        column, documents = segment["column"], 0
+        try:
+            for batch in _hub_stream(segment, scratch).iter(batch_size=STREAM_BATCH_ROWS):
+                if column not in batch:
+                    raise CortexCraftError(f"source {segment['spec']!r} has no column {column!r} (columns: {', '.join(batch)}); "
+                                           f"pass --text-column NAME")
+                for text in batch[column]:
+                    yield text or ""
+                    documents += 1
+        except CortexCraftError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a broken stream is one line, and nothing is cached
+            raise _hub_failure(segment, exc, documents) from None
+
+
+def write_segment(segment: dict, separator: str, path: str) -> tuple[int, np.ndarray]:
+    """Write one segment's documents to ``path``, joined by ``separator``; returns its character
+    count and where each document starts (a worker's half of ``CorpusWriter.add_segment``)."""
+    starts, chars = array("q"), 0
+    joint = separator.encode("utf-8")
+    with open(path, "wb") as handle:
+        for document in _segment_documents(segment, path + ".datasets"):
+            if starts:
+                handle.write(joint)
+                chars += len(separator)
+            starts.append(chars)
+            handle.write(document.encode("utf-8"))
+            chars += len(document)
+    shutil.rmtree(path + ".datasets", ignore_errors=True)
+    return chars, np.frombuffer(starts, dtype=np.int64)
+
+
+def _collect(writer: CorpusWriter, segments: list[dict], data_cfg: DataConfig, workers: int) -> None:
+    """Every document of ``segments`` into ``writer``: by ``workers`` processes, one segment file
+    each, unless a document limit is set (it needs the documents in order, one at a time)."""
+    limited = data_cfg.max_docs is not None or data_cfg.max_bytes is not None
+    if workers == 1 or len(segments) <= 1 or limited:
+        for segment in segments:
+            for document in _segment_documents(segment, writer.scratch):
                 writer.add(document)
                 if _limit_reached(writer, data_cfg):
-                    return writer.commit()
-        return writer.commit()
+                    return
+        return
+    log.info("collecting %d segments of %s with %d processes", len(segments), data_cfg.source, workers)
+    paths = [str(writer.tmp / f"segment-{index:05d}.txt") for index in range(len(segments))]
+    # spawn: the workers start clean (no inherited threads of pyarrow or datasets to deadlock on).
+    pool = ProcessPoolExecutor(min(workers, len(segments)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for path, (chars, starts) in zip(paths, pool.map(write_segment, segments, [writer.separator] * len(segments), paths)):
+            writer.add_segment(path, chars, starts)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,14 +719,15 @@ def _tinyshakespeare_revision(cache_dir: Path) -> dict:
                                f"file URL ({exc}); {local_copy_hint(spec)}") from None
 
 
-def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None) -> dict:
+def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None, workers: int = 1) -> dict:
     """Resolve ``data_cfg.source`` to a corpus manifest, downloading into ``cache_dir`` when needed.
 
     ``revision`` is what ``source_revision`` returned (checked now when None); the download is of
     that revision. The manifest (JSON-serialisable) holds ``path`` (the UTF-8 corpus), ``doc_starts``
     (``.npy`` of document start offsets, or None for one document), ``sha256``, ``bytes``,
     ``chars``, ``documents``, ``separator``, ``spec``, ``origin``, ``revision`` and ``fingerprint``
-    (content hash)."""
+    (content hash). With ``workers`` > 1, a source of many documents (a directory, parquet files, a
+    hub split) is collected by that many processes, into the same corpus."""
     spec = data_cfg.source.strip()
     single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or (
         Path(spec).expanduser().is_file() and Path(spec).suffix != ".parquet")
@@ -602,13 +741,13 @@ def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None
     if spec == "tinyshakespeare":
         manifest = _download_tinyshakespeare(data_cfg, cache_dir, revision)
     elif spec in HUB_ALIASES:
-        manifest = _download_hub(spec, HUB_ALIASES[spec], "train", data_cfg, cache_dir, revision)
+        manifest = _download_hub(spec, HUB_ALIASES[spec], "train", data_cfg, cache_dir, revision, workers)
     elif spec.startswith("hf:"):
         repo, _, split = parse_hub_spec(spec)
-        manifest = _download_hub(spec, repo, split, data_cfg, cache_dir, revision)
+        manifest = _download_hub(spec, repo, split, data_cfg, cache_dir, revision, workers)
     elif spec.startswith(("http://", "https://")):
         manifest = _download_url(data_cfg, cache_dir, revision)
     else:
-        manifest = _download_local(data_cfg, cache_dir, revision)
+        manifest = _download_local(data_cfg, cache_dir, revision, workers)
     # How this call found the revision (a cache entry keeps how the first download did).
     return dict(manifest, revision=revision_summary(revision))

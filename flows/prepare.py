@@ -26,7 +26,7 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     # is keyed by the answer, so it re-runs exactly when the source changed.
     revision = revalidate_task(data_cfg, data_dir)
     corpus = run_stage(download_task, download_key(data_cfg, revision), refresh,
-                       data_cfg=data_cfg, revision=revision, data_dir=data_dir)
+                       data_cfg=data_cfg, revision=revision, data_dir=data_dir, workers=params.workers)
     if params.in_parts() and not _prepared(corpus, data_cfg, data_dir, refresh):
         return {"download": corpus, **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params)}
     init_from = config.train.init_from

@@ -67,11 +67,11 @@ def revalidate_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str) -> dict[str, Any]:
+def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str, workers: int = 1) -> dict[str, Any]:
     from cortexcraft.sources import describe_revision, download
 
     key = download_key(data_cfg, revision)
-    manifest = download(DataConfig(**data_cfg), download_cache(data_dir), revision=revision)
+    manifest = download(DataConfig(**data_cfg), download_cache(data_dir), revision=revision, workers=workers)
     files = [Path(manifest["path"])] + ([Path(manifest["doc_starts"])] if manifest.get("doc_starts") else [])
     record = write_record(data_dir, STAGE, key, files, manifest=manifest)
     revision_text = describe_revision(manifest.get("revision"))

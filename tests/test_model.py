@@ -200,3 +200,30 @@ def test_logit_softcap_bounds_the_logits():
 def test_rope_with_an_odd_head_size_is_refused_with_the_fix():
     with pytest.raises(CortexCraftError, match="pos_encoding=rope needs an even head size"):
         build_config("cpu", ["pos_encoding=rope", "n_embd=132", "n_head=44"])
+
+
+@pytest.mark.parametrize("fields, attention_p", [
+    (dict(dropout=0.2), 0.2),  # nanoGPT's: one rate everywhere
+    (dict(dropout=0.2, attn_dropout=0.0), 0.0),  # the fused CPU attention kernel stays usable
+    (dict(dropout=0.0, attn_dropout=0.3), 0.3),
+])
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(fields, attention_p, monkeypatch):
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    torch.manual_seed(0)
+    model = GPT(tiny(**fields), VOCAB)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    model.train()
+    first, _ = model(idx)
+    assert seen == [attention_p] * 2
+    second, _ = model(idx)
+    assert not torch.equal(first, second)  # some dropout is on in training
+    model.eval()
+    seen.clear()
+    assert torch.equal(model(idx)[0], model(idx)[0]) and seen == [0.0] * 4

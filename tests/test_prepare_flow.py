@@ -4,13 +4,16 @@ finished one re-runs Cached without starting a task runner."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 from contextlib import ExitStack
 from datetime import datetime, timezone
 
 import pytest
 
+from cortexcraft import sources
 from cortexcraft.prepare import prepare as prepare_library
 from flows.params import PipelineParams
 from flows.prepare import prepare
@@ -50,10 +53,13 @@ def _task_run_states(prefix: str, since: datetime) -> list[str]:
                   if r.name.startswith(prefix) and not r.name.startswith("revalidate") and r.created >= since)
 
 
-def test_process_workers_give_the_serial_char_shards(docs, tmp_path, temporary_prefect_server):
+def test_process_workers_give_the_serial_char_shards(docs, tmp_path, temporary_prefect_server, monkeypatch, caplog):
+    monkeypatch.setattr(sources, "SEGMENT_BYTES", 50_000)  # the download stage collects the files in segments too
     data_dir = tmp_path / "data"
     params = _params(docs, data_dir, [], workers=2, part_mb=0.2)
-    records = prepare(params)
+    with caplog.at_level(logging.INFO, logger="cortexcraft.sources"):
+        records = prepare(params)
+    assert re.search(r"collecting \d+ segments of .* with 2 processes", caplog.text)
     assert _shards(records["shards"], data_dir) == _serial(params, tmp_path)
     # Encoded parts are deleted once assembled; the (small) char counts stay.
     assert sorted(p.name for p in (data_dir / "parts").glob("*/*") if p.name != "stage.json") == ["counts.npy"] * len(list((data_dir / "parts").iterdir()))

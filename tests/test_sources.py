@@ -5,12 +5,16 @@ import functools
 import hashlib
 import http.server
 import json
+import logging
 import re
 import socket
 import threading
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,8 +109,8 @@ def hub(monkeypatch):
     server.server_close()
 
 
-def _parquet(path, **columns):
-    pq.write_table(pa.table(columns), path)
+def _parquet(path, row_group_size=None, **columns):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return str(path)
 
 
@@ -165,6 +169,52 @@ def test_directory_and_glob_sources_are_documents_joined_by_the_separator(tmp_pa
     assert limited["documents"] == 2 and limited["chars"] == len("ay\n\nbee")
     (docs / "a.txt").write_text("AY", encoding="utf-8")
     assert download(DataConfig(source=str(docs)), tmp_path / "cache")["fingerprint"] != manifest["fingerprint"]
+
+
+def _mixed_directory(tmp_path):
+    """Text and parquet files (several row groups, a null row), in and below one directory, and
+    the documents they hold in corpus order."""
+    directory = tmp_path / "mixed"
+    (directory / "sub").mkdir(parents=True)
+    texts = [f"row {i} — ünïcode 😀\n" * (i % 7 + 1) for i in range(60)]
+    (directory / "a.txt").write_text("first file ✓", encoding="utf-8")
+    _parquet(directory / "b.parquet", 6, text=texts[:40] + [None])
+    (directory / "c.txt").write_text("third\r\nfile", encoding="utf-8", newline="")
+    _parquet(directory / "sub" / "d.parquet", 4, text=texts[40:], id=list(range(20)))
+    (directory / "sub" / "e.txt").write_text("last", encoding="utf-8")
+    return directory, ["first file ✓", *texts[:40], "", "third\r\nfile", *texts[40:], "last"]
+
+
+def test_several_processes_collect_the_same_corpus_as_one(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources, "SEGMENT_BYTES", 300)  # many segments: runs of text files, row-group ranges
+    directory, documents = _mixed_directory(tmp_path)
+    config = DataConfig(source=str(directory), separator="<|endoftext|>")
+    one = download(config, tmp_path / "one")
+    with caplog.at_level(logging.INFO, logger="cortexcraft.sources"):
+        two = download(config, tmp_path / "two", workers=2)
+    assert _segments_collected(caplog) >= 8
+    with open(two["path"], encoding="utf-8", newline="") as handle:
+        assert handle.read() == "<|endoftext|>".join(documents)
+    assert np.array_equal(sources.document_starts(two), sources.document_starts(one)) and two["documents"] == len(documents)
+    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == \
+        {k: v for k, v in one.items() if k not in ("path", "doc_starts")}
+    assert sorted(p.name for p in Path(two["path"]).parent.iterdir()) == ["corpus.json", "corpus.txt", "doc_starts.npy"]
+    assert download(config, tmp_path / "two", workers=2) == two  # cached
+
+
+def test_a_bad_file_met_by_a_worker_is_one_line_and_nothing_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SEGMENT_BYTES", 1)  # a segment per file
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for index in range(4):
+        (docs / f"{index}.txt").write_text(f"fine {index}", encoding="utf-8")
+    (docs / "5.txt").write_bytes(b"ok\n\xff")
+    with pytest.raises(CortexCraftError, match=r"5.txt is not UTF-8 text \(invalid start byte near byte 3\); convert it to UTF-8"):
+        download(DataConfig(source=str(docs)), tmp_path / "cache", workers=2)
+    assert _no_entries(tmp_path / "cache")
+    (docs / "5.txt").write_bytes(b"")
+    with pytest.raises(CortexCraftError, match=r"5.txt is empty; pass a file with text"):  # found before any work
+        download(DataConfig(source=str(docs)), tmp_path / "cache", workers=2)
 
 
 def test_http_url_through_datasets_is_exact_and_cached(tmp_path, serve, tinyshakespeare_path, monkeypatch):
@@ -268,8 +318,8 @@ def test_tinyshakespeare_falls_back_to_the_raw_file_url(tmp_path, hub, monkeypat
     assert manifest["sha256"] == sha256_file(tinyshakespeare_path) and manifest["origin"] == sources.TINYSHAKESPEARE_URL
 
 
-def _streaming_hub(tmp_path, calls, texts, fail_after=None):
-    path = _parquet(tmp_path / "owt.parquet", text=texts, id=list(range(len(texts))))
+def _streaming_hub(tmp_path, calls, texts, fail_after=None, row_group_size=None):
+    path = _parquet(tmp_path / "owt.parquet", row_group_size, text=texts, id=list(range(len(texts))))
 
     def fake(repo, *args, **kwargs):
         calls.append((repo, kwargs.get("revision"), kwargs.get("split"), kwargs.get("streaming")))
@@ -319,6 +369,29 @@ def test_a_broken_stream_is_one_line_and_is_not_cached(tmp_path, hub, monkeypatc
     with pytest.raises(CortexCraftError, match=r"failed after 2 documents \(ConnectionError: connection reset by peer\)"):
         download(DataConfig(source="openwebtext"), tmp_path / "cache")
     assert _no_entries(tmp_path / "cache")
+
+
+def _segments_collected(caplog) -> int:
+    found = re.findall(r"collecting (\d+) segments of .* with 2 processes", caplog.text)
+    assert len(found) == 1, caplog.text
+    return int(found[0])
+
+
+def test_a_hub_split_is_collected_in_shards_of_its_row_groups_into_the_same_corpus(tmp_path, hub, monkeypatch, caplog):
+    texts = [f"document {i} ✓ " * (i % 5 + 1) for i in range(100)] + [None]
+    monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, texts, row_group_size=7))
+    # The fake hub lives in this process, so threads stand in for the worker processes here.
+    monkeypatch.setattr(sources, "ProcessPoolExecutor", lambda workers, mp_context: ThreadPoolExecutor(workers))
+    one = download(DataConfig(source="openwebtext"), tmp_path / "one")
+    with caplog.at_level(logging.INFO, logger="cortexcraft.sources"):
+        two = download(DataConfig(source="openwebtext"), tmp_path / "two", workers=2)
+    # One file of 15 row groups, fewer than the 16 segments wanted: a shard per row group.
+    assert _segments_collected(caplog) == 15
+    assert Path(two["path"]).read_text(encoding="utf-8") == "\n\n".join(text or "" for text in texts)
+    assert np.array_equal(sources.document_starts(two), sources.document_starts(one)) and two["documents"] == 101
+    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == \
+        {k: v for k, v in one.items() if k not in ("path", "doc_starts")}
+    assert sorted(p.name for p in Path(two["path"]).parent.iterdir()) == ["corpus.json", "corpus.txt", "doc_starts.npy"]
 
 
 def test_unreachable_hub_fails_fast_for_hub_ids(tmp_path, monkeypatch, closed_url):
