@@ -15,12 +15,16 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
   (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run is a fresh child process, with
   RAYON_NUM_THREADS=1 so the tokenizers library does not add threads of its own: the worker count
   is the parallelism.
+- collection (the download stage of a directory of parquet files: every row's text into one
+  corpus file): ``cortexcraft.sources.download(workers=N)`` on the whole corpus, a fresh cache each
+  run; the baseline is nanoGPT's ``datasets.load_dataset(num_proc=N)`` of the same files into a
+  fresh Arrow cache. Both corpora of ours must have the same sha256.
 - memory: peak RSS (VmHWM) of ``prepare`` (download from the parquet files included) with 1
   worker on the first ``--small-mb`` of the corpus and on all of it; the goal is the large within
   +10% of the small. RSS does not depend on the machine's load, so this half can run anywhere.
 
     python bench/bench_scale.py [--quick] [--corpus-dir DIR] [--corpus-mb 2048] [--char-mb 500] [--bpe-mb 100]
-                                [--only throughput memory]
+                                [--only throughput collection memory]
 """
 from __future__ import annotations
 
@@ -62,6 +66,27 @@ print(json.dumps({"seconds": seconds, "bytes": manifest["source"]["bytes"],
                   "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
                   "vm_hwm_mib": int(status["VmHWM"].split()[0]) / 1024,
                   "children_max_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+CHILD_COLLECT = """
+import json, sys, time
+from cortexcraft.config import DataConfig
+from cortexcraft.sources import download
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+corpus = download(DataConfig(source=args["source"]), args["cache"], workers=args["workers"])
+print(json.dumps({"seconds": time.perf_counter() - start, "bytes": corpus["bytes"], "sha256": corpus["sha256"]}))
+"""
+
+CHILD_NANOGPT_LOAD = """
+import json, sys, time
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+import datasets
+datasets.disable_progress_bars()
+num_proc = args["num_proc"] if args["num_proc"] > 1 else None
+ds = datasets.load_dataset("parquet", data_files=args["files"], split="train", cache_dir=args["hf_cache"], num_proc=num_proc)
+print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(ds)}))
 """
 
 CHILD_NANOGPT = """
@@ -202,7 +227,8 @@ def main() -> None:
         parser.add_argument("--small-mb", type=int, default=200, help="the small corpus of the memory comparison")
         parser.add_argument("--char-mb", type=int, default=500, help="MB of the corpus the char throughput runs use")
         parser.add_argument("--bpe-mb", type=int, default=100, help="MB of the corpus the BPE throughput runs use")
-        parser.add_argument("--only", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"])
+        parser.add_argument("--only", nargs="+", choices=["throughput", "collection", "memory"],
+                            default=["throughput", "collection", "memory"])
 
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.quick:
@@ -248,6 +274,29 @@ def main() -> None:
             results["throughput"] = speeds
             print_table("Preparation throughput (vocabulary + shards; download cached)",
                         ["tokenizer", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"], rows)
+        if "collection" in args.only:
+            rows, speeds, hashes = [], {}, set()
+            for workers in (1, 2):
+                cache = work / "collect-cache"
+                ours = _child(CHILD_COLLECT, {"source": str(corpus_dir), "cache": str(cache), "workers": workers})
+                shutil.rmtree(cache)
+                hashes.add(ours["sha256"])
+                base = _child(CHILD_NANOGPT_LOAD, {"files": [str(f) for f in files], "hf_cache": str(work / "collect-hf"),
+                                                   "num_proc": workers})
+                shutil.rmtree(work / "collect-hf")
+                mb = ours["bytes"] / 1e6
+                speeds[f"{workers} worker(s)"] = {"ours_mb_per_s": mb / ours["seconds"], "nanogpt_mb_per_s": mb / base["seconds"], "mb": mb}
+                rows.append(["parquet -> text", workers, f"{mb:,.0f}", mb / ours["seconds"], mb / base["seconds"],
+                             base["seconds"] / ours["seconds"]])
+            if len(hashes) != 1:
+                sys.exit(f"collection with 1 and 2 workers gave different corpora: {sorted(hashes)}")
+            one, two = speeds["1 worker(s)"], speeds["2 worker(s)"]
+            speeds["scaling 2 vs 1 worker"] = two["ours_mb_per_s"] / one["ours_mb_per_s"]
+            rows.append(["parquet -> text", "2 vs 1", "", f"{speeds['scaling 2 vs 1 worker']:.2f}x",
+                         f"{two['nanogpt_mb_per_s'] / one['nanogpt_mb_per_s']:.2f}x", ""])
+            results["collection"] = speeds
+            print_table("Collection throughput (the download stage of a parquet directory; same corpus with 1 and 2 workers)",
+                        ["stage", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"], rows)
         if "memory" in args.only:
             peaks = {}
             for label, max_bytes in ((f"{args.small_mb} MB", args.small_mb * 1_000_000), (f"{args.corpus_mb} MB", None)):

@@ -127,6 +127,14 @@ def headline_rows() -> list[list[str]]:
                          f"{two['nanogpt_mb_per_s']:,.1f} (nanoGPT-style datasets.map, num_proc=2)",
                          f"{speeds[f'{name} scaling 2 vs 1 worker']:.2f}x vs 1 worker / "
                          f"{two['ours_mb_per_s'] / two['nanogpt_mb_per_s']:.1f}x nanoGPT", ">= 1.7x on 2 cores"])
+    if scale and "collection" in scale:
+        speeds = scale["collection"]
+        one, two = speeds["1 worker(s)"], speeds["2 worker(s)"]
+        rows.append([f"collect {two['mb']:,.0f} MB of parquet rows into the corpus, 2 workers (MB/s)",
+                     f"{two['ours_mb_per_s']:,.1f} (1 worker: {one['ours_mb_per_s']:,.1f})",
+                     f"{two['nanogpt_mb_per_s']:,.1f} (nanoGPT-style load_dataset, num_proc=2)",
+                     f"{speeds['scaling 2 vs 1 worker']:.2f}x vs 1 worker / "
+                     f"{two['ours_mb_per_s'] / two['nanogpt_mb_per_s']:.1f}x nanoGPT", ""])
     if scale and "memory" in scale:
         (small, small_mib), (large, large_mib) = scale["memory"]["peak_rss_mib"].items()
         rows.append([f"prepare peak RSS, {large} vs {small} corpus (MiB)", f"{large_mib:,.0f}", f"{small_mib:,.0f}",
