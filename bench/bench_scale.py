@@ -15,6 +15,8 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
   (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run is a fresh child process, with
   RAYON_NUM_THREADS=1 so the tokenizers library does not add threads of its own: the worker count
   is the parallelism.
+- the machine's ceiling: how much 2 processes gain over 1 on a pure-Python loop and on 64 MB
+  array copies (memory bandwidth), printed before the throughput table.
 - collection (the download stage of a directory of parquet files: every row's text into one
   corpus file): ``cortexcraft.sources.download(workers=N)`` on the whole corpus, a fresh cache each
   run; the baseline is nanoGPT's ``datasets.load_dataset(num_proc=N)`` of the same files into a
@@ -88,6 +90,35 @@ num_proc = args["num_proc"] if args["num_proc"] > 1 else None
 ds = datasets.load_dataset("parquet", data_files=args["files"], split="train", cache_dir=args["hf_cache"], num_proc=num_proc)
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(ds)}))
 """
+
+# The machine's own ceiling for 2 workers: a pure-Python loop (compute) and 64 MB array copies
+# (memory bandwidth), each timed alone and as two processes at once.
+CHILD_CEILING = """
+import sys, time
+import numpy as np
+if sys.argv[1] == "python loop":
+    start, total = time.perf_counter(), 0
+    for i in range(20_000_000):
+        total += i
+else:
+    source = np.ones(64 << 20, dtype=np.uint8)
+    target = np.empty_like(source)
+    np.copyto(target, source)
+    start = time.perf_counter()
+    for _ in range(96):
+        np.copyto(target, source)
+print(time.perf_counter() - start)
+"""
+
+
+def _two_process_speedup(kind: str) -> float:
+    def slowest_of(count: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", CHILD_CEILING, kind], stdout=subprocess.PIPE, text=True)
+                 for _ in range(count)]
+        return max(float(proc.communicate()[0]) for proc in procs)
+
+    return 2 * slowest_of(1) / slowest_of(2)
+
 
 CHILD_NANOGPT = """
 import json, sys, time
@@ -244,6 +275,10 @@ def main() -> None:
         bpe = {"tokenizer": "bpe", "vocab_size": BPE_VOCAB, "bpe_train_chars": BPE_TRAIN_CHARS,
                "max_bytes": args.bpe_mb * 1_000_000, "shard_tokens": 100_000_000}
         if "throughput" in args.only:
+            ceiling = {kind: _two_process_speedup(kind) for kind in ("python loop", "memory copy")}
+            results["two_process_ceiling"] = ceiling
+            print_table("This machine's speed-up from 2 processes (each timed alone, then two at once)",
+                        ["work", "2 vs 1 process"], [[kind, f"{value:.2f}x"] for kind, value in ceiling.items()])
             # Warm-up: the download stage (parquet -> corpus.txt) and datasets' arrow cache, not timed.
             vocab_dir = work / "vocab"
             rows, speeds = [], {}
