@@ -30,7 +30,7 @@ from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_open, sha256_file
 from cortexcraft.shards import SPLITS, build_shard_dir, encode_range, shard_file_name, split_ranges
-from cortexcraft.sources import READ_BYTES, corpus_byte_range_text
+from cortexcraft.sources import COPY_BYTES, READ_BYTES, corpus_byte_range_text
 from cortexcraft.tokenizer import MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars, load_tokenizer
 
 PART_BYTES = 64 << 20
@@ -40,7 +40,6 @@ PARTS_PER_WORKER = 8
 # A safe cut: a newline after a visible ASCII character (never whitespace, never part of a
 # multi-byte character); the cut goes before the newline.
 _SAFE_CUT = re.compile(rb"[\x21-\x7e]\n")
-COPY_BYTES = 1 << 24
 
 
 def _next_cut(handle, position: int, stop: int) -> int:
