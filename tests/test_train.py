@@ -64,8 +64,10 @@ def test_generate_from_run_returns_only_the_continuation_and_streams_it(trained_
 def test_streaming_bpe_text_decodes_each_id_once_and_joins_to_the_returned_text(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("ROMEO: 😀 日本 — é 𝔘 ojo\n" * 400, encoding="utf-8")
-    prepare(DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=270), tmp_path / "data", cache_dir=tmp_path / "cache")
-    train(tiny_config("cpu", "max_iters=2", "eval_interval=2", "checkpoint_interval=2"), tmp_path / "data", tmp_path / "run")
+    prepare(DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=270), tmp_path / "data",
+            cache_dir=tmp_path / "cache")
+    train(tiny_config("cpu", "max_iters=2", "eval_interval=2", "checkpoint_interval=2"), tmp_path / "data",
+          tmp_path / "run")
     decoded_ids = []
     decode = BPETokenizer.decode
     monkeypatch.setattr(BPETokenizer, "decode", lambda self, ids: decoded_ids.extend(ids) or decode(self, ids))
