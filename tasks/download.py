@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from cortexcraft.config import DataConfig
 from cortexcraft.fileio import sha256_file, sha256_json
 from cortexcraft.freshness import revision_id
+from cortexcraft.report import code_span
 from tasks.stage import retry_unless_user_error, stage_key, write_record
 
 STAGE = "download"
@@ -80,9 +81,9 @@ def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: 
     create_markdown_artifact(
         key=f"corpus-{key}",
         description="Corpus read by the download stage",
-        markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | `{data_cfg['source']}` |\n"
+        markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | {code_span(data_cfg['source'], in_table=True)} |\n"
                   f"| revision | {revision_text} |\n"
                   f"| documents | {manifest['documents']:,} |\n| characters | {manifest['chars']:,} |\n"
-                  f"| files | {', '.join(f'`{f}`' for f in record['files'])} |\n"),
+                  f"| files | {', '.join(code_span(f, in_table=True) for f in record['files'])} |\n"),
     )
     return record
