@@ -43,7 +43,8 @@ def deployment_trigger(deployment: str, number: int, spec: dict[str, Any]):
 
 
 # prefect.yaml deployment keys that to_deployment takes as they are, and those made into objects here.
-PASSED_KEYS = {"name", "description", "parameters", "tags", "version", "version_type", "paused", "enforce_parameter_schema"}
+PASSED_KEYS = {"name", "description", "parameters", "tags", "version", "version_type", "paused",
+               "enforce_parameter_schema"}
 BUILT_KEYS = {"entrypoint", "schedules", "concurrency_limit", "triggers"}
 # Keys only `prefect deploy` uses: a serving process is its own worker and runs from this checkout.
 DEPLOY_ONLY_KEYS = {"work_pool", "build", "push", "pull"}
