@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, task, unmapped
+from prefect.cache_policies import NO_CACHE
 
-from tasks.stage import (cache_key, results_dir, retry_unless_user_error, stage_dir, stage_key, valid_record,
-                         write_record)
+from tasks.stage import (cache_key, discard_stale_outputs, locked_cache_policy, results_dir, retry_unless_user_error,
+                         stage_dir, stage_key, write_record)
 
 COUNT, ENCODE = "count-part", "encode-part"
 COUNTS_FILE, IDS_FILE = "counts.npy", "ids.bin"
@@ -26,7 +27,7 @@ def part_key(kind: str, corpus: dict[str, Any], part: dict[str, Any], vocab: dic
 
 @task(name=COUNT, task_run_name="count-part-{part[index]}", persist_result=True, result_serializer="json",
       retries=1, retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(COUNT, part_key(COUNT, p["corpus"], p["part"])))
+      cache_policy=NO_CACHE)  # map_parts gives it its key, lock and result storage
 def count_part_task(corpus: dict[str, Any], part: dict[str, Any], data_dir: str) -> dict[str, Any]:
     import numpy as np
 
@@ -42,7 +43,7 @@ def count_part_task(corpus: dict[str, Any], part: dict[str, Any], data_dir: str)
 
 @task(name=ENCODE, task_run_name="encode-part-{part[index]}", persist_result=True, result_serializer="json",
       retries=1, retry_condition_fn=retry_unless_user_error,
-      cache_key_fn=lambda ctx, p: cache_key(ENCODE, part_key(ENCODE, p["corpus"], p["part"], p["vocab"])))
+      cache_policy=NO_CACHE)  # map_parts gives it its key, lock and result storage
 def encode_part_task(corpus: dict[str, Any], vocab: dict[str, Any], part: dict[str, Any], data_dir: str) -> dict[str, Any]:
     from cortexcraft.parts import encode_part
 
@@ -53,21 +54,18 @@ def encode_part_task(corpus: dict[str, Any], vocab: dict[str, Any], part: dict[s
 
 
 def map_parts(part_task: Task, parts: list[dict[str, Any]], data_dir: str, **shared: Any) -> list[dict[str, Any]]:
-    """``part_task`` mapped over ``parts`` in the flow's task runner, records in part order. Parts
-    whose outputs are gone or changed since their cache record are refreshed; the rest are Cached."""
-    keys = [part_key(part_task.name, shared["corpus"], p, shared.get("vocab")) for p in parts]
-    stale = [valid_record(data_dir, part_task.name, key) is None for key in keys]
-    fixed = {name: unmapped(value) for name, value in shared.items()}
-    futures = {}
-    for refresh_cache in (False, True):
-        chosen = [p for p, is_stale in zip(parts, stale) if is_stale == refresh_cache]
-        if chosen:
-            configured = part_task.with_options(result_storage=results_dir(data_dir), refresh_cache=refresh_cache)
-            futures[refresh_cache] = (chosen, configured.map(part=chosen, data_dir=unmapped(data_dir), **fixed))
-    by_index = {}
-    for chosen, mapped in futures.values():
-        by_index.update({p["index"]: record for p, record in zip(chosen, mapped.result())})
-    return [by_index[p["index"]] for p in parts]
+    """``part_task`` mapped over ``parts`` in the flow's task runner, records in part order. Each
+    part is a transaction under its stage lock, as the stages are: of two pipelines needing one
+    part, one computes it and the other waits and comes out Cached. Parts whose outputs are gone
+    or changed since their cache record compute again."""
+    name = part_task.name
+    for part in parts:
+        discard_stale_outputs(data_dir, name, part_key(name, shared["corpus"], part, shared.get("vocab")))
+    policy = locked_cache_policy(data_dir, lambda _, p: cache_key(name, part_key(name, p["corpus"], p["part"],
+                                                                                 p.get("vocab"))))
+    configured = part_task.with_options(cache_policy=policy, result_storage=results_dir(data_dir))
+    fixed = {key: unmapped(value) for key, value in shared.items()}
+    return configured.map(part=parts, data_dir=unmapped(data_dir), **fixed).result()
 
 
 def encoded_parts(data_dir: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:

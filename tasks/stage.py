@@ -21,7 +21,7 @@ import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
@@ -232,7 +232,7 @@ def stage_lock_manager(data_dir: str | os.PathLike) -> StageLockManager:
     return _LOCK_MANAGERS.setdefault(directory, StageLockManager(directory))
 
 
-def _discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str, forced: bool) -> None:
+def discard_stale_outputs(data_dir: str | os.PathLike, stage: str, key: str, forced: bool = False) -> None:
     """Under the stage's lock (so no writer is half-way): remove what killed writers left behind
     and, unless the stage is forced anyway, drop a cache record whose outputs are missing or
     changed, so that the stage computes again."""
@@ -264,11 +264,17 @@ def run_stage(task: Task, key: str, refresh: Iterable[str], **parameters: Any) -
     forced (``refresh``) or when the outputs behind the record are missing or changed."""
     data_dir, stage = parameters["data_dir"], task.name
     forced = stage in refresh
-    _discard_stale_outputs(data_dir, stage, key, forced)
-    policy = CachePolicy.from_cache_key_fn(lambda *_: cache_key(stage, key)).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=stage_lock_manager(data_dir))
+    discard_stale_outputs(data_dir, stage, key, forced)
+    policy = locked_cache_policy(data_dir, lambda *_: cache_key(stage, key))
     configured = task.with_options(cache_policy=policy, result_storage=results_dir(data_dir), refresh_cache=forced)
     return configured(**parameters)
+
+
+def locked_cache_policy(data_dir: str | os.PathLike, key_fn: Callable[[Any, dict[str, Any]], str]) -> CachePolicy:
+    """Caching on ``key_fn``'s key as a SERIALIZABLE transaction under the stage locks of
+    ``data_dir``: of two runs with one key, the second waits for the first and comes out Cached."""
+    return CachePolicy.from_cache_key_fn(key_fn).configure(isolation_level=IsolationLevel.SERIALIZABLE,
+                                                           lock_manager=stage_lock_manager(data_dir))
 
 
 def retry_unless_user_error(task: Task, task_run: Any, state: State) -> bool:

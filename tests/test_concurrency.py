@@ -76,3 +76,43 @@ def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, 
         assert [r["step"] for r in read_metrics(run)] == list(range(0, 151, 25))
     assert not list((data / ".locks").glob("*.lock"))
     print(f"\nthree pipelines on one data dir finished in {took:.1f} s; each data stage computed once")
+
+
+PREPARE_IN_PARTS = """
+import sys
+from flows.params import PipelineParams
+from flows.prepare import prepare
+prepare(PipelineParams(source=sys.argv[1], data_dir=sys.argv[2], workers=2, part_mb=0.1))
+"""
+
+
+def test_two_preparations_in_parts_at_once_count_and_encode_each_part_once(api_server, tmp_path, tinyshakespeare_path):
+    data = tmp_path / "data"
+    since = datetime.now(timezone.utc).isoformat()
+    logs = [tmp_path / f"prepare-{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as out:
+            command = [sys.executable, "-c", PREPARE_IN_PARTS, str(tinyshakespeare_path), str(data)]
+            procs.append(subprocess.Popen(command, cwd=REPO, env=api_server["env"], stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], "\n\n".join(tail(log) for log in logs)
+
+    runs = api_post(api_server["api"], "/flow_runs/filter", {"flow_runs": {"start_time": {"after_": since}}})
+    task_runs = api_post(api_server["api"], "/task_runs/filter",
+                         {"flow_runs": {"id": {"any_": [r["id"] for r in runs]}}})
+    states: dict[str, list[str]] = {}
+    for task_run in task_runs:
+        if task_run["name"].startswith(("count-part-", "encode-part-")):
+            states.setdefault(task_run["name"], []).append(task_run["state"]["name"])
+    counted = {name for name in states if name.startswith("count-part-")}
+    assert len(counted) >= 10 and set(states) - counted == {name.replace("count", "encode") for name in counted}
+    # Each part computed by one pipeline; the other, when it needed the part too, waited and found it done.
+    assert all(sorted(s) in (["Completed"], ["Cached", "Completed"]) for s in states.values()), sorted(states.items())
+    assert any(len(s) == 2 for s in states.values()), "the two preparations never needed a part at the same time"
