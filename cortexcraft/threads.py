@@ -14,8 +14,8 @@ Three defaults keep a run from collapsing when something else is busy on its cor
   imports torch, and child processes inherit them. Short spins still hurt a lot beside a busy
   process, which the thread choice below handles.
 - **Threads from the cores that are free.** At start: the cores this process may run on
-  (``sched_getaffinity``, capped by a cgroup ``cpu.max`` quota), minus the cores other processes kept
-  busy during a short sample of ``/proc/stat``.
+  (``sched_getaffinity``, capped by the tightest cgroup ``cpu.max`` quota on its cgroup or any cgroup
+  above it), minus the cores other processes kept busy during a short sample of ``/proc/stat``.
 - **Adapting while running.** Every ``period`` steps the trainer times a few steps on the other
   thread count and keeps whichever was faster, so a neighbour that starts or stops mid-run is
   followed; steps that suddenly take much longer than after the last comparison (a neighbour has
@@ -43,19 +43,45 @@ def set_openmp_wait_env(env: Optional[dict] = None) -> None:
         env.setdefault(name, value)
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
-    """Cores allowed by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), None if unlimited."""
+def _ancestors(root: Path, cgroup: str) -> list[Path]:
+    """The directory of ``cgroup`` under ``root`` and each one above it, up to ``root``."""
+    parts = [p for p in cgroup.split("/") if p]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _cores(quota: str, period: str) -> Optional[float]:
+    """Cores a quota per period allows; ``max`` (v2) or a negative quota (v1) is none."""
+    return None if quota == "max" or int(quota) <= 0 else int(quota) / int(period)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> Optional[float]:
+    """Cores allowed by the tightest CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) on this
+    process's cgroup or any cgroup above it, None if unlimited. The cgroups come from
+    ``proc_cgroup``: a quota is often set on a parent (a systemd slice, the host's cgroup of a
+    container), and a container sees its own cgroup as the root while ``proc_cgroup`` may show the
+    host's path, whose missing directories are skipped."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    v2 = next((path for hierarchy, _, path in fields if hierarchy == "0"), "/")
+    v1 = next((path for _, controllers, path in fields if "cpu" in controllers.split(",")), "/")
+    limits = []
+    for directory in _ancestors(root, v2):
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            limits.append(_cores(quota, period))
+        except (OSError, ValueError):
+            pass
+    for directory in _ancestors(root / "cpu", v1):
+        try:
+            limits.append(_cores((directory / "cpu.cfs_quota_us").read_text().strip(),
+                                 (directory / "cpu.cfs_period_us").read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def usable_cpus() -> list[int]:

@@ -40,6 +40,35 @@ def test_cgroup_quota_caps_the_cores(tmp_path):
     assert available_cores(cpus=[0, 1], quota=None) in (1, 2)  # the real cgroup, if any, may cap it
 
 
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_the_tightest_quota_on_the_process_cgroup_or_above_it_caps_the_cores(tmp_path):
+    root, proc = tmp_path / "sys-fs-cgroup", tmp_path / "proc-self-cgroup"
+    # cgroup v2: a systemd service inside a slice; the slice holds the quota, the service none.
+    _write(proc, "0::/system.slice/train.service\n")
+    _write(root / "system.slice" / "cpu.max", "200000 100000\n")
+    _write(root / "system.slice" / "train.service" / "cpu.max", "max 100000\n")
+    assert cgroup_cpu_limit(root, proc) == 2.0
+    _write(root / "system.slice" / "train.service" / "cpu.max", "50000 100000\n")
+    assert cgroup_cpu_limit(root, proc) == 0.5
+    # The cgroup a container sees as its root is the directory above a host path it cannot see.
+    _write(proc, "0::/host.slice/container-7/inner\n")
+    _write(root / "cpu.max", "150000 100000\n")
+    assert cgroup_cpu_limit(root, proc) == 1.5
+    # cgroup v1: the cpu controller's own hierarchy.
+    v1 = tmp_path / "v1"
+    _write(proc, "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
+    _write(v1 / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us", "300000\n")
+    _write(v1 / "cpu" / "docker" / "abc" / "cpu.cfs_period_us", "100000\n")
+    _write(v1 / "cpu" / "docker" / "cpu.cfs_quota_us", "-1\n")
+    _write(v1 / "cpu" / "docker" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(v1, proc) == 3.0
+    assert cgroup_cpu_limit(tmp_path / "none", tmp_path / "no-proc") is None
+
+
 @pytest.mark.parametrize("available, busy, expected", [(2, 0.1, 2), (2, 0.9, 1), (2, 2.0, 1), (8, 2.6, 5), (1, 0.0, 1)])
 def test_threads_start_on_the_cores_others_leave_free(available, busy, expected):
     assert free_cores(available, busy) == expected
