@@ -6,7 +6,6 @@ field, by its bare name when that is unambiguous (``n_layer=8``) or by ``section
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from typing import Any, Literal, Optional
@@ -173,12 +172,6 @@ class RunConfig(_Section):
     def tokenizer_kind(self) -> str:
         """The tokenizer the data stages build: a pretrained model's (byte-level BPE) or data.tokenizer."""
         return "bpe" if self.train.init_from else self.data.tokenizer
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections, for content-addressed stage directories."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
 
 
 SECTIONS = ("data", "model", "train", "sample")

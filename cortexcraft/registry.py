@@ -3,7 +3,7 @@
 Layout of ``MODELS_DIR/<name>/`` (``MODELS_DIR`` is ``DATA_DIR/models``)::
 
     champion.json        {"version": "v2", "since": ..., "reason": ..., "previous": ["v1"]}
-    .lock                held (flock) while the champion pointer is read and changed
+    .lock                held (``locks.FileLock``) while the champion pointer is read and changed
     versions/v1/
       version.json       what the version is: run dir, step, config, data fingerprint and revision,
                          code version, tokenizer hash, losses, retraining policy, promotion decision
@@ -23,18 +23,20 @@ per token for BPE), with the same margin, and the decision says so.
 """
 from __future__ import annotations
 
-import fcntl
+import logging
 import math
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, build_dir, read_json
+from cortexcraft.locks import FileLock, describe_holder, lock_holder
+
+log = logging.getLogger(__name__)
 
 MODELS_SUBDIR = "models"
 VERSION_FILE = "version.json"
@@ -132,17 +134,13 @@ def resolve(models_dir: str | os.PathLike, ref: str) -> tuple[Path, dict[str, An
     return path, read_json(path / VERSION_FILE)
 
 
-@contextmanager
-def _locked(models_dir: str | os.PathLike, name: str) -> Iterator[None]:
-    """Serialises changes of one model's champion; the kernel drops the lock if the holder dies."""
-    root = model_dir(models_dir, name)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(models_dir: str | os.PathLike, name: str) -> FileLock:
+    """The held lock that serialises changes of one model's champion; a wait names the holder."""
+    lock = FileLock(model_dir(models_dir, name) / ".lock")
+    if not lock.try_acquire():
+        log.info("waiting for model %r, which %s is changing", name, describe_holder(lock_holder(lock.path)))
+        lock.acquire()
+    return lock
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -4,8 +4,12 @@ retraining policies' plans, training from a champion's checkpoint with its own l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from cortexcraft.cli import main
 from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
+from cortexcraft.locks import FileLock
 from cortexcraft.prepare import prepare
 from cortexcraft.train import learning_rate, read_metrics, train
 from tiny_runs import make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401 (one_thread is a fixture)
@@ -224,3 +229,29 @@ def test_a_version_survives_its_run_directory_moving_on(root, data):
     assert (ckpt / "model.safetensors").stat().st_nlink >= 1
     assert record["bits_per_char"] == pytest.approx(record["val_loss"] / math.log(2))
     assert oct(os.stat(version).st_mode & 0o777) == "0o755"
+
+
+def test_a_champion_change_that_waits_names_the_process_holding_the_model(tmp_path, caplog):
+    models = tmp_path / "models"
+    holder = FileLock(registry.model_dir(models, "shake") / ".lock")
+    holder.acquire()
+    errors = []
+
+    def roll_back():
+        try:
+            registry.rollback(models, "shake")
+        except CortexCraftError as exc:
+            errors.append(str(exc))
+
+    named = f"pid {os.getpid()} on {socket.gethostname()}"
+    with caplog.at_level(logging.INFO, logger="cortexcraft.registry"):
+        waiter = threading.Thread(target=roll_back)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while named not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still_waiting = waiter.is_alive()
+        holder.release()
+        waiter.join(10)
+    assert still_waiting and f"waiting for model 'shake', which {named}" in caplog.text
+    assert not waiter.is_alive() and errors and "has no earlier champion" in errors[0]
