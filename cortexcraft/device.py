@@ -176,6 +176,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def grad_scaler(device: torch.device, dtype: torch.dtype) -> Optional[torch.amp.GradScaler]:
-    """fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 get a disabled
+    scaler, which passes everything through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

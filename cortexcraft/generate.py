@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import torch
 from torch.nn import functional as F
 
-from cortexcraft.checkpoint import load_model_state, resolve_checkpoint
-from cortexcraft.config import ModelConfig, SampleConfig
+from cortexcraft.checkpoint import load_model
+from cortexcraft.config import SampleConfig
 from cortexcraft.device import select_device
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.model import GPT, KVCache
@@ -91,15 +91,6 @@ def generate(
         if on_token is not None:
             on_token(int(next_id[0, 0]))
     return idx
-
-
-def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
-    path, state = resolve_checkpoint(run_dir, checkpoint)
-    model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
-    model.load_state_dict(load_model_state(path))
-    log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
-    return model.to(device).eval(), {**state, "path": str(path)}
 
 
 def generate_from_run(

@@ -10,10 +10,10 @@ import base64
 import json
 import math
 import os
-import re
 from typing import Any, Iterable
 
 from cortexcraft.config import RunConfig
+from cortexcraft.markdown import code_span, fence
 
 
 def bits(loss: float | None) -> float | None:
@@ -100,7 +100,7 @@ def model_history_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     points = [{"version": int(r["version"][1:]), "val_loss": r["val_loss"]} for r in rows]
     promoted = [int(r["version"][1:]) for r in rows if r["promoted"]]
     chart = loss_curve_svg(points, x_name="version", marked=promoted)
-    lines = [f"# Model {_code(name)}: val loss per version", "",
+    lines = [f"# Model {code_span(name)}: val loss per version", "",
              f"![val loss per version]({svg_data_uri(chart)})", "",
              "Ringed: promoted to champion when registered. Val loss is each version's, on its own val split.", "",
              "| version | policy | steps | val loss | decision |", "|---|---|---|---|---|"]
@@ -115,43 +115,20 @@ def champion_card_markdown(record: dict[str, Any], version_dir: str | os.PathLik
     bits_text = (f"{record['bits_per_char']:.4f} bits/char" if record["bits_per_char"] is not None
                  else f"{record['bits_per_token']:.4f} bits/token")
     return "\n".join([
-        f"# Champion of {_code(record['name'])}: {record['version']}", "",
+        f"# Champion of {code_span(record['name'])}: {record['version']}", "",
         "| | |", "|---|---|",
         f"| decision | {decision.get('message', 'promoted by hand')} |",
         f"| policy | {record['policy']['reason']} |",
         f"| steps | {record['step']:,} |",
         f"| val loss | {record['val_loss']:.4f} ({bits_text}) |",
-        f"| data | {_code(record['data']['source'], in_table=True)}, {record['data'].get('revision_text') or 'revision not recorded'} |",
-        f"| directory | {_code(str(version_dir), in_table=True)} |", "",
-        f"**Sample** (prompt {_code(json.dumps(prompt, ensure_ascii=False))})", "", fence(sample), "",
+        f"| data | {code_span(record['data']['source'], in_table=True)}, {record['data'].get('revision_text') or 'revision not recorded'} |",
+        f"| directory | {code_span(str(version_dir), in_table=True)} |", "",
+        f"**Sample** (prompt {code_span(json.dumps(prompt, ensure_ascii=False))})", "", fence(sample), "",
     ])
 
 
 def svg_data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
-
-
-def _longest_backtick_run(text: str) -> int:
-    return max((len(m) for m in re.findall(r"`+", text)), default=0)
-
-
-def fence(text: str) -> str:
-    """A fenced code block showing ``text`` verbatim. Markdown and HTML inside a code block are
-    shown as text, and the fence is longer than any backtick run in it, so nothing closes it early."""
-    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
-    return f"{ticks}text\n{text}\n{ticks}"
-
-
-def _code(text: str, in_table: bool = False) -> str:
-    """An inline code span showing one line of ``text`` verbatim (CommonMark: delimited by a
-    backtick run longer than any inside, padded with spaces when the text starts or ends with a
-    backtick). A line break would end a table row or a heading, so it is shown as ``\\n``; in a
-    table cell a ``|`` would still end the cell unless escaped."""
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    ticks = "`" * (_longest_backtick_run(text) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if in_table else span
 
 
 def _best(history: list[dict[str, Any]], name: str) -> float | None:
@@ -171,14 +148,14 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     unit = "char" if config.tokenizer_kind == "char" else "token"
     final = history[-1] if history else {}
     best_train, best_val = _best(history, "train_loss"), _best(history, "val_loss")
-    lines = [f"# CortexCraft run report: {_code(config.preset)}", ""]
+    lines = [f"# CortexCraft run report: {code_span(config.preset)}", ""]
     if model:
         policy = model["policy"]
         start = f" from {policy['parent']} (step {policy['init_step']:,} to {model['step']:,})" if policy["parent"] else ""
-        lines += [f"**Model:** {_code(model['name'])} {model['version']}, {policy['mode']}{start}; "
+        lines += [f"**Model:** {code_span(model['name'])} {model['version']}, {policy['mode']}{start}; "
                   f"{model['decision']['message']}.", "",
                   f"**Retraining policy:** {policy['reason']}.", "",
-                  f"**Data:** {_code(model['source'])}, revision {model['revision'] or 'not recorded'}.", ""]
+                  f"**Data:** {code_span(model['source'])}, revision {model['revision'] or 'not recorded'}.", ""]
     lines += [
         "| | |", "|---|---|",
         f"| parameters | {parameters:,} |",
@@ -190,8 +167,8 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
         f"| best val loss | {_fmt(best_val)} ({_fmt(bits(best_val))} bits/{unit}) |",
         f"| final train loss | {_fmt(final.get('train_loss'))} ({_fmt(bits(final.get('train_loss')))} bits/{unit}) |",
         f"| final val loss | {_fmt(final.get('val_loss'))} ({_fmt(bits(final.get('val_loss')))} bits/{unit}) |",
-        f"| checkpoint | {_code(str(checkpoint), in_table=True)} |",
-        f"| run directory | {_code(str(run_dir), in_table=True)} |",
+        f"| checkpoint | {code_span(str(checkpoint), in_table=True)} |",
+        f"| run directory | {code_span(str(run_dir), in_table=True)} |",
         "",
         "## Loss curve", "",
         f"![loss curve]({svg_data_uri(loss_curve_svg(history))})", "",
@@ -201,6 +178,6 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     ]
     for prompt, seed, text in samples:
         # json.dumps keeps the prompt on one line and shows its newlines as \n.
-        lines += [f"**Prompt** {_code(json.dumps(prompt, ensure_ascii=False))} (seed {seed})", "", fence(text), ""]
+        lines += [f"**Prompt** {code_span(json.dumps(prompt, ensure_ascii=False))} (seed {seed})", "", fence(text), ""]
     lines += ["## Config", "", fence(json.dumps(config.model_dump(mode="json"), indent=2)), ""]
     return "\n".join(lines)

@@ -93,6 +93,33 @@ def code_version(module: str) -> str:
     return sha256_json(seen)
 
 
+def file_digest(path: str) -> str:
+    """Content hash of a local file, or a marker the library will turn into a clear error."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return f"unreadable:{path}"
+
+
+# Files of a transformers model directory that hold weights, not the tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
+    """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR`` (without the
+    weight files when ``weights`` is false: all a tokenizer depends on), or the hub reference
+    itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
+    if not init_from:
+        return []
+    from cortexcraft.config import pretrained_reference
+
+    directory = Path(pretrained_reference(init_from)).expanduser()
+    if not directory.is_dir():
+        return [init_from]
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and (weights or p.suffix not in WEIGHT_SUFFIXES))
+    return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
+
+
 def stage_key(stage: str, inputs: Iterable[str], config: Any) -> str:
     """The content address of a stage: what it reads, how it is configured, and its code."""
     payload = {"stage": stage, "inputs": list(inputs), "config": config,

@@ -14,7 +14,7 @@ from prefect_server import REPO, free_port, isolated_prefect_env, prefect_server
 
 
 def cortexcraft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cortexcraft", *args], cwd=REPO, env=env or dict(os.environ),
+    return subprocess.run([sys.executable, "-m", "flows", *args], cwd=REPO, env=env or dict(os.environ),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cortexcraft.train import read_metrics
+from cortexcraft.metrics import read_metrics
 from prefect_server import REPO, api_post, tail
 from tasks.stage import STAGES
 
@@ -34,7 +34,7 @@ def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:
 
 def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, tinyshakespeare_path):
     data = tmp_path / "data"
-    base = [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_path),
+    base = [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
             "--data-dir", str(data), *(f"--set={o}" for o in TINY)]
     commands = [base, base, base + ["--set=n_embd=48"]]
     since = datetime.now(timezone.utc).isoformat()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
-from cortexcraft.train import read_metrics
+from cortexcraft.metrics import read_metrics
 from prefect_server import free_port, start, stop, tail
 from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir
 

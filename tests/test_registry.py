@@ -16,7 +16,9 @@ from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
 from cortexcraft.prepare import prepare
-from cortexcraft.train import learning_rate, read_metrics, train
+from cortexcraft.metrics import read_metrics
+from cortexcraft.optim import learning_rate
+from cortexcraft.train import train
 from tiny_runs import make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
