@@ -202,7 +202,7 @@ def open_report_artifact(page, ui: str, run_id: str, report: dict) -> None:
 def report_sample_first_lines(markdown: str) -> list[str]:
     """The first non-blank line of each generated sample in the report's markdown."""
     samples = re.findall(r"\*\*Prompt\*\* [^\n]*\n\s*\n(`{3,})[^\n]*\n(.*?)\n\1", markdown, re.S)
-    return [next((l.strip() for l in body.splitlines() if l.strip()), "") for _, body in samples]
+    return [next((line.strip() for line in body.splitlines() if line.strip()), "") for _, body in samples]
 
 
 def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:

@@ -20,7 +20,7 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.checkpoint import load_model
 from cortexcraft.train import train
 from hf_models import loopback_hub, make_pretrained
-from tiny_runs import ONE_THREAD_ENV, make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401
+from tiny_runs import ONE_THREAD_ENV, make_data_dir, repetitive_text, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 NO_EXTRA = 'the Hugging Face extra is not installed (pip install -e ".[hf]")'

@@ -19,7 +19,7 @@ from cortexcraft.prepare import prepare
 from cortexcraft.metrics import read_metrics
 from cortexcraft.optim import learning_rate
 from cortexcraft.train import train
-from tiny_runs import make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401 (one_thread is a fixture)
+from tiny_runs import make_data_dir, repetitive_text, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRESH = {"requested": "fresh", "mode": "fresh", "parent": None, "init_checkpoint": None, "init_step": None,

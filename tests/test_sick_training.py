@@ -19,7 +19,7 @@ from cortexcraft.fileio import read_json
 from cortexcraft.shards import verify_shards
 from cortexcraft.metrics import read_metrics
 from cortexcraft.train import train
-from tiny_runs import TINY, one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from tiny_runs import TINY, make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from cortexcraft.fileio import read_json
 from cortexcraft.metrics import read_metrics
 from cortexcraft.train import train
 from prefect_server import processes_with_env, wait_until
-from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, one_thread, same_weights, tiny_config  # noqa: F401
+from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, same_weights, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_SECONDS = 15

@@ -17,7 +17,7 @@ from cortexcraft.evaluate import eval_plan, evaluate_run
 from cortexcraft.metrics import read_metrics
 from cortexcraft.optim import Optimizers, learning_rate, max_steps_for
 from cortexcraft.train import train
-from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from tiny_runs import make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
