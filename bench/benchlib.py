@@ -45,7 +45,8 @@ def machine() -> dict[str, Any]:
 
     info = cpu_info()
     flags = set(info["flags"])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "bf16", "sve") if f in flags]
+    wanted = [f for f in ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "bf16", "sve",
+                          "sve_bf16") if f in flags]
     isa = " ".join(wanted) + ("; AMX" if "amx_bf16" in flags else "; no AMX")
     return {
         "cpu": info["model"], "flags": wanted, "isa": isa, "amx": "amx_bf16" in flags,

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from cortexcraft.config import ModelConfig
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.fileio import (TempDir, atomic_write_bytes, atomic_write_json, ensure_free_space, fsync_dir,
-                                read_json, remove_dead_temps, sha256_file)
+from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, ensure_free_space, fsync_dir,
+                                fsync_tree, read_json, remove_dead_temps, sha256_file)
 from cortexcraft.model import GPT
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,24 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 def _tensor_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().contiguous() for name, t in state.items()}
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # min and max carry any NaN or inf, in one pass with none of isfinite()'s tensor-sized temporaries.
+    return tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file``, which writes from the tensors' own memory (no serialized copy of them in RAM)."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as exc:
+        # safetensors reports I/O failures as text ending in Rust's "(os error N)"; as an OSError a
+        # full disk becomes the one-line DiskFullError.
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), str(exc)) from None
 
 
 def _split_optimizer_state(prefix: str, optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -105,7 +124,7 @@ def save_checkpoint(
     holds one dict of RNG state tensors per rank; ``state`` is the JSON part (step, losses,
     config, ...), completed here with the optimizer scalars and file hashes.
     """
-    not_finite = next((name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    not_finite = next((name for name, t in model_state.items() if t.is_floating_point() and not _all_finite(t)), None)
     if not_finite is not None:
         raise CheckpointError(f"refusing to write the checkpoint of step {step} in {run_dir}: weight {not_finite} holds NaN "
                               "or inf (training diverged); lower train.lr or set train.grad_clip")
@@ -118,20 +137,26 @@ def save_checkpoint(
         training.update(tensors)
     for rank, rank_states in enumerate(rng_states):
         training.update({f"rng.{rank}.{name}": t for name, t in rank_states.items()})
-    blobs = {MODEL_FILE: save(_tensor_dict(model_state)), TRAINING_FILE: save(_tensor_dict(training))}
-    # The whole checkpoint must fit: better refused up front than a half-written directory.
-    ensure_free_space(final, sum(map(len, blobs.values())))
+    files = {MODEL_FILE: _tensor_dict(model_state), TRAINING_FILE: _tensor_dict(training)}
+    # The whole checkpoint must fit: better refused up front than a half-written directory. The
+    # files hold the tensor bytes plus short JSON headers.
+    needed = sum(t.nbytes for tensors in files.values() for t in tensors.values())
+    ensure_free_space(final, needed)
     temp = TempDir(root, final.name)
     tmp = temp.path
     try:
-        for name, blob in blobs.items():
-            atomic_write_bytes(tmp / name, blob)
+        with disk_full_is_an_error(final, needed, approximate=True,
+                                   cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            for name, tensors in files.items():
+                _save_tensors(tensors, tmp / name)
+            fsync_tree(tmp)
         record = {
             **state,
             "format": FORMAT,
             "step": step,
             "optimizers": optimizers_meta,
-            "sha256": {name: sha256_file(tmp / name) for name in blobs},
+            # Read back in chunks, mostly from the page cache: memory stays flat however large the model.
+            "sha256": {name: sha256_file(tmp / name) for name in files},
         }
         atomic_write_json(tmp / STATE_FILE, record)
     except BaseException:

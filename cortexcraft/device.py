@@ -141,29 +141,33 @@ def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
     return result
 
 
+# Where Linux names the exact CPU part; torch's cpuinfo names only the family ("AMD EPYC").
+PROC_CPUINFO = Path("/proc/cpuinfo")
+# Instruction sets with bf16 arithmetic, as torch names them: x86 AVX-512 BF16 and AMX, Arm BF16 and SVE BF16.
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"}
+
+
 @lru_cache(maxsize=1)
 def cpu_info() -> dict:
-    """{"model": CPU model name, "flags": instruction-set flags} from /proc/cpuinfo (the platform's
-    name and no flags where there is no /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """{"model": CPU model name, "flags": the instruction sets torch detects, on any OS}. The model
+    name is /proc/cpuinfo's, else torch's, else the platform's."""
+    capabilities = torch.cpu.get_capabilities()
+    model = capabilities.get("cpu_name") or platform.processor() or platform.machine()
     try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = PROC_CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         lines = []
     for line in lines:
         key, _, value = line.partition(":")
         if key.strip() == "model name":
             model = value.strip()
-        elif key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-        if flags and key.strip() == "":  # the first processor's block is enough
             break
-    return {"model": model, "flags": sorted(flags)}
+    return {"model": model, "flags": sorted(name for name, present in capabilities.items() if present is True)}
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether the CPU lists a bf16 instruction set (AVX-512 BF16, AMX, Arm BF16)."""
-    return bool(set(cpu_info()["flags"]) & {"avx512_bf16", "amx_bf16", "bf16"})
+    """Whether the CPU computes bf16 natively (see ``NATIVE_BF16``)."""
+    return bool(set(cpu_info()["flags"]) & NATIVE_BF16)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

@@ -119,24 +119,24 @@ def generate_from_run(
     device = select_device("auto")
     model, _ = load_model(run_dir, checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    new_ids: list[int] = []
-    emitted = ""
+    decode_next = tokenizer.stream_decoder()
+    emitted = 0
 
     def stream(token: int) -> None:
         nonlocal emitted
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        # A multi-byte character split across BPE tokens decodes to U+FFFD until it is complete.
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-            emitted = text
+        piece = decode_next(token)
+        if piece:
+            on_text(piece)
+            emitted += len(piece)
 
     idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache,
                    on_token=stream if on_text is not None else None)
     text = tokenizer.decode(out[0, idx.size(1):].tolist())
-    if on_text is not None and len(text) > len(emitted):
-        on_text(text[len(emitted):])
+    # Ids that end inside a character (or never form one) are held back by the stream; the full
+    # decode shows them as U+FFFD, as the returned text does.
+    if on_text is not None and len(text) > emitted:
+        on_text(text[emitted:])
     return text
 
 

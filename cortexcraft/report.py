@@ -121,7 +121,8 @@ def champion_card_markdown(record: dict[str, Any], version_dir: str | os.PathLik
         f"| policy | {record['policy']['reason']} |",
         f"| steps | {record['step']:,} |",
         f"| val loss | {record['val_loss']:.4f} ({bits_text}) |",
-        f"| data | {code_span(record['data']['source'], in_table=True)}, {record['data'].get('revision_text') or 'revision not recorded'} |",
+        f"| data | {code_span(record['data']['source'], in_table=True)}, "
+        f"{record['data'].get('revision_text') or 'revision not recorded'} |",
         f"| directory | {code_span(str(version_dir), in_table=True)} |", "",
         f"**Sample** (prompt {code_span(json.dumps(prompt, ensure_ascii=False))})", "", fence(sample), "",
     ])

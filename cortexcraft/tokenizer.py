@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +59,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
     def decode(self, ids: Iterable[int]) -> str: ...
+    def stream_decoder(self) -> Callable[[int], str | None]: ...
     def save(self, out_dir: Path) -> dict: ...
 
 
@@ -273,6 +274,10 @@ class CharTokenizer:
             raise CortexCraftError(f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary")
         return "".join(self._itos[ids])
 
+    def stream_decoder(self) -> Callable[[int], str]:
+        """The text of each id in turn: every id is whole characters, so no id waits for the next."""
+        return lambda token: self.decode([token])
+
     def section(self, sha256: str) -> dict:
         return {"type": "char", "file": CHAR_FILE, "sha256": sha256, "vocab_size": self.vocab_size,
                 "special_tokens": self.special_tokens, "unk": self.unk}
@@ -360,6 +365,14 @@ class BPETokenizer:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise CortexCraftError(f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary")
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def stream_decoder(self) -> Callable[[int], str | None]:
+        """The new text of each id in turn, None while the ids end inside a character split across
+        tokens; the pieces join to ``decode`` of all ids, each id costing one short decode."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=False)
+        return lambda token: stream.step(self._tok, token)
 
     def section(self, sha256: str) -> dict:
         return {"type": "bpe", "file": BPE_FILE, "sha256": sha256, "vocab_size": self.vocab_size,

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
 from cortexcraft.freshness import revision_id
+from cortexcraft.markdown import code_span
 from tasks.stage import retry_unless_user_error, stage_key, write_record
 
 STAGE = "download"
@@ -52,9 +53,9 @@ def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: 
     create_markdown_artifact(
         key=f"corpus-{key}",
         description="Corpus read by the download stage",
-        markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | `{data_cfg['source']}` |\n"
+        markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | {code_span(data_cfg['source'], in_table=True)} |\n"
                   f"| revision | {revision_text} |\n"
                   f"| documents | {manifest['documents']:,} |\n| characters | {manifest['chars']:,} |\n"
-                  f"| files | {', '.join(f'`{f}`' for f in record['files'])} |\n"),
+                  f"| files | {', '.join(code_span(f, in_table=True) for f in record['files'])} |\n"),
     )
     return record

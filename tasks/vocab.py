@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
+from cortexcraft.markdown import code_span, fence
 from tasks.stage import (file_digest, files_under, pretrained_digest, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
 
@@ -56,7 +57,8 @@ def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir:
         key=f"vocab-{key}",
         description="Tokenizer of the corpus",
         markdown=(f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['tokenizer']['type']} |\n"
-                  f"| vocab size | {manifest['vocab_size']:,} |\n| directory | `{out_dir}` |\n\n"
-                  f"Preview:\n\n```\n{preview}\n```\n"),
+                  f"| vocab size | {manifest['vocab_size']:,} |\n"
+                  f"| directory | {code_span(str(out_dir), in_table=True)} |\n\n"
+                  f"Preview:\n\n{fence(preview)}\n"),
     )
     return record

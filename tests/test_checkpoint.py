@@ -134,3 +134,26 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
         resolve_checkpoint(tmp_path, "best")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint(tmp_path, tmp_path / "nope")
+
+
+# A child process, so its peak resident set is this save's alone: 64 MiB of weights plus an
+# optimizer state of the same size, then one checkpoint of them.
+SAVE_PEAK_CHILD = """
+import resource, sys, torch
+from cortexcraft.checkpoint import read_checkpoint_state, save_checkpoint
+weights = {"w": torch.ones(16 << 20)}
+optimizer = {"state": {0: {"step": 3, "exp_avg": torch.full((16 << 20,), 0.5)}}, "param_groups": [{"params": [0]}]}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+path = save_checkpoint(sys.argv[1], 7, weights, {"optimizer": optimizer}, [{"cpu": torch.get_rng_state()}], {})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, read_checkpoint_state(path)["step"])
+"""
+
+
+def test_writing_a_checkpoint_holds_no_second_copy_of_its_tensors_in_memory(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SAVE_PEAK_CHILD, str(tmp_path / "run")], env=ONE_THREAD_ENV,
+                            capture_output=True, text=True, check=True)
+    grown_kib, step = map(int, result.stdout.split())
+    # The tensors hold 128 MiB; a serialized copy of them in memory would grow the peak by as much.
+    assert step == 7 and grown_kib < 32 << 10, f"peak resident set grew {grown_kib:,} KiB while saving"
+    model = load_model_state(tmp_path / "run" / "checkpoints" / "step_00000007")
+    assert torch.equal(model["w"], torch.ones(16 << 20))

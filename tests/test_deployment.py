@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -84,6 +85,72 @@ def test_serve_offers_the_same_deployments_as_prefect_yaml():
         assert crons == [(s["cron"], s["timezone"]) for s in spec.get("schedules", [])]
         assert [(t.expect, t.parameters) for t in deployment.triggers] == [
             (set(t["expect"]), t["parameters"]) for t in spec.get("triggers", [])]
+
+
+SERVED_YAML = """
+deployments:
+  - name: every-keyword
+    entrypoint: flows/pipeline.py:pipeline
+    description: all the keys flows/serve.py maps
+    parameters: {params: {preset: cpu}}
+    tags: [nightly, cpu]
+    version: "2026.12"
+    paused: true
+    enforce_parameter_schema: false
+    concurrency_limit: {limit: 2, collision_strategy: CANCEL_NEW, grace_period_seconds: 120}
+    schedules:
+      - cron: "0 3 * * 1"
+        timezone: Europe/Berlin
+        day_or: false
+        slug: weekly
+      - interval: 5400
+        anchor_date: "2026-01-01T00:30:00+00:00"
+        active: false
+        parameters: {params: {preset: cpu, retrain: auto}}
+      - interval: PT2H
+      - rrule: "RRULE:FREQ=MONTHLY;BYDAY=2FR"
+        timezone: America/Chicago
+    work_pool: {name: cortexcraft-pool}
+"""
+
+
+def test_serve_maps_every_schedule_kind_and_deployment_setting_of_prefect_yaml(tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    (tmp_path / "prefect.yaml").write_text(SERVED_YAML)
+    (deployment,) = deployments(tmp_path / "prefect.yaml")
+    assert (deployment.tags, deployment.version, deployment.paused, deployment.enforce_parameter_schema) == \
+        (["nightly", "cpu"], "2026.12", True, False)
+    assert deployment.concurrency_limit == 2
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert deployment.concurrency_options.grace_period_seconds == 120
+    cron, every_90_minutes, every_2_hours, rrule = deployment.schedules
+    assert (cron.schedule.cron, cron.schedule.timezone, cron.schedule.day_or, cron.slug, cron.active) == \
+        ("0 3 * * 1", "Europe/Berlin", False, "weekly", True)
+    assert every_90_minutes.schedule.interval == timedelta(minutes=90) and every_90_minutes.active is False
+    assert every_90_minutes.schedule.anchor_date == datetime(2026, 1, 1, 0, 30, tzinfo=timezone.utc)
+    assert every_90_minutes.parameters == {"params": {"preset": "cpu", "retrain": "auto"}}
+    assert every_2_hours.schedule.interval == timedelta(hours=2)
+    assert rrule.schedule.rrule.endswith("\nRRULE:FREQ=MONTHLY;BYDAY=2FR")
+    assert rrule.schedule.timezone == "America/Chicago"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda d: d.update(sla=[{"name": "slow", "severity": "high"}]), "'sla'"),
+    (lambda d: d.update(schedule={"cron": "0 3 * * *"}), "'schedule'"),
+    (lambda d: d["schedules"][0].update(replaces="daily"), "'schedules.replaces'"),
+    (lambda d: d["schedules"][0].update(anchor_date="2026-01-01"), "'schedules.anchor_date'"),
+    (lambda d: d["schedules"][1].update(cron="0 3 * * *"), "a schedule with cron and interval"),
+    (lambda d: d["concurrency_limit"].update(collision_strategy="DROP"), "invalid concurrency_limit"),
+])
+def test_serve_refuses_a_prefect_yaml_key_it_would_otherwise_ignore_naming_it(tmp_path, edit, named):
+    from cortexcraft.errors import CortexCraftError
+
+    spec = yaml.safe_load(SERVED_YAML)
+    edit(spec["deployments"][0])
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(CortexCraftError, match=f"deployment 'every-keyword' .*{re.escape(named)}"):
+        deployments(tmp_path / "prefect.yaml")
 
 
 # --- a real server, deploy, worker, run, browser ---------------------------------------------------

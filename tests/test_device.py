@@ -18,6 +18,36 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_it(monkeypatch, native
     assert select_dtype(CPU, "auto") == expected
 
 
+@pytest.fixture
+def fake_cpu(tmp_path, monkeypatch):
+    """Installs a CPU: what torch detects and, when given, a /proc/cpuinfo text."""
+    def install(capabilities: dict, proc_cpuinfo: str | None = None) -> None:
+        proc = tmp_path / "cpuinfo"
+        if proc_cpuinfo is not None:
+            proc.write_text(proc_cpuinfo)
+        monkeypatch.setattr(device_module, "PROC_CPUINFO", proc)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        device_module.cpu_info.cache_clear()
+    yield install
+    device_module.cpu_info.cache_clear()
+
+
+def test_auto_dtype_follows_the_instruction_sets_torch_detects_without_proc_cpuinfo(fake_cpu):
+    fake_cpu({"architecture": "arm64", "cpu_name": "Apple M3", "neon": True, "bf16": True, "sve_max_length": 0})
+    assert device_module.cpu_info() == {"model": "Apple M3", "flags": ["bf16", "neon"]}
+    assert select_dtype(CPU, "auto") == torch.bfloat16
+    fake_cpu({"architecture": "x86_64", "cpu_name": "Intel Core", "avx2": True, "avx512_bf16": False,
+              "amx_bf16": False})
+    assert select_dtype(CPU, "auto") == torch.float32
+
+
+def test_the_calibration_key_names_the_cpu_model_of_proc_cpuinfo(fake_cpu, tmp_path):
+    fake_cpu({"cpu_name": "AMD EPYC", "avx512_bf16": True},
+             "processor\t: 0\nmodel name\t: AMD EPYC 9B14 96-Core Processor\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n")
+    result = calibrate_cpu_dtype(SHAPES, fake_timings(10.0, 5.0, []), directory=tmp_path)
+    assert result["cpu"] == "AMD EPYC 9B14 96-Core Processor" and device_module.cpu_has_native_bf16()
+
+
 def test_an_explicit_dtype_wins_over_auto(monkeypatch):
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
     assert select_dtype(CPU, "float32") == torch.float32

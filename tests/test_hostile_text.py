@@ -12,6 +12,9 @@ import httpx
 import pytest
 from markdown_it import MarkdownIt
 
+from cortexcraft.tokenizer import load_tokenizer
+from flows.params import PipelineParams
+from flows.prepare import prepare
 from prefect_server import (CHROMIUM, CHROMIUM_ARGS, REPO, open_report_artifact, prefect_server, report_artifact,
                             require_chromium)
 
@@ -112,3 +115,46 @@ def test_the_report_page_in_chromium_has_no_injected_element_and_shows_every_sam
         assert json.dumps(prompt) in found["text"]
     # The very long prompt line wraps or scrolls inside its block; the page does not grow sideways.
     assert found["pageWidth"] <= 1400
+
+
+def table_cells(markdown: str) -> dict[str, list]:
+    """{first cell's text: the inline tokens of the row's other cells} of every table row."""
+    rows, row = {}, None
+    for token in MarkdownIt("commonmark").enable("table").parse(markdown):
+        if token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token)
+        elif token.type == "tr_close":
+            rows[row[0].content] = row[1:]
+            row = None
+    return rows
+
+
+def code_spans(cells: list) -> list[str]:
+    """The text of each cell's code spans; anything else in a cell (a span broken open) is kept as is."""
+    return [child.content if child.type == "code_inline" else f"<{child.type} {child.content!r}>"
+            for cell in cells for child in cell.children if child.content.strip(", ")]
+
+
+def test_the_corpus_and_vocabulary_artifacts_show_hostile_paths_and_the_preview_verbatim(tmp_path,
+                                                                                        temporary_prefect_server):
+    from prefect.client.orchestration import get_client
+
+    source = tmp_path / "src `|` ``x``" / "corpus | `a`.txt"
+    source.parent.mkdir()
+    source.write_text(hostile_corpus(20), encoding="utf-8")
+    data_dir = tmp_path / "data `|` dir"
+    records = prepare(PipelineParams(source=str(source), data_dir=str(data_dir)))
+    with get_client(sync_client=True) as client:
+        markdown = {a.key.split("-")[0]: a.data for a in client.read_artifacts() if a.type == "markdown"}
+
+    corpus = table_cells(markdown["corpus"])
+    assert code_spans(corpus["source"]) == [str(source)]
+    assert code_spans(corpus["files"]) == list(records["download"]["files"])
+    vocab_dir = data_dir.resolve() / records["vocab"]["dir"]
+    assert code_spans(table_cells(markdown["vocab"])["directory"]) == [str(vocab_dir)]
+    preview = load_tokenizer(vocab_dir).preview()
+    assert "`" in preview and "|" in preview
+    fences = [t.content for t in MarkdownIt("commonmark").parse(markdown["vocab"]) if t.type == "fence"]
+    assert fences == [preview + "\n"]

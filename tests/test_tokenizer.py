@@ -124,6 +124,23 @@ def test_bpe_round_trips_text_and_saves(tmp_path):
     assert len(separator_ids) == 1 and (ids == separator_ids[0]).sum() == 1
 
 
+def test_streamed_pieces_join_to_the_full_decode_and_hold_back_split_characters():
+    tok = BPETokenizer.train(iter(["To be, or not to be: that is the question.\n" * 30]), vocab_size=290,
+                             special_tokens=["<|endoftext|>"])
+    sample = "be 😀<|endoftext|>日本𝔘 not é"
+    # None of these characters was seen in training, so each one spans several byte tokens.
+    assert sum("\ufffd" in tok.decode([i]) for i in tok.encode(sample).tolist()) >= 12
+    for tokenizer in (tok, CharTokenizer(sorted(set(sample.replace("<|endoftext|>", ""))), ["<|endoftext|>"])):
+        ids = tokenizer.encode(sample).tolist()
+        pieces = [piece for piece in map(tokenizer.stream_decoder(), ids) if piece]
+        assert "".join(pieces) == tokenizer.decode(ids) == sample
+        assert not any("\ufffd" in piece for piece in pieces)
+    # A stream cut inside a character holds its first bytes back instead of printing U+FFFD.
+    cut = tok.encode("be 😀").tolist()[:-1]
+    assert tok.decode(cut) == "be \ufffd"
+    assert "".join(piece for piece in map(tok.stream_decoder(), cut) if piece) == "be "
+
+
 def test_bpe_needs_a_vocab_size(tmp_path):
     corpus = _corpus(tmp_path, "some text\n" * 10)
     with pytest.raises(CortexCraftError, match="pass --vocab-size N"):

@@ -16,6 +16,7 @@ from cortexcraft.prepare import prepare
 from cortexcraft.evaluate import eval_plan, evaluate_run
 from cortexcraft.metrics import read_metrics
 from cortexcraft.optim import Optimizers, learning_rate, max_steps_for
+from cortexcraft.tokenizer import BPETokenizer
 from cortexcraft.train import train
 from tiny_runs import make_data_dir, tiny_config
 
@@ -60,6 +61,24 @@ def test_generate_from_run_returns_only_the_continuation_and_streams_it(trained_
     assert generate_from_run(run, prompt="ROMEO:", max_new_tokens=40, seed=3, kv_cache=False) == text
     assert generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0) == \
         generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0, seed=9)
+
+
+def test_streaming_bpe_text_decodes_each_id_once_and_joins_to_the_returned_text(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ROMEO: 😀 日本 — é 𝔘 ojo\n" * 400, encoding="utf-8")
+    prepare(DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=270), tmp_path / "data",
+            cache_dir=tmp_path / "cache")
+    train(tiny_config("cpu", "max_iters=2", "eval_interval=2", "checkpoint_interval=2"), tmp_path / "data",
+          tmp_path / "run")
+    decoded_ids = []
+    decode = BPETokenizer.decode
+    monkeypatch.setattr(BPETokenizer, "decode", lambda self, ids: decoded_ids.extend(ids) or decode(self, ids))
+    pieces = []
+    # A nearly untrained model samples byte tokens in any order: split and broken UTF-8 both occur.
+    text = generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=120, temperature=1.5, seed=5,
+                             on_text=pieces.append)
+    assert "".join(pieces) == text and len(decoded_ids) == 120
+    assert text == generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=120, temperature=1.5, seed=5)
 
 
 def test_each_report_prompt_is_sampled_with_its_own_seed(trained_run):
