@@ -176,6 +176,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Evaluation and generation: the GPU's autocast dtype; fp32 on CPUs, so that scores and
+    samples are exact and the same on every CPU (a KV-cached sample equals an uncached one)."""
+    return torch.float32 if device.type == "cpu" else select_dtype(device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from cortexcraft.batches import IGNORE_INDEX, TokenWindows
 from cortexcraft.checkpoint import load_model
 from cortexcraft.config import RunConfig, TrainConfig
-from cortexcraft.device import autocast, select_device, select_dtype
+from cortexcraft.device import autocast, inference_dtype, select_device
 from cortexcraft.distributed import Distributed
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.shards import verify_shards
@@ -87,11 +87,10 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, checkp
     """Val loss of a checkpoint over the whole val split (or ``batches`` random batches) and bits
     per character (char tokenizer) or per token (BPE, where ``bits_per_char`` is None).
 
-    On a GPU it runs under bf16 (or fp16) autocast; on a CPU in fp32, so that a score is exact and
-    the same on every CPU."""
+    On a GPU it runs under bf16 (or fp16) autocast; on a CPU in fp32 (``inference_dtype``)."""
     manifest = verify_shards(data_dir)
     device = select_device("auto")
-    dtype = torch.float32 if device.type == "cpu" else select_dtype(device)
+    dtype = inference_dtype(device)
     model, state = load_model(run_dir, checkpoint, device)
     if manifest["vocab_size"] != state["vocab_size"]:
         raise CortexCraftError(f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint expects "
