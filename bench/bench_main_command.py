@@ -34,7 +34,7 @@ def main() -> None:
     overrides = (QUICK if args.quick else []) + args.overrides
     with tempfile.TemporaryDirectory(prefix="bench-main-") as tmp:
         data_dir = Path(tmp) / "data"
-        command = [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_text()),
+        command = [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_text()),
                    "--data-dir", str(data_dir), *[arg for item in overrides for arg in ("--set", item)]]
         start = time.perf_counter()
         out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

@@ -147,7 +147,7 @@ def quality_nanogpt(data_dir: Path, max_iters: int) -> dict:
 
 
 def quality_ours(data_dir: Path, work: Path, overrides: dict) -> dict:
-    from cortexcraft.train import evaluate_run
+    from cortexcraft.evaluate import evaluate_run
 
     # The same thread count as the reference, which runs in this process with torch's setting.
     overrides = {**overrides, "train": {"threads": torch.get_num_threads(), **overrides.get("train", {})}}

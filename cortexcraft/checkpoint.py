@@ -38,9 +38,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cortexcraft.config import ModelConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import (TempDir, atomic_write_json, disk_full_is_an_error, ensure_free_space, fsync_dir,
                                 fsync_tree, read_json, remove_dead_temps, sha256_file)
+from cortexcraft.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +287,19 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
         if path not in keep and path.name < newest:
             shutil.rmtree(path, ignore_errors=True)
     remove_dead_temps(checkpoints_dir(run_dir))
+
+
+def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
+    path, state = resolve_checkpoint(run_dir, checkpoint)
+    model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
+    model.load_state_dict(load_model_state(path))
+    log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
+    return model.to(device).eval(), {**state, "path": str(path)}
+
+
+def shape_changes(saved_model: dict[str, Any], wanted_model: dict[str, Any]) -> list[str]:
+    """Model settings that differ between two configs, as "name old -> new". Dropout does not
+    change any tensor shape; every other model field does or changes the maths."""
+    return [f"{k} {saved_model.get(k)!r} -> {wanted_model[k]!r}" for k in wanted_model
+            if k != "dropout" and saved_model.get(k) != wanted_model[k]]

@@ -1,18 +1,19 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, pipeline, models.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, models.
 
-Heavy imports (torch, datasets, prefect) happen inside the subcommands so ``--help`` is fast.
-Only ``pipeline`` touches Prefect, and only by importing the ``flows`` package.
+Heavy imports (torch, datasets) happen inside the subcommands so ``--help`` is fast. The installed
+``cortexcraft`` command is ``flows.cli``, which adds ``pipeline``; ``python -m cortexcraft`` (what
+torchrun starts) runs the library's commands only.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import re
 import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.interrupt import Interrupted
@@ -52,7 +53,7 @@ def _data_config_from_args(args: argparse.Namespace):
     return validate_config({"data": fields}).data
 
 
-def _add_config_options(parser: argparse.ArgumentParser, default_preset: str) -> None:
+def add_config_options(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument("--preset", default=default_preset, help=f"named preset (default {default_preset}); see `cortexcraft presets`")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set n_layer=8 --set train.lr=1e-3")
@@ -64,14 +65,15 @@ def _add_launch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port (c10d rendezvous)")
 
 
-def _add_parts_options(parser: argparse.ArgumentParser) -> None:
+def add_parts_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes counting and encoding the corpus in parts (same output for any number)")
     parser.add_argument("--part-mb", type=float, default=None,
                         help="size of a part in MB (pipeline: 64; prepare: 64, or less so each worker gets 8 parts)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Iterable[Callable[[Any], None]] = ()) -> argparse.ArgumentParser:
+    """The library's commands, plus those that each of ``extra_commands`` adds to the subparsers."""
     parser = argparse.ArgumentParser(prog="cortexcraft", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
@@ -82,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--cache-dir", type=Path, help="download cache (default: DATA_DIR/downloads)")
-    _add_parts_options(p)
+    add_parts_options(p)
     p.add_argument("--init-from", metavar="hf:DIR|hf:OWNER/NAME",
                    help="tokenize with this pretrained model's tokenizer (to fine-tune it: train --set init_from=...)")
 
     p = sub.add_parser("train", help="train a GPT on prepared shards")
     p.add_argument("--data", required=True, type=Path, help="directory written by `cortexcraft prepare`")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, metrics)")
-    _add_config_options(p, "cpu")
+    add_config_options(p, "cpu")
     p.add_argument("--max-iters", type=int)
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; ends with a checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
@@ -125,27 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", metavar="NAME", help="print one preset's full config as JSON")
     p.add_argument("--fields", action="store_true", help="list every setting --set accepts")
 
-    p = sub.add_parser("pipeline", help="run the full Prefect pipeline in-process")
-    _add_config_options(p, "cpu")
-    p.add_argument("--source", help="corpus spec, as for prepare (default: the preset's)")
-    p.add_argument("--data-dir", type=Path, help="where stage outputs and the cache live (default ./data)")
-    p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE",
-                   help="force these stages to re-run: download vocab shards train report, or all")
-    p.add_argument("--model", help="register the trained model under this name in DATA_DIR/models (default: the preset's name)")
-    p.add_argument("--retrain", choices=["fresh", "continue", "finetune", "auto"],
-                   help="fresh (default): from scratch; continue/finetune: from the champion's weights for "
-                        "--retrain-iters more steps; auto: continue on unchanged data, finetune on changed data")
-    p.add_argument("--retrain-iters", type=int, metavar="N", help="steps continue/finetune train beyond the champion (default 500)")
-    p.add_argument("--promote-margin", type=float, metavar="NATS",
-                   help="promote a challenger only when its val loss beats the champion's by more than this (default 0)")
-    p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
-    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
-    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
-    _add_parts_options(p)
-    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
-                   help="what runs the part tasks: local processes (default) or a Dask cluster")
-    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
-
     p = sub.add_parser("models", help="the model registry: list, show, promote, rollback versions")
     p.add_argument("--data-dir", type=Path, help="data directory holding models/ (default ./data)")
     actions = p.add_subparsers(dest="action", required=True)
@@ -157,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
+    for add_command in extra_commands:
+        add_command(sub)
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -196,7 +179,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cortexcraft.checkpoint import latest_checkpoint
     from cortexcraft.config import build_config
-    from cortexcraft.train import torchrun_command, train
+    from cortexcraft.distributed import torchrun_command
+    from cortexcraft.train import train
 
     if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         # Not yet under torchrun: start it with this same command (minus the launch options).
@@ -248,7 +232,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cortexcraft.train import evaluate_run
+    from cortexcraft.evaluate import evaluate_run
 
     run_dir, checkpoint = _run_dir_of(args)
     result = evaluate_run(run_dir, args.data, checkpoint=checkpoint, batches=args.batches)
@@ -278,7 +262,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cortexcraft.hf import export_run
+    from cortexcraft.export import export_run
 
     run_dir, checkpoint = _run_dir_of(args)
     record = export_run(run_dir, args.out, checkpoint=checkpoint)
@@ -311,18 +295,6 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from flows.pipeline import run_pipeline_from_cli
-
-    return run_pipeline_from_cli(
-        preset=args.preset, overrides=args.overrides, source=args.source,
-        data_dir=args.data_dir or default_data_dir(), refresh=args.refresh, nproc=args.nproc,
-        model=args.model, retrain=args.retrain, retrain_iters=args.retrain_iters, promote_margin=args.promote_margin,
-        workers=args.workers, task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
-        nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
-    )
-
-
 def _cmd_models(args: argparse.Namespace) -> int:
     import json
 
@@ -353,47 +325,27 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_error_names() -> set[str]:
-    names, todo = set(), [CortexCraftError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return names
-
-
-class HidePrefectReportsOfUserErrors(logging.Filter):
-    """Drops Prefect's own console reports of a task or flow run that failed with a
-    CortexCraftError (a traceback and two "Finished in state Failed" lines): the CLI prints that
-    error as one line. Installed on console handlers only, so the API still gets the full logs."""
-
-    _STATE = re.compile(r"(?:encountered an exception|during execution):? (\w+)\b")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("prefect"):
-            return True
-        if record.exc_info and isinstance(record.exc_info[1], CortexCraftError):
-            return False
-        match = self._STATE.search(record.getMessage())
-        return not (match and match.group(1) in _user_error_names())
-
-
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
     "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets,
-    "pipeline": _cmd_pipeline, "models": _cmd_models,
+    "models": _cmd_models,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra_commands: dict[str, tuple[Callable[[Any], None], Callable[..., int]]] = {},
+         console_filter: logging.Filter | None = None) -> int:
+    """Run one command. ``extra_commands`` (name -> (add its parser, run it)) extends the library's
+    commands, as ``flows.cli`` adds ``pipeline``; ``console_filter`` goes on the console log
+    handlers unless --debug."""
+    args = build_parser([add for add, _ in extra_commands.values()]).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.debug:
+    if console_filter is not None and not args.debug:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(HidePrefectReportsOfUserErrors())
+            handler.addFilter(console_filter)
+    commands = {**COMMANDS, **{name: run for name, (_, run) in extra_commands.items()}}
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except CortexCraftError as exc:
         if args.debug:
             traceback.print_exc()

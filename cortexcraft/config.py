@@ -139,7 +139,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
-    compile: bool = False
+    compile: Optional[bool] = None  # None: on CUDA only
     threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
                                    "training (OMP_NUM_THREADS also fixes it)")
 

@@ -176,10 +176,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Evaluation and generation: the GPU's autocast dtype; fp32 on CPUs, so that scores and
+    samples are exact and the same on every CPU (a KV-cached sample equals an uncached one)."""
+    return torch.float32 if device.type == "cpu" else select_dtype(device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def grad_scaler(device: torch.device, dtype: torch.dtype) -> Optional[torch.amp.GradScaler]:
-    """fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 get a disabled
+    scaler, which passes everything through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

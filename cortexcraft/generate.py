@@ -17,9 +17,9 @@ from typing import Callable, Optional
 import torch
 from torch.nn import functional as F
 
-from cortexcraft.checkpoint import load_model_state, resolve_checkpoint
-from cortexcraft.config import ModelConfig, SampleConfig
-from cortexcraft.device import select_device
+from cortexcraft.checkpoint import load_model
+from cortexcraft.config import SampleConfig
+from cortexcraft.device import autocast, inference_dtype, select_device
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.model import GPT, KVCache
 from cortexcraft.tokenizer import load_tokenizer
@@ -77,29 +77,22 @@ def generate(
     keep = max(1, block_size // 2)
     start = max(0, idx.size(1) - block_size)
     cache = KVCache(model.config.n_layer) if kv_cache else None
+    precision = autocast(idx.device, inference_dtype(idx.device))
     for _ in range(max_new_tokens):
         if idx.size(1) - start > block_size:
             start = idx.size(1) - keep
             if cache is not None:
                 cache.reset()
-        if cache is not None and cache.length > 0:
-            logits, _ = model(idx[:, -1:], cache=cache)
-        else:
-            logits, _ = model(idx[:, start:], cache=cache)
+        with precision:
+            if cache is not None and cache.length > 0:
+                logits, _ = model(idx[:, -1:], cache=cache)
+            else:
+                logits, _ = model(idx[:, start:], cache=cache)
         next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:
             on_token(int(next_id[0, 0]))
     return idx
-
-
-def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
-    path, state = resolve_checkpoint(run_dir, checkpoint)
-    model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
-    model.load_state_dict(load_model_state(path))
-    log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
-    return model.to(device).eval(), {**state, "path": str(path)}
 
 
 def generate_from_run(

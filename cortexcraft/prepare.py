@@ -33,10 +33,11 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
     check_out_dir(out_dir)
+    pretrained = None
     if init_from:
-        from cortexcraft.hf import pretrained_tokenizer
+        from cortexcraft.pretrained import pretrained_tokenizer
 
-        pretrained_tokenizer(init_from)  # fails now, not after the download, when it cannot load
+        pretrained = pretrained_tokenizer(init_from)  # fails now, not after the download, when it cannot load
     else:
         check_tokenizer_config(data_cfg)
     corpus = download(data_cfg, cache_dir, workers=workers)
@@ -46,7 +47,7 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     try:
         if workers > 1:
             return prepare_parts(corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes)
-        vocab = build_vocab(corpus, data_cfg, vocab_dir.path, init_from=init_from)
+        vocab = build_vocab(corpus, data_cfg, vocab_dir.path, tokenizer=pretrained)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)
     finally:

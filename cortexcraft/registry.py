@@ -179,7 +179,7 @@ def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLi
 
     from cortexcraft.checkpoint import MODEL_FILE, resolve_checkpoint
     from cortexcraft.tokenizer import load_tokenizer
-    from cortexcraft.train import evaluate_run
+    from cortexcraft.evaluate import evaluate_run
 
     run_dir = Path(run_dir)
     checkpoint, state = resolve_checkpoint(run_dir, "best")
@@ -224,7 +224,7 @@ def _set_champion(models_dir: str | os.PathLike, name: str, version: str, reason
 def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float) -> tuple[dict[str, Any], bool]:
     """Promote ``version`` if it beats the champion by more than ``margin``; record the decision
     in the version. Returns (decision, made now): a version decided once keeps its decision."""
-    from cortexcraft.train import evaluate_run
+    from cortexcraft.evaluate import evaluate_run
 
     with _locked(models_dir, name):
         path = version_dir(models_dir, name, version)
@@ -321,7 +321,7 @@ def plan_retrain(models_dir: str | os.PathLike, name: str, requested: str, shard
     ``auto`` is ``continue`` when the data is the champion's, ``finetune`` when it changed; both
     need a champion of the same model shape and vocabulary. ``finetune`` and ``auto`` fall back to
     ``fresh`` (saying why) when that is not so; an explicit ``continue`` is an error instead."""
-    from cortexcraft.train import shape_changes
+    from cortexcraft.checkpoint import shape_changes
 
     if requested not in POLICIES:
         raise CortexCraftError(f"retraining policy {requested!r} is unknown; use one of {', '.join(POLICIES)}")

@@ -10,10 +10,10 @@ import base64
 import json
 import math
 import os
-import re
 from typing import Any, Iterable
 
 from cortexcraft.config import RunConfig
+from cortexcraft.markdown import code_span, fence
 
 
 def bits(loss: float | None) -> float | None:
@@ -130,29 +130,6 @@ def champion_card_markdown(record: dict[str, Any], version_dir: str | os.PathLik
 
 def svg_data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
-
-
-def _longest_backtick_run(text: str) -> int:
-    return max((len(m) for m in re.findall(r"`+", text)), default=0)
-
-
-def fence(text: str) -> str:
-    """A fenced code block showing ``text`` verbatim. Markdown and HTML inside a code block are
-    shown as text, and the fence is longer than any backtick run in it, so nothing closes it early."""
-    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
-    return f"{ticks}text\n{text}\n{ticks}"
-
-
-def code_span(text: str, in_table: bool = False) -> str:
-    """An inline code span showing one line of ``text`` verbatim (CommonMark: delimited by a
-    backtick run longer than any inside, padded with spaces when the text starts or ends with a
-    backtick). A line break would end a table row or a heading, so it is shown as ``\\n``; in a
-    table cell a ``|`` would still end the cell unless escaped."""
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    ticks = "`" * (_longest_backtick_run(text) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    span = f"{ticks}{pad}{text}{pad}{ticks}"
-    return span.replace("|", "\\|") if in_table else span
 
 
 def _best(history: list[dict[str, Any]], name: str) -> float | None:

@@ -441,20 +441,19 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
 
 
 def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: np.ndarray | None = None,
-                init_from: str | None = None) -> dict:
+                tokenizer: Tokenizer | None = None) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
     Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare; ``char_counts``
     when they were counted already), or ``--vocab``. BPE: ``--tokenizer-file``, or trained on the
-    first ``bpe_train_chars`` characters of the train split. With ``init_from`` (``hf:...``): the
-    pretrained model's own tokenizer, whatever ``data_cfg`` says. Returns the vocab manifest."""
+    first ``bpe_train_chars`` characters of the train split. With ``tokenizer`` (e.g. a pretrained
+    model's own, see ``cortexcraft.pretrained``): that one, whatever ``data_cfg`` says. Returns the
+    vocab manifest."""
     out_dir = Path(out_dir)
-    if not init_from:
+    if tokenizer is None:
         check_tokenizer_config(data_cfg)
-    if init_from:
-        from cortexcraft.hf import pretrained_tokenizer
-
-        tok = pretrained_tokenizer(init_from)
+    if tokenizer is not None:
+        tok = tokenizer
     elif data_cfg.tokenizer == "char":
         counts = count_chars(corpus_chunks(corpus)) if char_counts is None else char_counts
         tok = char_tokenizer_from_counts(counts, data_cfg)

@@ -3,14 +3,13 @@
 The stages run as tasks of this one flow (subflows would cost ~1 s each); the stage-group flows
 ``prepare``, ``train`` and ``report`` reuse the same functions.
 
-    python -m flows.pipeline --source ../shared/data/tinyshakespeare/input.txt [--set k=v ...]
+    cortexcraft pipeline --source ../shared/data/tinyshakespeare/input.txt [--set k=v ...]
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -81,8 +80,3 @@ def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
     print(f"model {model['name']} {model['version']} ({model['policy']['mode']}): {model['decision']['message']}")
     return 0
 
-
-if __name__ == "__main__":
-    from cortexcraft.cli import main
-
-    sys.exit(main(["pipeline", *sys.argv[1:]]))

@@ -9,9 +9,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
-from cortexcraft.fileio import sha256_file, sha256_json
 from cortexcraft.freshness import revision_id
-from cortexcraft.report import code_span
+from cortexcraft.markdown import code_span
 from tasks.stage import retry_unless_user_error, stage_key, write_record
 
 STAGE = "download"
@@ -21,37 +20,10 @@ def download_cache(data_dir: str) -> Path:
     return Path(data_dir) / "downloads"
 
 
-def file_digest(path: str) -> str:
-    """Content hash of a local file, or a marker the library will turn into a clear error."""
-    try:
-        return sha256_file(path)
-    except OSError:
-        return f"unreadable:{path}"
-
-
 def download_key(data_cfg: dict[str, Any], revision: dict[str, Any]) -> str:
     """Keyed by the source's current revision (``cortexcraft.sources.source_revision``), so an
     edited file, a new ETag or a new hub commit re-runs the stage and everything after it."""
     return stage_key(STAGE, [revision_id(revision)], data_cfg)
-
-
-# Files of a transformers model directory that hold weights, not the tokenizer.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
-
-
-def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
-    """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR`` (without the
-    weight files when ``weights`` is false: all a tokenizer depends on), or the hub reference
-    itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
-    if not init_from:
-        return []
-    from cortexcraft.config import pretrained_reference
-
-    directory = Path(pretrained_reference(init_from)).expanduser()
-    if not directory.is_dir():
-        return [init_from]
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and (weights or p.suffix not in WEIGHT_SUFFIXES))
-    return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
 
 
 @task(name="revalidate", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error)

@@ -29,7 +29,7 @@ def report_task(run: dict[str, Any], shards: dict[str, Any], config: dict[str, A
     from cortexcraft.config import RunConfig
     from cortexcraft.generate import sample_prompts
     from cortexcraft.report import eval_rows, render_report
-    from cortexcraft.train import read_metrics
+    from cortexcraft.metrics import read_metrics
 
     logger = get_run_logger()
     key = report_key(run, config, model)

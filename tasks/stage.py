@@ -64,24 +64,26 @@ def _module_file(name: str) -> Path | None:
 
 @lru_cache(maxsize=None)
 def _source_info(name: str) -> tuple[str, frozenset[str]] | None:
-    """(sha256 of the source, project modules it imports) of module ``name``, None if not ours."""
+    """(sha256 of the code, project modules it imports) of module ``name``, None if not ours. The
+    code is the parsed syntax tree, so comments, blank lines and line wrapping change no key."""
     path = _module_file(name)
     if path is None:
         return None
-    source = path.read_bytes()
+    tree = ast.parse(path.read_bytes())
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     own = frozenset(n for n in names if n.split(".")[0] in _OWN_PACKAGES)
-    return hashlib.sha256(source).hexdigest(), own
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), own
 
 
-def code_version(module: str) -> str:
-    """sha256 over the source of ``module`` and every project module it imports, transitively."""
+def code_modules(module: str) -> dict[str, str]:
+    """``module`` and every project module it imports, transitively (lazy imports inside functions
+    included), each with the sha256 of its code: what a stage whose task is ``module`` runs."""
     seen: dict[str, str] = {}
     todo = [module]
     while todo:
@@ -90,7 +92,38 @@ def code_version(module: str) -> str:
             continue
         seen[name], imports = info
         todo.extend(imports)
-    return sha256_json(seen)
+    return seen
+
+
+def code_version(module: str) -> str:
+    return sha256_json(code_modules(module))
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a local file, or a marker the library will turn into a clear error."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return f"unreadable:{path}"
+
+
+# Files of a transformers model directory that hold weights, not the tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
+    """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR`` (without the
+    weight files when ``weights`` is false: all a tokenizer depends on), or the hub reference
+    itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
+    if not init_from:
+        return []
+    from cortexcraft.config import pretrained_reference
+
+    directory = Path(pretrained_reference(init_from)).expanduser()
+    if not directory.is_dir():
+        return [init_from]
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and (weights or p.suffix not in WEIGHT_SUFFIXES))
+    return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
 
 
 def stage_key(stage: str, inputs: Iterable[str], config: Any) -> str:

@@ -22,8 +22,7 @@ from prefect.context import TaskRunContext
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
 from cortexcraft.fileio import read_json
-from tasks.download import pretrained_digest
-from tasks.stage import (files_under, resolve, retry_unless_user_error, stage_dir,
+from tasks.stage import (files_under, pretrained_digest, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
 
 STAGE = "train"
@@ -120,7 +119,8 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
     torchrun processes; ``nnodes`` > 1 makes this machine node 0 of that many, meeting at
     ``rdzv_endpoint`` (the log says what to run on the others)."""
     from cortexcraft.config import RunConfig
-    from cortexcraft.train import torchrun_command, train
+    from cortexcraft.distributed import torchrun_command
+    from cortexcraft.train import train
 
     logger = get_run_logger()
     key = train_key(shards, config, plan)
@@ -133,10 +133,7 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
     progress = create_progress_artifact(0.0, key=f"train-progress-{key}",
                                         description=f"Training progress of {run_dir}")
 
-    def on_eval(m: dict[str, Any]) -> None:
-        logger.info("step %d/%d: train loss %.4f, val loss %.4f, lr %.2e, %s tokens, %.1f s",
-                    m["step"], m["max_steps"], m["train_loss"], m["val_loss"], m["lr"],
-                    f"{m['tokens_seen']:,}", m["elapsed_seconds"])
+    def on_eval(m: dict[str, Any]) -> None:  # the library logs the evaluation itself, once
         update_progress_artifact(progress, 100.0 * m["step"] / max(m["max_steps"], 1))
 
     shards_dir = resolve(data_dir, shards["dir"])

@@ -8,9 +8,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from cortexcraft.config import DataConfig
-from cortexcraft.report import code_span, fence
-from tasks.stage import files_under, resolve, retry_unless_user_error, stage_dir, stage_key, write_record
-from tasks.download import file_digest, pretrained_digest
+from cortexcraft.markdown import code_span, fence
+from tasks.stage import (file_digest, files_under, pretrained_digest, resolve, retry_unless_user_error, stage_dir,
+                         stage_key, write_record)
 
 STAGE = "vocab"
 
@@ -44,7 +44,12 @@ def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir:
         from cortexcraft.parts import add_counts
 
         counts = add_counts(np.load(resolve(data_dir, name)) for record in part_counts for name in record["files"])
-    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir, char_counts=counts, init_from=init_from)
+    pretrained = None
+    if init_from:
+        from cortexcraft.pretrained import pretrained_tokenizer
+
+        pretrained = pretrained_tokenizer(init_from)
+    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir, char_counts=counts, tokenizer=pretrained)
     record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
     preview = manifest.get("preview", "")
     get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["tokenizer"]["type"], out_dir)

@@ -60,3 +60,14 @@ def api_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api-server")
     with prefect_server(tmp / "prefect-home", tmp / "server.log") as env:
         yield {"env": env, "api": env["PREFECT_API_URL"]}
+
+
+# For models this small one thread is fastest (see tiny_runs.ONE_THREAD_ENV).
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -202,4 +202,15 @@ def open_report_artifact(page, ui: str, run_id: str, report: dict) -> None:
 def report_sample_first_lines(markdown: str) -> list[str]:
     """The first non-blank line of each generated sample in the report's markdown."""
     samples = re.findall(r"\*\*Prompt\*\* [^\n]*\n\s*\n(`{3,})[^\n]*\n(.*?)\n\1", markdown, re.S)
-    return [next((l.strip() for l in body.splitlines() if l.strip()), "") for _, body in samples]
+    return [next((line.strip() for line in body.splitlines() if line.strip()), "") for _, body in samples]
+
+
+def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:
+    """{flow run id: {stage: state name}} of the pipeline runs started after ``since``."""
+    runs = api_post(api, "/flow_runs/filter", {"flow_runs": {"start_time": {"after_": since}}})
+    out = {}
+    for run in runs:
+        task_runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        out[run["id"]] = {"overrides": run["parameters"]["params"]["overrides"],
+                          **{t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in task_runs}}
+    return out

@@ -53,7 +53,7 @@ def test_deploy_worker_deployment_run_and_cli_work_with_credentials(server, tiny
     assert list((tmp / "data" / "reports").glob("*/report.md"))
 
     # The CLI against the same server and data: every stage comes from the deployment run's cache.
-    cli = subprocess.run([sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_path),
+    cli = subprocess.run([sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
                           "--data-dir", str(tmp / "data"), *[a for s in TINY_OVERRIDES for a in ("--set", s)]],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-3000:]

@@ -14,8 +14,9 @@ from cortexcraft.checkpoint import (
     CheckpointError, latest_checkpoint, list_checkpoints, load_model_state, read_checkpoint_state, resolve_checkpoint,
 )
 from cortexcraft.generate import generate_from_run
-from cortexcraft.train import read_metrics, train
-from tiny_runs import ONE_THREAD_ENV, TINY, one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.metrics import read_metrics
+from cortexcraft.train import train
+from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

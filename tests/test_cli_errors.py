@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from prefect_server import REPO, free_port, isolated_prefect_env, prefect_server
 
 
 def cortexcraft(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cortexcraft", *args], cwd=REPO, env=env or dict(os.environ),
+    return subprocess.run([sys.executable, "-m", "flows", *args], cwd=REPO, env=env or dict(os.environ),
                           capture_output=True, text=True, timeout=300)
 
 

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cortexcraft.train import read_metrics
-from prefect_server import REPO, api_post, tail
+from cortexcraft.metrics import read_metrics
+from prefect_server import REPO, stage_states, tail
 from tasks.stage import STAGES
 
 pytestmark = pytest.mark.slow
@@ -21,20 +21,9 @@ TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "
         "eval_interval=25", "eval_iters=2", "checkpoint_interval=25", "max_new_tokens=20", "device=cpu"]
 
 
-def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:
-    """{flow run id: {stage: state name}} of the pipeline runs started after ``since``."""
-    runs = api_post(api, "/flow_runs/filter", {"flow_runs": {"start_time": {"after_": since}}})
-    out = {}
-    for run in runs:
-        task_runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-        out[run["id"]] = {"overrides": run["parameters"]["params"]["overrides"],
-                          **{t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in task_runs}}
-    return out
-
-
 def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, tinyshakespeare_path):
     data = tmp_path / "data"
-    base = [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_path),
+    base = [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
             "--data-dir", str(data), *(f"--set={o}" for o in TINY)]
     commands = [base, base, base + ["--set=n_embd=48"]]
     since = datetime.now(timezone.utc).isoformat()

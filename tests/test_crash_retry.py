@@ -19,7 +19,7 @@ from cortexcraft.train import train
 from flows.params import PipelineParams
 from prefect_server import (TERMINAL, api_get, deployed_with_worker, prefect, prefect_server, processes_with_env,
                             run_deployment, wait_until)
-from tiny_runs import one_thread, same_weights  # noqa: F401 (one_thread is a fixture)
+from tiny_runs import same_weights
 
 pytestmark = pytest.mark.slow
 

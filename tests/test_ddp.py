@@ -2,14 +2,15 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
-from cortexcraft.train import read_metrics
+from cortexcraft.metrics import read_metrics
 from prefect_server import free_port, start, stop, tail
-from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir
+from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, same_weights
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -79,9 +80,9 @@ def one_node_run(tmp_path_factory):
     return data_dir, run
 
 
-def run_nodes(data_dir: Path, run_dir: Path, logs: Path) -> None:
+def run_nodes(data_dir: Path, run_dir: Path, logs: Path, max_iters: int = ITERS) -> None:
     logs.mkdir()
-    nodes = start_nodes(data_dir, run_dir, ITERS, logs)
+    nodes = start_nodes(data_dir, run_dir, max_iters, logs)
     try:
         for node in nodes:
             assert node.wait(timeout=150) == 0, tail(logs / "node0.log") + tail(logs / "node1.log")
@@ -169,3 +170,63 @@ def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run
         stop(node)
     assert record["summary"]["steps"] == ITERS
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(0, ITERS + 1, 10))
+
+
+# Two threads multiplying matrices for as long as the test runs: what a loaded CI machine has beside it.
+BUSY_TORCH_JOB = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()"
+STRESS_ITERS = 20
+
+
+@contextmanager
+def busy_torch_job():
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_TORCH_JOB])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    return list_checkpoints(run_dir)[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this Python")
+def test_finished_ddp_runs_end_cleanly_beside_a_busy_job_every_time(tmp_path):
+    """Issue 22: a finished 2-process run once ended in SIGABRT on a loaded machine, failing a job
+    that had completed. 20 one-node runs and 3 two-node loopback runs, each beside a busy torch job:
+    every one exits 0, with the same final weights as the others of its kind."""
+    data_dir = make_data_dir(tmp_path)
+    with busy_torch_job():
+        runs = [tmp_path / f"one-node-{i}" for i in range(20)]
+        for i, run in enumerate(runs):
+            result = torchrun_train(data_dir, run, STRESS_ITERS)
+            assert result.returncode == 0, f"run {i} of 20: {result.stderr[-2000:]}"
+            assert same_weights(final_checkpoint(run), final_checkpoint(runs[0]))
+        nodes = [tmp_path / f"two-nodes-{i}" for i in range(3)]
+        for i, run in enumerate(nodes):
+            run_nodes(data_dir, run, tmp_path / f"logs-{i}", STRESS_ITERS)
+            assert same_weights(final_checkpoint(run), final_checkpoint(nodes[0]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed beside this Python")
+def test_the_pipeline_train_stage_with_two_processes_ends_cleanly_beside_a_busy_job(tmp_path, temporary_prefect_server):
+    from cortexcraft.checkpoint import MODEL_FILE
+    from cortexcraft.fileio import sha256_file
+    from flows.params import PipelineParams
+    from flows.prepare import prepare
+    from flows.train import train
+
+    data_dir = make_data_dir(tmp_path / "corpus")
+    settings = dict(source=str(data_dir.parent / "corpus.txt"), data_dir=str(tmp_path / "data"), nproc=2,
+                    overrides=TINY + ["dropout=0.1", "device=cpu", f"max_iters={STRESS_ITERS}"])
+    shards = prepare(PipelineParams(**settings))["shards"]
+    weights = []
+    with busy_torch_job():
+        for _ in range(3):  # --refresh train: the stage trains again from scratch
+            record = train(shards, PipelineParams(**settings, refresh=["train"]))
+            assert record["summary"]["steps"] == STRESS_ITERS
+            weights.append(sha256_file(Path(record["summary"]["checkpoint_last"]) / MODEL_FILE))
+    assert len(set(weights)) == 1

@@ -15,8 +15,9 @@ from cortexcraft.checkpoint import list_checkpoints, load_model_state, resolve_c
 from cortexcraft.cli import main
 from cortexcraft.fileio import DiskFullError, append_text, atomic_write_text
 from cortexcraft.shards import verify_shards
-from cortexcraft.train import read_metrics, train
-from tiny_runs import one_thread, make_data_dir, repetitive_text, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.metrics import read_metrics
+from cortexcraft.train import train
+from tiny_runs import make_data_dir, repetitive_text, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

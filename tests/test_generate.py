@@ -4,7 +4,7 @@ import torch
 from cortexcraft.config import ModelConfig
 from cortexcraft.generate import generate, sample_next
 from cortexcraft.model import GPT
-from tiny_runs import one_thread  # noqa: F401 (one_thread is a fixture)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,10 +17,10 @@ import torch
 from cortexcraft.cli import main
 from cortexcraft.config import DataConfig, build_config, preset_names
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.generate import load_model
+from cortexcraft.checkpoint import load_model
 from cortexcraft.train import train
 from hf_models import loopback_hub, make_pretrained
-from tiny_runs import ONE_THREAD_ENV, make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401
+from tiny_runs import ONE_THREAD_ENV, make_data_dir, repetitive_text, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 NO_EXTRA = 'the Hugging Face extra is not installed (pip install -e ".[hf]")'
@@ -207,7 +207,8 @@ def test_base_install_without_transformers_says_how_to_install_it(tmp_path):
 
 @pytest.mark.parametrize("tie, activation", [(True, "gelu_new"), (False, "gelu"), (True, "relu")])
 def test_imported_gpt2_gives_its_logits_and_exports_back_to_equal_weights(transformers, tie, activation, tmp_path):
-    from cortexcraft.hf import export_plan, hf_model_from, pretrained_model_config, pretrained_state
+    from cortexcraft.export import export_plan, hf_model_from
+    from cortexcraft.pretrained import pretrained_model_config, pretrained_state
     from cortexcraft.model import GPT
 
     directory = make_pretrained(transformers, tmp_path / "gpt2", tie=tie, activation=activation)
@@ -269,7 +270,7 @@ def test_init_from_data_of_another_tokenizer_fails_naming_the_fix(transformers, 
 
 
 def test_init_from_errors_name_the_problem(transformers, tmp_path, capsys):
-    from cortexcraft.hf import pretrained_model_config, pretrained_tokenizer
+    from cortexcraft.pretrained import pretrained_model_config, pretrained_tokenizer
 
     directory = make_pretrained(transformers, tmp_path / "gpt2", n_positions=32)
     model_cfg = build_config("cpu", ["block_size=64"]).model
@@ -284,7 +285,7 @@ def test_init_from_errors_name_the_problem(transformers, tmp_path, capsys):
 
 
 def test_init_from_another_architecture_is_refused(transformers, tmp_path, capsys, one_thread):
-    from cortexcraft.hf import pretrained_model_config
+    from cortexcraft.pretrained import pretrained_model_config
 
     run = _trained_run(tmp_path, "cpu", VARIANTS["apertus: rope rmsnorm qk_norm relu2, tied"])
     _export(run, tmp_path / "hf", capsys)
@@ -294,7 +295,7 @@ def test_init_from_another_architecture_is_refused(transformers, tmp_path, capsy
 
 def test_hub_id_without_network_fails_saying_how_to_pass_a_directory(transformers, tmp_path):
     # Offline mode is how the hub client behaves with no network: the request never leaves.
-    code = ("import sys; from cortexcraft.hf import pretrained_dir\n"
+    code = ("import sys; from cortexcraft.pretrained import pretrained_dir\n"
             "try:\n    pretrained_dir('hf:openai-community/gpt2')\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)")
     env = {**ONE_THREAD_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
@@ -308,7 +309,7 @@ def test_every_activation_maps_to_the_same_function_in_transformers(transformers
     from transformers.activations import ACT2FN
 
     from cortexcraft.config import ModelConfig
-    from cortexcraft.hf import HF_ACTIVATIONS, IMPORTED_ACTIVATIONS
+    from cortexcraft.pretrained import HF_ACTIVATIONS, IMPORTED_ACTIVATIONS
     from cortexcraft.model import ACTIVATIONS
 
     assert set(HF_ACTIVATIONS) == set(ACTIVATIONS) == set(ModelConfig.model_fields["activation"].annotation.__args__)
@@ -324,7 +325,7 @@ def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
         import json, torch
         from cortexcraft.config import ModelConfig
         from cortexcraft.errors import CortexCraftError
-        from cortexcraft.hf import pretrained_model_config, pretrained_state, pretrained_tokenizer
+        from cortexcraft.pretrained import pretrained_model_config, pretrained_state, pretrained_tokenizer
         from cortexcraft.model import GPT
         spec = "hf:someone/tiny-gpt2@main"
         cfg = pretrained_model_config(spec, ModelConfig(block_size=32))
@@ -350,7 +351,7 @@ def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
 
 
 def test_unusable_pretrained_directories_fail_naming_the_problem(transformers, tmp_path, capsys, one_thread):
-    from cortexcraft.hf import pretrained_model_config, pretrained_state, pretrained_tokenizer
+    from cortexcraft.pretrained import pretrained_model_config, pretrained_state, pretrained_tokenizer
 
     model_cfg = build_config("cpu", ["block_size=32"]).model
     empty = tmp_path / "empty"

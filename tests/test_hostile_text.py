@@ -49,7 +49,7 @@ def hostile_report(tmp_path_factory):
     corpus.write_text(hostile_corpus(), encoding="utf-8")
     with prefect_server(tmp / "prefect-home", tmp / "server.log") as env:
         api = env["PREFECT_API_URL"]
-        result = subprocess.run([sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(corpus),
+        result = subprocess.run([sys.executable, "-m", "flows", "pipeline", "--source", str(corpus),
                                  "--data-dir", str(tmp / "data"), *[a for s in TINY for a in ("--set", s)]],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

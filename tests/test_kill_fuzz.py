@@ -26,7 +26,7 @@ from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
 from cortexcraft.fileio import TEMP_SUFFIX, read_json
 from cortexcraft.locks import lock_holder
 from cortexcraft.shards import MANIFEST, verify_shards
-from cortexcraft.train import read_metrics
+from cortexcraft.metrics import read_metrics
 from prefect_server import REPO
 from tasks.stage import RECORD_NAME, STAGE_DIRS, STAGES, valid_record
 from tiny_runs import same_weights
@@ -127,7 +127,7 @@ def metrics_without_times(run: Path) -> list[dict]:
 def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterrupted_run(
         api_server, tmp_path, tinyshakespeare_path):
     def command(data: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(tinyshakespeare_path),
+        return [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
                 "--data-dir", str(data), *(f"--set={o}" for o in OVERRIDES), *extra]
 
     env = api_server["env"]

@@ -6,7 +6,7 @@ import torch
 from cortexcraft.config import ModelConfig, build_config
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.model import GPT, KVCache, Rotary, apply_rotary, parameter_count
-from tiny_runs import one_thread  # noqa: F401 (one_thread is a fixture)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

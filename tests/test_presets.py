@@ -4,8 +4,9 @@ import pytest
 
 from cortexcraft.cli import main
 from cortexcraft.config import build_config, preset_names
-from cortexcraft.train import read_metrics, train
-from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.metrics import read_metrics
+from cortexcraft.train import train
+from tiny_runs import make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

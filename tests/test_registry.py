@@ -21,8 +21,10 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import generate_from_run
 from cortexcraft.locks import FileLock
 from cortexcraft.prepare import prepare
-from cortexcraft.train import learning_rate, read_metrics, train
-from tiny_runs import make_data_dir, one_thread, repetitive_text, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.metrics import read_metrics
+from cortexcraft.optim import learning_rate
+from cortexcraft.train import train
+from tiny_runs import make_data_dir, repetitive_text, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FRESH = {"requested": "fresh", "mode": "fresh", "parent": None, "init_checkpoint": None, "init_step": None,

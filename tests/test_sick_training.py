@@ -17,8 +17,9 @@ from cortexcraft.cli import main
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import read_json
 from cortexcraft.shards import verify_shards
-from cortexcraft.train import read_metrics, train
-from tiny_runs import TINY, one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.metrics import read_metrics
+from cortexcraft.train import train
+from tiny_runs import TINY, make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,10 @@ import pytest
 
 from cortexcraft.checkpoint import list_checkpoints, read_checkpoint_state
 from cortexcraft.fileio import read_json
-from cortexcraft.train import read_metrics, train
+from cortexcraft.metrics import read_metrics
+from cortexcraft.train import train
 from prefect_server import processes_with_env, wait_until
-from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, one_thread, same_weights, tiny_config  # noqa: F401
+from tiny_runs import ONE_THREAD_ENV, TINY, make_data_dir, same_weights, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_SECONDS = 15
@@ -100,7 +101,7 @@ def pipeline_env(tmp: Path, mark: str) -> dict[str, str]:
 
 
 def pipeline_command(source: Path, data: Path, max_iters: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cortexcraft", "pipeline", "--source", str(source), "--data-dir", str(data),
+    return [sys.executable, "-m", "flows", "pipeline", "--source", str(source), "--data-dir", str(data),
             *(f"--set={o}" for o in TINY), f"--set=max_iters={max_iters}", "--set=checkpoint_interval=1000",
             "--set=max_new_tokens=20", *extra]
 

@@ -13,13 +13,15 @@ from cortexcraft.config import SampleConfig
 from cortexcraft.generate import generate_from_run, sample_prompts
 from cortexcraft.model import GPT
 from cortexcraft.prepare import prepare
+from cortexcraft.evaluate import eval_plan, evaluate_run
+from cortexcraft.metrics import read_metrics
+from cortexcraft.optim import Optimizers, learning_rate, max_steps_for
 from cortexcraft.tokenizer import BPETokenizer
-from cortexcraft.train import (
-    apply_schedule, eval_plan, evaluate_run, learning_rate, make_optimizers, max_steps_for, read_metrics, train,
-)
-from tiny_runs import one_thread, make_data_dir, tiny_config  # noqa: F401 (one_thread is a fixture)
+from cortexcraft.train import train
+from tiny_runs import make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +168,9 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 def test_weight_decay_applies_only_to_matrices():
     cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "weight_decay=0.1"])
     model = GPT(cfg.model, 20)
-    optimizers = make_optimizers(model, cfg.train.model_copy(update={"optimizer": "adamw"}), torch.device("cpu"))
-    assert list(optimizers) == ["optimizer"]
-    decayed, plain = optimizers["optimizer"].param_groups
+    optimizers = Optimizers(model, cfg.train.model_copy(update={"optimizer": "adamw"}), torch.device("cpu"), NO_SCALER)
+    assert list(optimizers.by_name()) == ["optimizer"] and optimizers.muon is None
+    decayed, plain = optimizers.adamw.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
@@ -178,12 +180,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     cfg = build_config("cpu", ["n_layer=2", "n_embd=32", "n_head=2", "optimizer=muon", "muon_lr=0.05",
                                "tie_weights=false", "normalization=rmsnorm", "qk_norm=true"])
     model = GPT(cfg.model, 20)
-    optimizers = make_optimizers(model, cfg.train, torch.device("cpu"))
-    muon = optimizers["muon"]
+    optimizers = Optimizers(model, cfg.train, torch.device("cpu"), NO_SCALER)
+    muon = optimizers.muon
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert muon_names == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "ff.up", "ff.proj")}
-    adamw_names = {names[id(p)] for g in optimizers["optimizer"].param_groups for p in g["params"]}
+    adamw_names = {names[id(p)] for g in optimizers.adamw.param_groups for p in g["params"]}
     assert adamw_names == set(names.values()) - muon_names
     assert {"tok_emb.weight", "lm_head.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
     # torch's Muon defaults to weight_decay=0.1; ours is explicit.
@@ -207,16 +209,16 @@ def test_muon_momentum_warms_up_and_its_lr_follows_the_schedule():
     cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "optimizer=muon", "lr=1e-3", "muon_lr=0.04",
                                "warmup_iters=0", "lr_schedule=wsd", "decay_fraction=0.2", "min_lr=0", "muon_momentum=0.95",
                                "muon_momentum_warmup_iters=100"]).train
-    optimizers = make_optimizers(GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg,
-                                 torch.device("cpu"))
-    muon = optimizers["muon"].param_groups[0]
-    assert apply_schedule(optimizers, 0, cfg, 1000) == pytest.approx(1e-3)
+    optimizers = Optimizers(GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg,
+                            torch.device("cpu"), NO_SCALER)
+    muon = optimizers.muon.param_groups[0]
+    assert optimizers.schedule(0, 1000) == pytest.approx(1e-3)
     assert muon["momentum"] == pytest.approx(0.85) and muon["lr"] == pytest.approx(0.04)
-    apply_schedule(optimizers, 50, cfg, 1000)
+    optimizers.schedule(50, 1000)
     assert muon["momentum"] == pytest.approx(0.90)
-    apply_schedule(optimizers, 900, cfg, 1000)
+    optimizers.schedule(900, 1000)
     assert muon["momentum"] == pytest.approx(0.95) and muon["lr"] == pytest.approx(0.02)
-    assert optimizers["optimizer"].param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    assert optimizers.adamw.param_groups[0]["lr"] == pytest.approx(0.5e-3)
 
 
 def test_a_run_cannot_switch_optimizer_on_resume(data_dir, tmp_path):

@@ -5,7 +5,6 @@ import os
 import random
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,14 +15,6 @@ from cortexcraft.prepare import prepare
 # For models this small one thread is fastest, and on a busy 2-core machine a second spinning
 # OpenMP thread makes every step ~10x slower. Subprocesses get the same setting through the env.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Shrinks any preset to a model that trains in a fraction of a second per few steps, on one fixed

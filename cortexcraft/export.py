@@ -1,10 +1,5 @@
-"""Hugging Face transformers interop: a run exported as a transformers model directory, and a
-GPT-2-style transformers checkpoint imported as the starting point of a run.
-
-transformers is an optional extra (``pip install -e ".[hf]"``), imported only inside these
-functions, so the base install works without it.
-
-Export (``export_run``) writes the transformers architecture that computes what our model computes:
+"""Hugging Face export: a run written as a transformers model directory, in the transformers
+architecture that computes what our model computes:
 
 - ``GPT2LMHeadModel`` for GPT-2-shaped models (pre-norm, learned positions, LayerNorm, no
   QK-norm): keys map one to one, the four Conv1D weights stored transposed, zero biases for a
@@ -14,65 +9,33 @@ Export (``export_run``) writes the transformers architecture that computes what 
   is split into q/k/v;
 - anything else (post-norm, sinusoidal positions, a logit soft-cap, ...) fails naming the field.
 
-Import (``pretrained_model_config`` / ``pretrained_state`` / ``pretrained_tokenizer``, used when
-``train.init_from`` is set) reads a GPT-2-style checkpoint into our ``GPT`` and its tokenizer into a
-``BPETokenizer``. ``hf:DIR`` is a local directory; ``hf:OWNER/NAME[@REV]`` is fetched from the hub.
+Only the CLI's ``export`` imports this module.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from cortexcraft.checkpoint import resolve_checkpoint
-from cortexcraft.config import ModelConfig, RunConfig, pretrained_reference
+from cortexcraft.checkpoint import load_model, resolve_checkpoint
+from cortexcraft.config import ModelConfig, RunConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, atomic_write_text, build_dir, fsync_tree, read_json
-from cortexcraft.report import fence
-from cortexcraft.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from cortexcraft.generate import generate
+from cortexcraft.markdown import fence
+from cortexcraft.metrics import read_metrics
+from cortexcraft.pretrained import HF_ACTIVATIONS, SPECIAL_ROLES, Plan, gpt2_plan, require_transformers
+from cortexcraft.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = 'install the Hugging Face extra: pip install -e ".[hf]"'
 # Written into every export: what it was exported from, and proof that --out may be replaced.
 EXPORT_RECORD = "cortexcraft-export.json"
 CARD_SAMPLE_TOKENS = 200
-# Our activation names -> transformers' ACT2FN names computing the same function. gelu_tanh is
-# GPT-2's own "gelu_new" (the same tanh formula as torch's approximate GELU).
-HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}
-IMPORTED_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                        "relu2": "relu2"}
-# Which of a tokenizer's special tokens plays which role in a transformers config.
-SPECIAL_ROLES = {"bos": ("<|endoftext|>", "<bos>", "<s>"), "eos": ("<|endoftext|>", "<eos>", "</s>"),
-                 "pad": ("<pad>",), "unk": ("<unk>",)}
-
-
-def require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise CortexCraftError(f"Hugging Face interop needs transformers, which is not installed; {INSTALL_HINT}") from None
-    return transformers
-
-
-# ---------------------------------------------------------------------------------------------
-# architectures
-
-
-@dataclass
-class Plan:
-    """How our weights become a transformers model: its class, its config, and for every one of
-    its tensors the tensor of ours it comes from (``how``: "copy", "t" for a Conv1D transpose, or
-    "q"/"k"/"v" for one third of the fused QKV projection)."""
-    architecture: str
-    model_type: str
-    config: dict[str, Any]
-    keys: list[tuple[str, str, str]]
 
 
 def _unexportable(field: str, value: Any, why: str, fix: str) -> CortexCraftError:
@@ -117,27 +80,6 @@ def special_token_ids(tok: Tokenizer) -> dict[str, Optional[int]]:
     return ids
 
 
-def _gpt2_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int]]) -> Plan:
-    config = {
-        "vocab_size": vocab_size, "n_positions": m.positions, "n_embd": m.n_embd, "n_layer": m.n_layer,
-        "n_head": m.n_head, "n_inner": m.d_ff, "activation_function": HF_ACTIVATIONS[m.activation],
-        "layer_norm_epsilon": m.norm_eps, "resid_pdrop": m.dropout, "embd_pdrop": m.dropout,
-        "attn_pdrop": m.attention_dropout, "tie_word_embeddings": m.tie_weights,
-        "bos_token_id": specials["bos"], "eos_token_id": specials["eos"], "pad_token_id": specials["pad"],
-    }
-    keys = [("transformer.wte.weight", "tok_emb.weight", "copy"), ("transformer.wpe.weight", "pos_emb.weight", "copy")]
-    for i in range(m.n_layer):
-        hf, ours = f"transformer.h.{i}.", f"blocks.{i}."
-        for hf_name, our_name, conv1d in (("ln_1", "ln1", False), ("attn.c_attn", "attn.qkv", True),
-                                          ("attn.c_proj", "attn.proj", True), ("ln_2", "ln2", False),
-                                          ("mlp.c_fc", "ff.up", True), ("mlp.c_proj", "ff.proj", True)):
-            keys += [(f"{hf}{hf_name}.weight", f"{ours}{our_name}.weight", "t" if conv1d else "copy"),
-                     (f"{hf}{hf_name}.bias", f"{ours}{our_name}.bias", "copy")]
-    keys += [("transformer.ln_f.weight", "ln_f.weight", "copy"), ("transformer.ln_f.bias", "ln_f.bias", "copy"),
-             ("lm_head.weight", "tok_emb.weight" if m.tie_weights else "lm_head.weight", "copy")]
-    return Plan("GPT2LMHeadModel", "gpt2", config, keys)
-
-
 def _rope_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int]]) -> Plan:
     config = {
         "vocab_size": vocab_size, "hidden_size": m.n_embd, "intermediate_size": m.ff_width,
@@ -172,7 +114,7 @@ def _rope_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int
 
 def export_plan(m: ModelConfig, vocab_size: int, specials: dict[str, Optional[int]]) -> Plan:
     check_exportable(m)
-    return _gpt2_plan(m, vocab_size, specials) if m.pos_encoding == "learned" else _rope_plan(m, vocab_size, specials)
+    return gpt2_plan(m, vocab_size, specials) if m.pos_encoding == "learned" else _rope_plan(m, vocab_size, specials)
 
 
 def _to_hf(tensor: torch.Tensor, how: str) -> torch.Tensor:
@@ -203,7 +145,6 @@ def hf_model_from(model: torch.nn.Module, plan: Plan):
     hf_model.load_state_dict(hf_state, strict=True)
     return hf_model.eval()
 
-
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 
@@ -233,7 +174,6 @@ def save_hf_tokenizer(tok: Tokenizer, max_length: int, out_dir: Path) -> None:
     # transformers 5 writes its own class name ("TokenizersBackend"), which 4.x cannot load.
     path = out_dir / "tokenizer_config.json"
     atomic_write_json(path, {**read_json(path), "tokenizer_class": "PreTrainedTokenizerFast"})
-
 
 # ---------------------------------------------------------------------------------------------
 # export
@@ -314,9 +254,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     """Write a checkpoint of a run as a transformers model directory (weights, config, tokenizer,
     model card) that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load offline.
     The directory is built beside ``out_dir`` and renamed into place. Returns what was written."""
-    from cortexcraft.generate import generate, load_model
-    from cortexcraft.train import read_metrics
-
     require_transformers()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_export_dir(out_dir)
@@ -352,124 +289,3 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
         fsync_tree(tmp)
     log.info("exported %s (step %d) as %s to %s", path, state["step"], plan.architecture, out_dir)
     return {**record, "out_dir": str(out_dir)}
-
-
-# ---------------------------------------------------------------------------------------------
-# import
-
-
-def check_init_from(spec: str) -> str:
-    """The reference after ``hf:`` (a directory or a hub id), or a CortexCraftError naming the format."""
-    try:
-        return pretrained_reference(spec)
-    except ValueError as exc:
-        raise CortexCraftError(str(exc)) from None
-
-
-def pretrained_dir(spec: str) -> Path:
-    """The local directory of ``hf:DIR``, or of ``hf:OWNER/NAME[@REV]`` after fetching it from the
-    hub (weights as safetensors, configs, tokenizer files; cached by huggingface_hub)."""
-    ref = check_init_from(spec)
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return local
-    if ref.startswith(("/", ".", "~")) or local.exists() or ref.count("/") > 1:
-        raise CortexCraftError(f"init_from={spec}: {local} is not a directory; pass hf:DIR of a model saved with "
-                               f"save_pretrained, or hf:OWNER/NAME of a hub model")
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = ref.partition("@")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    # The hub client raises connection, HTTP, offline-mode and repo-id errors of several families.
-    except Exception as exc:
-        raise CortexCraftError(f"init_from={spec}: cannot fetch {repo} from the Hugging Face hub ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}); save it with save_pretrained where the "
-                               f"hub is reachable and pass hf:/path/to/dir") from None
-
-
-def _pretrained_gpt2_config(spec: str, directory: Path):
-    transformers = require_transformers()
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError) as exc:
-        raise CortexCraftError(f"init_from={spec}: {directory} holds no transformers model config ({exc}); "
-                               f"pass a directory written by save_pretrained") from None
-    if hf_config.model_type != "gpt2":
-        raise CortexCraftError(f"init_from={spec} is a {hf_config.model_type} model; only GPT-2-style models "
-                               f"(model_type gpt2) can be imported")
-    unsupported = [f"{name}={getattr(hf_config, name)}" for name, wanted in
-                   (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False))
-                   if getattr(hf_config, name) != wanted]
-    if hf_config.activation_function not in IMPORTED_ACTIVATIONS:
-        unsupported.append(f"activation_function={hf_config.activation_function}")
-    if unsupported:
-        raise CortexCraftError(f"init_from={spec} uses {', '.join(unsupported)}, which our GPT does not compute; "
-                               f"import a standard GPT-2 checkpoint")
-    return hf_config
-
-
-def pretrained_model_config(spec: str, model_cfg: ModelConfig) -> ModelConfig:
-    """The architecture of the pretrained model, with ``model_cfg``'s block_size and dropout (the
-    two settings a fine-tune chooses, as nanoGPT's init_from does)."""
-    hf_config = _pretrained_gpt2_config(spec, pretrained_dir(spec))
-    if model_cfg.block_size > hf_config.n_positions:
-        raise CortexCraftError(f"block_size={model_cfg.block_size} exceeds the {hf_config.n_positions} positions of "
-                               f"init_from={spec}; set block_size to at most {hf_config.n_positions}")
-    return ModelConfig(
-        block_size=model_cfg.block_size, n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-        d_ff=hf_config.n_inner, dropout=model_cfg.dropout, attn_dropout=model_cfg.attn_dropout, bias=True, pos_encoding="learned",
-        max_positions=hf_config.n_positions, activation=IMPORTED_ACTIVATIONS[hf_config.activation_function],
-        norm="pre", norm_eps=hf_config.layer_norm_epsilon, tie_weights=bool(hf_config.tie_word_embeddings),
-    )
-
-
-def pretrained_vocab_size(spec: str) -> int:
-    return _pretrained_gpt2_config(spec, pretrained_dir(spec)).vocab_size
-
-
-def pretrained_state(spec: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The pretrained weights as our GPT's state dict (``model_cfg`` from ``pretrained_model_config``)."""
-    transformers = require_transformers()
-    directory = pretrained_dir(spec)
-    hf_config = _pretrained_gpt2_config(spec, directory)
-    try:
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(directory), use_safetensors=True, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise CortexCraftError(f"init_from={spec}: cannot load safetensors weights from {directory} ({exc}); "
-                               f"save the model with save_pretrained (safetensors; pickled .bin files are not read)") from None
-    hf_state = hf_model.state_dict()
-    plan = _gpt2_plan(model_cfg, hf_config.vocab_size, dict.fromkeys(SPECIAL_ROLES))
-    ours = {}
-    for hf_key, our_key, how in plan.keys:
-        if hf_key == "lm_head.weight" and model_cfg.tie_weights:
-            continue  # the tied head is the embedding itself
-        ours[our_key] = hf_state[hf_key].t().contiguous() if how == "t" else hf_state[hf_key].clone()
-    return ours
-
-
-def pretrained_tokenizer(spec: str) -> BPETokenizer:
-    """The pretrained model's tokenizer (byte-level BPE, e.g. GPT-2's 50,257 tokens) as ours."""
-    transformers = require_transformers()
-    from tokenizers import Tokenizer as Backend
-
-    directory = pretrained_dir(spec)
-    try:
-        fast = transformers.AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as exc:
-        raise CortexCraftError(f"init_from={spec}: cannot load a tokenizer from {directory} ({exc}); "
-                               f"save the tokenizer beside the model with save_pretrained") from None
-    backend = getattr(fast, "backend_tokenizer", None)
-    kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else type(fast).__name__
-    if kind != "BPE":
-        raise CortexCraftError(f"init_from={spec} has a {kind} tokenizer; only byte-level BPE tokenizers (as GPT-2's) "
-                               f"can be imported")
-    specials = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items()) if t.special]
-    tok = BPETokenizer(Backend.from_str(backend.to_str()), specials)
-    # transformers builds an empty tokenizer when the files are missing: the sizes tell.
-    model_vocab = _pretrained_gpt2_config(spec, directory).vocab_size
-    if tok.vocab_size != model_vocab:
-        raise CortexCraftError(f"init_from={spec}: its tokenizer has {tok.vocab_size:,} tokens but the model {model_vocab:,}; "
-                               f"save the model's own tokenizer beside it with save_pretrained")
-    return tok
