@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from cortexcraft.metrics import read_metrics
-from prefect_server import REPO, stage_states, tail
+from prefect_server import REPO, api_post, stage_states, tail
 from tasks.stage import STAGES
 
 pytestmark = pytest.mark.slow
