@@ -51,6 +51,9 @@ def edit(path: Path) -> None:
 
 def test_an_edit_to_the_report_code_reruns_only_the_report(project, api_server):
     assert set(pipeline(project, api_server).values()) == {"Completed"}
+    # Each evaluation reaches the console once (the task used to log it again).
+    log = project["log"].read_text()
+    assert [log.count(f"step {step}/20: train loss") for step in (0, 10, 20)] == [1, 1, 1], log[-3000:]
     assert pipeline(project, api_server) == dict.fromkeys(CACHED_STAGES, "Cached")
     edit(project["src"] / "cortexcraft" / "report.py")
     assert pipeline(project, api_server) == {**dict.fromkeys(CACHED_STAGES, "Cached"), "report": "Completed"}
