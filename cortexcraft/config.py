@@ -141,6 +141,8 @@ class TrainConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
     compile: bool = False
+    deterministic: bool = Field(False, description="torch's deterministic algorithms and a deterministic cuBLAS workspace: "
+                                "bitwise-repeatable GPU runs and resumes, slower (CPU runs are repeatable without it)")
     threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
                                    "training (OMP_NUM_THREADS also fixes it)")
 

@@ -35,11 +35,13 @@ from cortexcraft.checkpoint import (
 )
 from cortexcraft.config import RunConfig, TrainConfig
 from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
+from cortexcraft.device import deterministic_algorithms, vocab_multiple
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import append_text, atomic_write_json, atomic_write_text, remove_dead_temps, sha256_json
 from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
 from cortexcraft.locks import lock_run_dir
 from cortexcraft.model import GPT, check_model_config, matmul_shapes
+from cortexcraft.model import keep_true_vocabulary_in, parameter_count
 from cortexcraft.shards import verify_shards
 from cortexcraft.threads import choose_threads
 from cortexcraft.tokenizer import load_tokenizer
@@ -415,7 +417,7 @@ def train(
             if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
                 raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of {start_from}; "
                                        f"set max_iters to the step to train up to")
-        with StopRequest() as stop:
+        with StopRequest() as stop, deterministic_algorithms(tcfg.deterministic):
             return _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start, stop)
     finally:
         if lock is not None:
@@ -448,7 +450,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
 
     torch.manual_seed(tcfg.seed + ddp.rank)
-    model = GPT(mcfg, vocab_size)
+    model = GPT(mcfg, vocab_size, pad_vocab_to=vocab_multiple(device))
     if tcfg.init_from and previous is None:
         from cortexcraft.hf import pretrained_state
 
@@ -456,6 +458,8 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         log.info("initialised from %s", tcfg.init_from)
     model = model.to(device)
     optimizers = make_optimizers(model, tcfg, device)
+    for optimizer in optimizers.values():
+        keep_true_vocabulary_in(model, optimizer)
     scaler = grad_scaler(device, dtype)
     step, tokens_seen, best_val, best_step, segment_start = 0, 0, math.inf, None, 0
     if init is not None:
@@ -483,7 +487,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
         segment_start = state.get("segment_start", 0)
         log.info("resuming %s from %s (step %d)", run_dir, path.name, step)
     start_step = step
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(mcfg, vocab_size)
 
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
