@@ -19,11 +19,9 @@ validators for the next conditional GET, the stat cache), written atomically.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
