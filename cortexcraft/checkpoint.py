@@ -9,7 +9,8 @@ Layout of a run directory (written by ``cortexcraft.train.train``)::
       summary.json                 the result of the last ``train`` call
       checkpoints/
         step_00001000/
-          model.safetensors        model weights (the unwrapped model's state_dict)
+          model.safetensors        model weights (the unwrapped model's state_dict: the true
+                                   vocabulary's rows, without CUDA's padding rows)
           training.safetensors     optimizer tensors ("<optimizer>.<param>.<name>": "optimizer" is
                                    AdamW, "muon" Muon) and RNG states ("rng.<rank>.cpu",
                                    "rng.<rank>.cuda<i>") of every rank

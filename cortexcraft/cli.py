@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -180,8 +179,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cortexcraft.checkpoint import latest_checkpoint
     from cortexcraft.config import build_config
     from cortexcraft.distributed import torchrun_command
+    from cortexcraft.interrupt import exit_with_parent_if_asked
     from cortexcraft.train import train
 
+    exit_with_parent_if_asked()
     if (args.nproc_per_node > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         # Not yet under torchrun: start it with this same command (minus the launch options).
         build_config(args.preset, args.overrides)  # a bad config fails here, not once per process
@@ -193,7 +194,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       *(["--start-from", args.start_from] if args.start_from else [])]
         command = torchrun_command(train_args, args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint,
                                    rdzv_id=Path(args.out).name)
-        return subprocess.call(command)
+        # torchrun takes this process's place: it gets the signals sent to it and keeps its
+        # parent-death signal, and stops its trainers at a checkpoint either way.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
 
     overrides = list(args.overrides)
     if args.max_iters is not None:

@@ -139,7 +139,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
-    compile: Optional[bool] = None  # None: on CUDA only
+    compile: Optional[bool] = Field(None, description="torch.compile the model; default: on CUDA only")
+    deterministic: bool = Field(False, description="torch's deterministic algorithms and a deterministic cuBLAS workspace: "
+                                "bitwise-repeatable GPU runs and resumes, slower (CPU runs are repeatable without it)")
     threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
                                    "training (OMP_NUM_THREADS also fixes it)")
 

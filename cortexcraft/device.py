@@ -15,10 +15,10 @@ import logging
 import os
 import platform
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
@@ -41,6 +41,9 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise CortexCraftError("device cuda requested but torch sees no CUDA GPU; use --set device=auto or cpu")
+        # TF32 tensor cores for the matmuls that stay in fp32 (dtype=float32 runs, code outside
+        # autocast): ~8x an fp32 matmul's speed on Ampere and later, 10 mantissa bits.
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
         raise CortexCraftError("device mps requested but MPS is not available; use --set device=auto or cpu")
@@ -61,7 +64,10 @@ def select_dtype(device: torch.device, name: str = "auto",
             raise CortexCraftError("dtype float16 is not supported on CPU; use --set dtype=bfloat16 or float32")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without emulation: a V100 or T4 "supports" bf16 only by emulating it, far slower than
+        # its fp16 tensor cores, which then run with a GradScaler (see grad_scaler). The current
+        # device is this process's GPU (Distributed sets it before the device is chosen).
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and matmul_shapes:
         return _DTYPES[calibrate_cpu_dtype(matmul_shapes)["dtype"]]
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -168,6 +174,39 @@ def cpu_info() -> dict:
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (see ``NATIVE_BF16``)."""
     return bool(set(cpu_info()["flags"]) & NATIVE_BF16)
+
+
+# Tensor-core tiles are multiples of 64 or 128 wide: a head of 50,257 rows leaves the last tile
+# ragged, 50,304 fills it (nanoGPT's padding). CPU kernels take any width.
+CUDA_VOCAB_MULTIPLE = 128
+
+
+def vocab_multiple(device: torch.device) -> int:
+    """The multiple the model's embedding and head rows are padded to on ``device`` (1: no padding)."""
+    return CUDA_VOCAB_MULTIPLE if device.type == "cuda" else 1
+
+
+# One of the two settings with which cuBLAS gives bitwise-repeatable results (NVIDIA's cuBLAS docs,
+# "Results reproducibility"); torch refuses cuBLAS calls in deterministic mode without one.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, torch's deterministic algorithms while inside (an operation with none
+    raises), and ``CUBLAS_WORKSPACE_CONFIG`` set unless the user set it. cuBLAS reads it when this
+    process makes its first GPU matmul, so enter this before any (``train`` does). Restores the
+    previous setting on exit; does nothing without ``enabled``."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

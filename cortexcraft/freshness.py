@@ -7,7 +7,8 @@ one small hub API call or a ``stat`` per file, and a changed one is noticed:
   refuses HEAD or sends no validator gets a conditional GET with the validators seen last time
   (``If-None-Match`` / ``If-Modified-Since``): 304 means unchanged and nothing is transferred; a 200
   without any validator is hashed, the only way left to know.
-- hub datasets: the commit sha the revision (branch, tag or sha) resolves to, from the hub API.
+- hub datasets: the commit sha the revision (branch, tag or sha) resolves to, from the hub API
+  (through huggingface_hub, with the user's token).
 - local files and directories: the sha256 of every file, re-hashed only when its size, mtime or
   inode differs from the last check (a file modified less than ``RACY_SECONDS`` before it was
   hashed is re-hashed next time too: an edit in the same mtime tick would look unchanged).
@@ -18,15 +19,14 @@ validators for the next conditional GET, the stat cache), written atomically.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cortexcraft import hub
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_write_json, read_json, sha256_file, sha256_json
 
@@ -118,19 +118,14 @@ def http_revision(url: str, cache_dir: str | os.PathLike) -> dict[str, Any]:
 # hub
 
 
-def hub_revision(endpoint: str, repo: str, revision: str | None, cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """The commit sha that ``repo@revision`` (default main) resolves to, from the hub API."""
+def hub_revision(repo: str, revision: str | None, cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The commit sha that ``repo@revision`` (default main) resolves to, from the hub API with the
+    user's token (private and gated datasets included, see ``cortexcraft.hub``)."""
     wanted = revision or "main"
-    url = f"{endpoint}/api/datasets/{repo}/revision/{urllib.parse.quote(wanted, safe='')}"
-    status, _, response = _open(urllib.request.Request(url, headers={"Accept": "application/json"}))
-    if status in (401, 403, 404) or response is None:
-        raise CortexCraftError(f"the hub has no dataset {repo} at revision {wanted!r} (HTTP {status}); "
-                               f"check the id and revision (private datasets need HF_TOKEN)")
-    with response:
-        try:
-            sha = json.loads(response.read())["sha"]
-        except (ValueError, KeyError, TypeError):
-            raise CortexCraftError(f"the hub's answer for {repo}@{wanted} has no commit sha; check HF_ENDPOINT") from None
+    try:
+        sha = hub.commit("dataset", repo, revision)
+    except hub.HubUnreachable as exc:
+        raise SourceUnreachable(str(exc)) from None
     path = state_file(cache_dir, "hub", [repo, wanted])
     return _remember(path, {"kind": "hub", "repo": repo, "requested": wanted, "identity": {"sha": sha},
                             "checked_by": "hub API"})

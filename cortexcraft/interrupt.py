@@ -78,9 +78,37 @@ class StopRequest:
             os.kill(os.getpid(), signum)
 
 
+# Set by a parent (to its pid) in a child's environment: the child is to call
+# ``exit_with_parent_if_asked`` itself, since setting it between fork and exec (Popen's preexec_fn)
+# can deadlock a parent that runs threads, as Prefect's task runners do.
+EXIT_WITH_PARENT_ENV = "CORTEXCRAFT_EXIT_WITH_PARENT"
+
+
+def exit_with_parent_env() -> dict[str, str]:
+    """Environment entries asking a child that calls ``exit_with_parent_if_asked`` to get SIGTERM
+    when this process dies."""
+    return {EXIT_WITH_PARENT_ENV: str(os.getpid())}
+
+
+def exit_with_parent_if_asked() -> None:
+    """When this process's environment asks for it (``exit_with_parent_env``), arrange SIGTERM on
+    the parent's death; when the parent died before that could be arranged, SIGTERM now, as the
+    kernel would have sent it. The request is removed from the environment, so programs this process
+    execs or starts do not act on a parent that is not theirs."""
+    expected = os.environ.pop(EXIT_WITH_PARENT_ENV, None)
+    if expected is None:
+        return
+    exit_with_parent()
+    # prctl only covers a parent alive at the call; one that died earlier left us to init or a
+    # subreaper, which shows as another parent pid.
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def exit_with_parent(signum: int = signal.SIGTERM) -> None:
     """Have Linux send ``signum`` to this process when its parent dies (a SIGKILLed launcher
-    must not leave its children training on). No-op on other systems."""
+    must not leave its children training on). It outlives ``exec`` of an ordinary program.
+    No-op on other systems."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)

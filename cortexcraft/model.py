@@ -12,6 +12,14 @@ rotary positions (``pos_encoding="rope"``: Llama's rotate-half convention, cos/s
 RMSNorm instead of LayerNorm, ReLU² feed-forward, QK-norm (RMSNorm over each head's queries and
 keys, before RoPE), zero-initialised output projections and head, and a tanh logit soft-cap.
 
+On CUDA the embedding and head rows are padded to a multiple of 128 (GPT-2's 50,257 -> 50,304,
+as nanoGPT does) so the head's matmuls fill whole tensor-core tiles; the padding rows are zero,
+never receive a gradient (logits are sliced back to the true vocabulary before anything reads
+them), and never leave the model: ``state_dict`` (checkpoints, HF export) holds the true vocabulary
+and ``load_state_dict`` pads it again (see ``keep_true_vocabulary_in``). On CPU nothing is padded:
+an arbitrary head width costs the CPU kernels nothing, padding a 65-character head to 128 would
+double its work, and unpadded shapes keep CPU numerics exactly as before.
+
 Generation can pass a ``KVCache``: the keys and values of earlier positions are kept so each new
 token costs one position instead of the whole context.
 """
@@ -177,13 +185,19 @@ def sinusoidal_table(positions: int, n_embd: int) -> torch.Tensor:
     return table
 
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``."""
+    return -(-vocab_size // multiple) * multiple
+
+
 class GPT(nn.Module):
-    def __init__(self, model_cfg: ModelConfig, vocab_size: int):
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int, pad_vocab_to: int = 1):
         super().__init__()
         check_model_config(model_cfg, vocab_size)
         self.config = model_cfg
         self.vocab_size = vocab_size
-        self.tok_emb = nn.Embedding(vocab_size, model_cfg.n_embd)
+        self.vocab_rows = padded_vocab_size(vocab_size, pad_vocab_to)
+        self.tok_emb = self._pad_vocab(nn.Embedding(vocab_size, model_cfg.n_embd))
         self.rotary = None
         if model_cfg.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(model_cfg.positions, model_cfg.n_embd)
@@ -196,7 +210,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.n_layer))
         self.ln_f = make_norm(model_cfg, model_cfg.n_embd)
         # Tied weights reuse the embedding matrix as the head, so there is no second copy to save.
-        self.lm_head = None if model_cfg.tie_weights else nn.Linear(model_cfg.n_embd, vocab_size, bias=False)
+        self.lm_head = None if model_cfg.tie_weights else self._pad_vocab(nn.Linear(model_cfg.n_embd, vocab_size, bias=False))
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -210,13 +224,37 @@ class GPT(nn.Module):
         if model_cfg.zero_init and self.lm_head is not None:
             # A zero head predicts the uniform distribution: the loss starts exactly at ln(vocab).
             nn.init.zeros_(self.lm_head.weight)
+        if self.vocab_rows != vocab_size:
+            self.register_state_dict_post_hook(_strip_vocab_padding)
+            self.register_load_state_dict_pre_hook(_pad_vocab_rows)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _pad_vocab(self, module: nn.Embedding | nn.Linear) -> nn.Embedding | nn.Linear:
+        """``module`` (built with the true vocabulary, so that it draws the same random numbers as an
+        unpadded model's) with zero rows up to ``vocab_rows``."""
+        if self.vocab_rows != self.vocab_size:
+            module.weight = nn.Parameter(_pad_rows(module.weight.detach(), self.vocab_rows))
+            if isinstance(module, nn.Embedding):
+                module.num_embeddings = self.vocab_rows
+            else:
+                module.out_features = self.vocab_rows
+        return module
+
+    def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            weight = module.weight
+            if module is self.tok_emb or module is self.lm_head:
+                # Random values for the true rows only: the same draws as an unpadded model, so one
+                # seed gives one model whatever the padding; the padding rows stay zero.
+                nn.init.zeros_(weight[self.vocab_size:])
+                weight = weight[:self.vocab_size]
+            nn.init.normal_(weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @property
+    def vocab_keys(self) -> tuple[str, ...]:
+        """State-dict keys of the tensors with one row per vocabulary entry."""
+        return ("tok_emb.weight",) if self.lm_head is None else ("tok_emb.weight", "lm_head.weight")
 
     def forward(
         self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
@@ -250,10 +288,67 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        if self.vocab_rows != self.vocab_size:
+            logits = logits[..., :self.vocab_size]
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
         return logits
+
+
+def _strip_vocab_padding(model: GPT, state: dict, prefix: str, local_metadata: dict) -> None:
+    for key in model.vocab_keys:
+        state[prefix + key] = state[prefix + key][:model.vocab_size]
+
+
+def _pad_vocab_rows(model: GPT, state: dict, prefix: str, *unused) -> None:
+    for key in model.vocab_keys:
+        tensor = state.get(prefix + key)
+        if tensor is not None and tensor.dim() == 2 and tensor.size(0) == model.vocab_size:
+            state[prefix + key] = _pad_rows(tensor, model.vocab_rows)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
+
+
+def keep_true_vocabulary_in(model: GPT, optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer``'s state dicts hold the true vocabulary, as ``model.state_dict()`` does:
+    its per-row state (AdamW's moments) of the padded embedding and head is cut to
+    ``model.vocab_size`` rows when saved and padded with zeros when loaded, so a checkpoint written
+    on a GPU resumes on a CPU and back. The padding rows' moments are zero anyway: they never get a
+    gradient. Nothing to do for an unpadded model."""
+    if model.vocab_rows == model.vocab_size:
+        return
+    parameters = dict(model.named_parameters())
+    padded = {id(parameters[key]) for key in model.vocab_keys}
+
+    def padded_entries(optimizer: torch.optim.Optimizer, state_dict: dict):
+        # The state dict numbers parameters in param-group order.
+        for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+            for index, param in zip(saved["params"], group["params"]):
+                if id(param) in padded and index in state_dict["state"]:
+                    yield state_dict["state"], index
+
+    def strip(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        for states, index in padded_entries(optimizer, state_dict):
+            states[index] = {name: value[:model.vocab_size] if _is_vocab_state(value, model.vocab_rows) else value
+                             for name, value in states[index].items()}
+        return state_dict
+
+    def pad(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}
+        for states, index in padded_entries(optimizer, state_dict):
+            states[index] = {name: _pad_rows(value, model.vocab_rows) if _is_vocab_state(value, model.vocab_size) else value
+                             for name, value in states[index].items()}
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(strip)
+    optimizer.register_load_state_dict_pre_hook(pad)
+
+
+def _is_vocab_state(value: object, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(0) == rows
 
 
 def matmul_shapes(cfg: ModelConfig, vocab_size: int, tokens: int) -> list[tuple[int, int, int]]:

@@ -82,19 +82,22 @@ def check_init_from(spec: str) -> str:
 def pretrained_dir(spec: str) -> Path:
     """The local directory of ``hf:DIR``, or of ``hf:OWNER/NAME[@REV]`` after fetching it from the
     hub (weights as safetensors, configs, tokenizer files; cached by huggingface_hub)."""
+    from cortexcraft import hub
+
     ref = check_init_from(spec)
     local = Path(ref).expanduser()
     if local.is_dir():
         return local
-    if ref.startswith(("/", ".", "~")) or local.exists() or ref.count("/") > 1:
+    if (reference := hub.hub_model_reference(ref)) is None:
         raise CortexCraftError(f"init_from={spec}: {local} is not a directory; pass hf:DIR of a model saved with "
                                f"save_pretrained, or hf:OWNER/NAME of a hub model")
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = ref.partition("@")
+    repo, revision = reference
     try:
-        return Path(snapshot_download(repo, revision=revision or None,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        sha = hub.model_commit(repo, revision)
+    except CortexCraftError as exc:
+        raise CortexCraftError(f"init_from={spec}: {exc}") from None
+    try:
+        return hub.download_model(repo, revision, sha)
     # The hub client raises connection, HTTP, offline-mode and repo-id errors of several families.
     except Exception as exc:
         raise CortexCraftError(f"init_from={spec}: cannot fetch {repo} from the Hugging Face hub ({type(exc).__name__}: "

@@ -41,6 +41,7 @@ from cortexcraft.fileio import (TempDir, atomic_open, atomic_write_json, fsync_d
                                 sha256_file, sha256_json)
 from cortexcraft.freshness import (SourceUnreachable, http_revision, hub_revision, local_revision, remembered,
                                    revision_id, state_file)
+from cortexcraft.hub import hub_endpoint, hub_token
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +287,6 @@ def _entry(cache_dir: Path, kind: str, key: dict) -> Path:
 # network
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -353,7 +350,7 @@ def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path, revision: d
         if revision["kind"] == "hub":
             sha = revision["identity"]["sha"]
             try:
-                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=sha, cache_dir=writer.scratch)
+                parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=sha, cache_dir=writer.scratch, token=hub_token())
                 text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
                 writer.info["origin"] = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} ({sha[:12]}; train+validation+test)"
             except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
@@ -527,7 +524,7 @@ def _local_segments(files: list[Path], column: str) -> list[dict]:
 
 def _hub_stream(segment: dict, scratch: str):
     stream = _load_dataset(segment["repo"], revision=segment["sha"], split=segment["split"], streaming=True,
-                           cache_dir=scratch)
+                           cache_dir=scratch, token=hub_token())
     if segment.get("reshard"):
         stream = stream.reshard()
     if segment.get("shard"):
@@ -686,7 +683,7 @@ def source_revision(data_cfg: DataConfig, cache_dir: Path) -> dict:
     if spec in HUB_ALIASES or spec.startswith("hf:"):
         repo, revision, _ = parse_hub_spec(spec) if spec.startswith("hf:") else (HUB_ALIASES[spec], None, "train")
         try:
-            return _checked(spec, lambda: hub_revision(hub_endpoint(), repo, revision, cache_dir),
+            return _checked(spec, lambda: hub_revision(repo, revision, cache_dir),
                             state_file(cache_dir, "hub", [repo, revision or "main"]))
         except SourceUnreachable as exc:
             raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({exc}); {local_copy_hint(spec)}") from None
@@ -709,7 +706,7 @@ def _tinyshakespeare_revision(cache_dir: Path) -> dict:
     hub_state = state_file(cache_dir, "hub", [TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION])
     url_state = state_file(cache_dir, "url", TINYSHAKESPEARE_URL)
     try:
-        return _checked(spec, lambda: hub_revision(hub_endpoint(), TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION, cache_dir), hub_state)
+        return _checked(spec, lambda: hub_revision(TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION, cache_dir), hub_state)
     except CortexCraftError as exc:
         hub_error = str(exc)
     try:

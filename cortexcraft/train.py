@@ -38,7 +38,8 @@ from cortexcraft.checkpoint import (
     read_checkpoint_state, resolve_checkpoint, save_checkpoint, shape_changes,
 )
 from cortexcraft.config import RunConfig, TrainConfig
-from cortexcraft.device import autocast, dtype_name, grad_scaler, select_device, select_dtype
+from cortexcraft.device import (autocast, deterministic_algorithms, dtype_name, grad_scaler, select_device, select_dtype,
+                                vocab_multiple)
 from cortexcraft.distributed import Distributed
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.evaluate import Cadence, estimate_loss, eval_plan
@@ -46,7 +47,7 @@ from cortexcraft.fileio import atomic_write_json, remove_dead_temps, sha256_json
 from cortexcraft.interrupt import Interrupted, StopRequest, signal_name
 from cortexcraft.locks import lock_run_dir
 from cortexcraft.metrics import METRICS_FILE, append_metrics, progress_bar, read_metrics, write_metrics
-from cortexcraft.model import GPT, check_model_config, matmul_shapes
+from cortexcraft.model import GPT, check_model_config, keep_true_vocabulary_in, matmul_shapes, parameter_count
 from cortexcraft.optim import Optimizers, learning_rate, max_steps_for
 from cortexcraft.shards import verify_shards
 from cortexcraft.threads import ThreadTuner, choose_threads
@@ -262,7 +263,7 @@ def train(
             if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
                 raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of "
                                        f"{start_from}; set max_iters to the step to train up to")
-        with StopRequest() as stop:
+        with StopRequest() as stop, deterministic_algorithms(tcfg.deterministic):
             summary = _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start, stop)
         completed = True
         return summary
@@ -299,7 +300,7 @@ def _restore(config: RunConfig, vocab_size: int, device: torch.device, dtype: to
     uninterrupted one."""
     tcfg = config.train
     torch.manual_seed(tcfg.seed + ddp.rank)
-    model = GPT(config.model, vocab_size)
+    model = GPT(config.model, vocab_size, pad_vocab_to=vocab_multiple(device))
     if tcfg.init_from and previous is None:
         from cortexcraft.pretrained import pretrained_state
 
@@ -307,6 +308,8 @@ def _restore(config: RunConfig, vocab_size: int, device: torch.device, dtype: to
         log.info("initialised from %s", tcfg.init_from)
     model = model.to(device)
     optimizers = Optimizers(model, tcfg, device, grad_scaler(device, dtype))
+    for optimizer in optimizers.by_name().values():
+        keep_true_vocabulary_in(model, optimizer)
     at = Position()
     if init is not None:
         path, state = init
@@ -424,7 +427,7 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum * ddp.world_size
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
     raw_model, optimizers, at = _restore(config, vocab_size, device, dtype, ddp, previous, init, run_dir)
-    start_step, params = at.step, sum(p.numel() for p in raw_model.parameters())
+    start_step, params = at.step, parameter_count(mcfg, vocab_size)
     if ddp.is_main:
         _start_run_files(run_dir, config, data_dir, manifest, device, dtype, ddp, params, init, at, previous is not None)
     ddp.barrier()

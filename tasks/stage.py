@@ -113,15 +113,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
 
 def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
     """Cache-key inputs for a pretrained model: the content of a local ``hf:DIR`` (without the
-    weight files when ``weights`` is false: all a tokenizer depends on), or the hub reference
-    itself (pin a revision, hf:OWNER/NAME@REV, for a key that cannot go stale)."""
+    weight files when ``weights`` is false: all a tokenizer depends on), or the commit a hub
+    reference resolves to now (so a new commit on its branch re-runs the stages that use it)."""
     if not init_from:
         return []
     from cortexcraft.config import pretrained_reference
+    from cortexcraft.hub import hub_model_reference, model_commit
 
-    directory = Path(pretrained_reference(init_from)).expanduser()
+    ref = pretrained_reference(init_from)
+    directory = Path(ref).expanduser()
     if not directory.is_dir():
-        return [init_from]
+        reference = hub_model_reference(ref)
+        # Anything else is neither: the library names the problem when the stage runs.
+        return [f"hf:{reference[0]}@{model_commit(*reference)}" if reference else init_from]
     files = sorted(p for p in directory.rglob("*") if p.is_file() and (weights or p.suffix not in WEIGHT_SUFFIXES))
     return [sha256_json([[p.relative_to(directory).as_posix(), sha256_file(p)] for p in files])]
 

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
 from cortexcraft.errors import CortexCraftError
-from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent, signal_name
+from cortexcraft.interrupt import Interrupted, StopRequest, exit_with_parent_env, signal_name
 from cortexcraft.fileio import read_json
 from tasks.stage import (files_under, pretrained_digest, resolve, retry_unless_user_error, stage_dir,
                          stage_key, write_record)
@@ -75,10 +76,12 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
     # Only evaluations made by these children: a resumed run's file already holds earlier ones.
     offset, last_lines, error = metrics.stat().st_size if metrics.is_file() else 0, [], None
     # A session of its own, so that only this process signals torchrun (a terminal's Ctrl-C would
-    # reach it twice), and SIGTERM to it if this process dies (even by SIGKILL).
+    # reach it twice), and SIGTERM to it if this process dies (even by SIGKILL): the child arranges
+    # that itself (exit_with_parent_env), since no code may run between fork and exec in a process
+    # with threads.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
-                          preexec_fn=exit_with_parent) as child:
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", **exit_with_parent_env()),
+                          start_new_session=True) as child:
         # The first SIGINT/SIGTERM here is passed on: torchrun stops the trainers, which checkpoint.
         with StopRequest(on_request=lambda signum: child.send_signal(signal.SIGTERM)) as stop:
             try:
@@ -119,7 +122,6 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
     torchrun processes; ``nnodes`` > 1 makes this machine node 0 of that many, meeting at
     ``rdzv_endpoint`` (the log says what to run on the others)."""
     from cortexcraft.config import RunConfig
-    from cortexcraft.distributed import torchrun_command
     from cortexcraft.train import train
 
     logger = get_run_logger()
@@ -139,7 +141,10 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
     shards_dir = resolve(data_dir, shards["dir"])
     if nproc > 1 or nnodes > 1:
         args = train_args(run_config.model_dump(mode="json"), shards_dir, run_dir, plan["init_checkpoint"])
-        command = torchrun_command(args, nproc, nnodes, 0, rdzv_endpoint, rdzv_id=run_dir.name)
+        # `cortexcraft train` execs torchrun after setting its own parent-death signal.
+        launch = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--node-rank=0",
+                  *([f"--rdzv-endpoint={rdzv_endpoint}"] if rdzv_endpoint else [])]
+        command = [sys.executable, "-m", "cortexcraft", "train", *args, *launch]
         for node in range(1, nnodes):
             others = " ".join(shlex.quote(a) for a in ["cortexcraft", "train", *args, f"--nproc-per-node={nproc}",
                                                        f"--nnodes={nnodes}", f"--node-rank={node}", f"--rdzv-endpoint={rdzv_endpoint}"])

@@ -157,3 +157,47 @@ def test_writing_a_checkpoint_holds_no_second_copy_of_its_tensors_in_memory(tmp_
     assert step == 7 and grown_kib < 32 << 10, f"peak resident set grew {grown_kib:,} KiB while saving"
     model = load_model_state(tmp_path / "run" / "checkpoints" / "step_00000007")
     assert torch.equal(model["w"], torch.ones(16 << 20))
+
+
+@pytest.mark.parametrize("tied", ["false", "true"])
+def test_a_gpu_padded_vocabulary_checkpoints_the_true_vocabulary_and_resumes_bitwise(data_dir, tmp_path, monkeypatch, tied):
+    import cortexcraft.train as train_module
+    from safetensors.torch import load_file
+
+    config = tiny_config("cpu", "max_iters=30", "keep_last=10", "dropout=0.1", "zero_init=false", "dtype=float32",
+                         f"tie_weights={tied}")
+    unpadded = tmp_path / "unpadded"
+    train(config, data_dir, unpadded)
+    monkeypatch.setattr(train_module, "vocab_multiple", lambda device: 128)  # as on CUDA
+    reference, resumed = tmp_path / "padded", tmp_path / "resumed"
+    train(config, data_dir, reference)
+    train(config, data_dir, resumed)
+    for later in list_checkpoints(resumed)[1:]:
+        shutil.rmtree(later)  # as if the run had died after step 10
+    assert train(config, data_dir, resumed)["resumed_from_step"] == 10
+
+    last = resolve_checkpoint(reference, "last")[0]
+    vocab = read_checkpoint_state(last)["vocab_size"]
+    assert vocab < 128 and load_model_state(last)["tok_emb.weight"].shape[0] == vocab
+    # The optimizer moments too: every tensor has the shape an unpadded run saves.
+    padded_state = load_file(str(last / "training.safetensors"))
+    plain_state = load_file(str(resolve_checkpoint(unpadded, "last")[0] / "training.safetensors"))
+    assert {k: t.shape for k, t in padded_state.items()} == {k: t.shape for k, t in plain_state.items()}
+    final_a, final_b = load_model_state(last), load_model_state(resolve_checkpoint(resumed, "last")[0])
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert losses(resumed) == losses(reference)
+    # Padding changes the head's matmul shape, not the maths: the same run to within float rounding.
+    for padded_record, plain_record in zip(read_metrics(reference), read_metrics(unpadded)):
+        assert padded_record["val_loss"] == pytest.approx(plain_record["val_loss"], rel=1e-4)
+
+    # A checkpoint of a padded (GPU) run resumes unpadded (CPU).
+    monkeypatch.undo()
+    more = config.model_copy(update={"train": config.train.model_copy(update={"max_iters": 40})})
+    assert train(more, data_dir, reference)["steps"] == 40
+
+
+def test_deterministic_mode_is_on_while_training_and_off_afterwards(data_dir, tmp_path):
+    seen = []
+    train(tiny_config("cpu", "max_iters=10", "deterministic=true"), data_dir, tmp_path / "run",
+          on_eval=lambda record: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cortexcraft import device as device_module
-from cortexcraft.device import CALIBRATION_FILE, calibrate_cpu_dtype, select_dtype, time_matmuls
+from cortexcraft.device import CALIBRATION_FILE, calibrate_cpu_dtype, select_device, select_dtype, time_matmuls
 from cortexcraft.errors import CortexCraftError
 
 CPU = torch.device("cpu")
@@ -130,3 +130,48 @@ def test_real_matmul_timing_is_positive_and_quick():
     start = time.perf_counter()
     assert time_matmuls([(64, 32, 48)], torch.float32, min_seconds=0.001) > 0
     assert time.perf_counter() - start < 5
+
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, native, expected):
+    # A V100 or T4 reports bf16 support when emulation counts; it must get fp16 and loss scaling.
+    monkeypatch.setattr(device_module.torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    assert select_dtype(CUDA, "auto") == expected
+    assert (device_module.grad_scaler(CUDA, expected) is not None) == (expected == torch.float16)
+
+
+def test_choosing_cuda_turns_on_tf32_matmuls_and_choosing_cpu_does_not(monkeypatch):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert select_device("cpu") == CPU and torch.get_float32_matmul_precision() == "highest"
+        monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: True)
+        assert select_device("auto", local_rank=1) == torch.device("cuda", 1)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_vocabulary_is_padded_on_cuda_only():
+    assert device_module.vocab_multiple(CUDA) == 128 and device_module.vocab_multiple(CPU) == 1
+    assert device_module.vocab_multiple(torch.device("mps")) == 1
+
+
+def test_deterministic_mode_sets_a_cublas_workspace_and_restores_torch_afterwards(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with device_module.deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in device_module.os.environ
+    with device_module.deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert device_module.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's choice stays
+    with device_module.deterministic_algorithms(True):
+        assert device_module.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -19,7 +19,7 @@ from cortexcraft.config import DataConfig, build_config, preset_names
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.checkpoint import load_model
 from cortexcraft.train import train
-from hf_models import loopback_hub, make_pretrained
+from hf_models import LoopbackHub, make_pretrained
 from tiny_runs import ONE_THREAD_ENV, make_data_dir, repetitive_text, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -337,16 +337,17 @@ def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
         print(json.dumps({"n_layer": cfg.n_layer, "vocab": pretrained_tokenizer(spec).vocab_size, "missing": missing,
                           "wte": state["tok_emb.weight"].flatten()[:5].tolist()}))
     """
-    with loopback_hub(directory, "someone/tiny-gpt2") as (endpoint, requests):
-        env = {**ONE_THREAD_ENV, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with LoopbackHub(directory, "someone/tiny-gpt2") as hub:
+        env = {**ONE_THREAD_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     local = transformers.GPT2LMHeadModel.from_pretrained(str(directory)).state_dict()["transformer.wte.weight"]
     assert out["n_layer"] == 2 and out["vocab"] == len(transformers.AutoTokenizer.from_pretrained(str(directory)))
     assert out["wte"] == local.flatten()[:5].tolist()
-    assert ("GET", "/someone/tiny-gpt2/resolve/" + "a" * 40 + "/model.safetensors") in requests
-    assert out["missing"].startswith("init_from=hf:someone/missing: cannot fetch someone/missing from the Hugging Face hub (")
+    assert ("GET", "/someone/tiny-gpt2/resolve/" + "a" * 40 + "/model.safetensors", True) in hub.requests
+    assert out["missing"].startswith("init_from=hf:someone/missing: the hub has no model someone/missing at revision 'main' "
+                                     "(HTTP 404); check the id")
     assert (tmp_path / "hf-home" / "hub" / "models--someone--tiny-gpt2").is_dir()
 
 

@@ -227,3 +227,58 @@ def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(fields, atte
     model.eval()
     seen.clear()
     assert torch.equal(model(idx)[0], model(idx)[0]) and seen == [0.0] * 4
+
+
+def padded_pair(**fields) -> tuple[GPT, GPT]:
+    """The same seed's model unpadded and with 11 vocabulary rows padded to 16."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(**fields), VOCAB)
+    torch.manual_seed(0)
+    padded = GPT(tiny(**fields), VOCAB, pad_vocab_to=16)
+    return plain, padded
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_padded_vocabulary_is_the_same_model_with_zero_rows_that_never_leave_it(tied):
+    plain, padded = padded_pair(tie_weights=tied)
+    assert padded.tok_emb.weight.shape[0] == 16 and (padded.lm_head is None) == tied
+    # One seed, one model: the true rows and every other weight are drawn exactly as unpadded.
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), padded.state_dict().values()))
+    assert not padded.tok_emb.weight[VOCAB:].any()
+    idx = torch.randint(0, VOCAB, (3, 8))
+    (logits_a, loss_a), (logits_b, loss_b) = plain(idx, idx), padded(idx, idx)
+    assert logits_b.shape == (3, 8, VOCAB) and padded(idx)[0].shape == (3, 1, VOCAB)
+    torch.testing.assert_close(logits_b, logits_a)
+    torch.testing.assert_close(loss_b, loss_a)
+    # True-vocabulary state dicts (old checkpoints, HF weights) load into a padded model and back.
+    padded.load_state_dict(plain.state_dict())
+    plain.load_state_dict(padded.state_dict())
+    assert padded.tok_emb.weight.shape[0] == 16 and not padded.tok_emb.weight[VOCAB:].any()
+
+
+def test_padding_rows_get_no_gradient_and_the_optimizer_state_dict_holds_the_true_vocabulary():
+    from cortexcraft.model import keep_true_vocabulary_in
+
+    plain, padded = padded_pair(tie_weights=False)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1) for m in (plain, padded)]
+    keep_true_vocabulary_in(padded, optimizers[1])
+    idx = torch.randint(0, VOCAB, (3, 8))
+    for _ in range(3):
+        for model, optimizer in zip((plain, padded), optimizers):
+            model(idx, idx)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert not padded.tok_emb.weight[VOCAB:].any() and not padded.lm_head.weight[VOCAB:].any()
+    saved = optimizers[1].state_dict()
+    assert {tuple(s["exp_avg"].shape) for s in saved["state"].values()} == \
+        {tuple(s["exp_avg"].shape) for s in optimizers[0].state_dict()["state"].values()}
+    # Either way round: a padded run's state resumes unpadded (on CPU) and an unpadded one padded (on GPU).
+    fresh = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    fresh.load_state_dict(saved)
+    fresh_padded = torch.optim.AdamW(padded.parameters(), lr=0.1)
+    keep_true_vocabulary_in(padded, fresh_padded)
+    fresh_padded.load_state_dict(optimizers[0].state_dict())
+    moments = fresh_padded.state[padded.tok_emb.weight]["exp_avg"]
+    assert moments.shape[0] == 16 and not moments[VOCAB:].any()
+    torch.testing.assert_close(moments[:VOCAB], optimizers[0].state[plain.tok_emb.weight]["exp_avg"])

@@ -49,6 +49,17 @@ def test_each_preset_shrunk_trains_and_its_loss_goes_down(preset, tmp_path, requ
     assert last["val_loss"] < first["val_loss"] - 0.05
 
 
+def test_gpt2_small_evaluates_and_checkpoints_at_gpu_intervals():
+    # On a GPU a step of this preset takes a fraction of a second. An eval batch (forward only) is
+    # about a third of a training step's work, so evals stay under 7% of the run; a periodic
+    # checkpoint (~1 GB of weights and AdamW moments) comes every few evals, not at each.
+    train_cfg = build_config("gpt2-small").train
+    eval_batches = 2 * train_cfg.eval_iters  # train and val
+    assert eval_batches / 3 <= 0.07 * train_cfg.eval_interval * train_cfg.grad_accum
+    assert train_cfg.checkpoint_interval >= 5 * train_cfg.eval_interval
+    assert train_cfg.eval_iters >= 100  # an estimate worth its cost at this scale
+
+
 def test_presets_command_lists_every_preset_with_its_parameter_count(capsys):
     assert main(["presets"]) == 0
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}

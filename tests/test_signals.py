@@ -177,3 +177,81 @@ def test_sigterm_to_pipeline_stops_its_torchrun_trainers_at_a_checkpoint(tmp_pat
     assert str(newest) in last_line and 20 <= state["step"] < 2000 and state["step"] % 10 == 0
     assert json.loads((stopped["run"] / "run.json").read_text())["world_size"] == 2
     assert flow_run_states(tmp_path / "prefect-home") == ["CANCELLED"]
+
+
+# --- the parent-death signal, set by the child itself ------------------------------------------
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+CHILD = ("import os, time; from cortexcraft.interrupt import EXIT_WITH_PARENT_ENV, exit_with_parent_if_asked; "
+         "exit_with_parent_if_asked(); print(os.getpid(), EXIT_WITH_PARENT_ENV in os.environ, flush=True); time.sleep(60)")
+
+
+def test_a_child_asked_to_exit_with_its_parent_gets_sigterm_when_the_parent_is_sigkilled(tmp_path):
+    # The parent is a plain Python process that starts the child the way tasks/train.py does.
+    parent_code = ("import subprocess, sys, time; from cortexcraft.interrupt import exit_with_parent_env; "
+                   f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], env={{**__import__('os').environ, **exit_with_parent_env()}}); "
+                   "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid, still_asked = parent.stdout.readline().split()
+        child_pid = int(child_pid)
+        # The request does not travel further: whatever the child execs has another parent.
+        assert still_asked == "False" and alive(child_pid)
+        parent.kill()
+        parent.wait()
+        wait_until("the child to exit after its parent's SIGKILL", lambda: not alive(child_pid), 10)
+    finally:
+        parent.kill()
+
+
+def test_a_child_whose_parent_died_before_it_asked_terminates_at_once():
+    from cortexcraft.interrupt import EXIT_WITH_PARENT_ENV
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # the pid of a parent that has already died
+    child = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, capture_output=True, text=True, timeout=30,
+                           env={**os.environ, EXIT_WITH_PARENT_ENV: str(gone.pid)})
+    assert child.returncode == -signal.SIGTERM and child.stdout == ""
+    # Not asked: nothing happens.
+    unasked = subprocess.run([sys.executable, "-c", CHILD.replace("time.sleep(60)", "pass")], cwd=REPO,
+                             capture_output=True, text=True, timeout=30)
+    assert unasked.returncode == 0 and unasked.stdout.split()[1] == "False"
+
+
+@pytest.mark.slow
+def test_sigkill_to_pipeline_stops_its_torchrun_trainers_at_a_checkpoint(tmp_path, tinyshakespeare_path):
+    data, mark, log = tmp_path / "data", uuid.uuid4().hex, tmp_path / "pipeline.log"
+    proc = start_pipeline(pipeline_command(tinyshakespeare_path, data, 2000, "--nproc", "2"), pipeline_env(tmp_path, mark), log)
+    try:
+        wait_until("training to pass step 20",
+                   lambda: any(trained_to(r, 20) for r in run_dirs(data)) or proc.poll() is not None, 240, log)
+        assert proc.poll() is None, log.read_text()
+        trainers = [p for p in processes_with_env(MARK, mark) if "cortexcraft train" in cmdline(p)
+                    or "torch.distributed.run" in cmdline(p)]
+        assert len(trainers) == 3, [cmdline(p) for p in trainers]  # torchrun and its two trainers
+        os.kill(proc.pid, signal.SIGKILL)  # the pipeline process alone, as an OOM killer would
+        t0 = time.monotonic()
+        wait_until("the torchrun trainers to exit", lambda: not any(alive(p) for p in trainers), STOP_SECONDS)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_with_env(MARK, mark):  # the orphaned temporary API server
+            os.kill(pid, signal.SIGKILL)
+    (run,) = run_dirs(data)
+    state = read_checkpoint_state(list_checkpoints(run)[-1])
+    print(f"\ntorchrun trainers exited {took:.2f} s after SIGKILL of the pipeline, checkpoint at step {state['step']}")
+    assert 20 <= state["step"] < 2000 and state["step"] % 10 == 0
