@@ -157,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible), following its champion")
+    _add_model_choice(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (any other than loopback needs CORTEXCRAFT_API_KEY)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, logged at start)")
+    p.add_argument("--max-batch", type=int, default=16, help="completions generated together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="completions waiting for the batch; more are answered 429")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, how long requests in flight may finish")
+    p.add_argument("--poll-seconds", type=float, default=0.5, help="how often champion.json is read (NAME@champion)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -353,6 +363,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cortexcraft.server import serve
+
+    return serve(model=args.model, run=args.run, checkpoint=args.checkpoint, data_dir=args.data_dir or default_data_dir(),
+                 host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                 max_tokens_cap=args.max_tokens_cap, grace_seconds=args.grace_seconds, poll_seconds=args.poll_seconds,
+                 access_log=args.access_log)
+
+
 def _user_error_names() -> set[str]:
     names, todo = set(), [CortexCraftError]
     while todo:
@@ -382,6 +401,7 @@ COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
     "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets,
     "pipeline": _cmd_pipeline, "models": _cmd_models,
+    "serve": _cmd_serve,
 }
 
 

@@ -52,6 +52,47 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def window_start(length: int, start: int, block_size: int) -> int:
+    """Where the context window of a ``length``-token sequence starts for its next token, given
+    that it started at ``start``.
+
+    When the window is full it slides by half a window at once (keeping the newest half), not by
+    one token: with absolute positions every slide invalidates the KV cache, so this rebuilds the
+    cache once per block_size/2 tokens instead of on every token. Every path (with and without the
+    cache, batched or not) uses these windows, so they all give the same text.
+    """
+    return length - max(1, block_size // 2) if length - start > block_size else start
+
+
+class TextPieces:
+    """The text of generated token ids as it grows, in pieces of whole characters.
+
+    A multi-byte character split across byte-level BPE tokens decodes to U+FFFD until its last
+    byte arrives, so the ids since the last whole character are held back until then. A piece
+    always starts on a character boundary, where byte-level and character decoding need no
+    context, so the pieces join to ``tokenizer.decode`` of all the ids.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The whole characters ``token`` completes ("" while a character is still incomplete)."""
+        self._pending.append(token)
+        piece = self.tokenizer.decode(self._pending)
+        if piece.endswith("\ufffd"):
+            return ""
+        self._pending.clear()
+        self.text += piece
+        return piece
+
+    def rest(self) -> str:
+        """What the held-back ids decode to when no more come (U+FFFD for an incomplete character)."""
+        return self.tokenizer.decode(self._pending) if self._pending else ""
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -70,16 +111,11 @@ def generate(
     """
     model.eval()
     block_size = model.config.block_size
-    # When the context window is full it slides by half a window at once (keeping the newest
-    # half), not by one token: with absolute positions every slide invalidates the KV cache, so
-    # this rebuilds the cache once per block_size/2 tokens instead of on every token. Both paths
-    # use the same windows, so they give the same text.
-    keep = max(1, block_size // 2)
     start = max(0, idx.size(1) - block_size)
     cache = KVCache(model.config.n_layer) if kv_cache else None
     for _ in range(max_new_tokens):
-        if idx.size(1) - start > block_size:
-            start = idx.size(1) - keep
+        if (slid := window_start(idx.size(1), start, block_size)) != start:
+            start = slid
             if cache is not None:
                 cache.reset()
         if cache is not None and cache.length > 0:
@@ -96,10 +132,15 @@ def generate(
 def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
     path, state = resolve_checkpoint(run_dir, checkpoint)
+    return model_from_checkpoint(path, state, device), {**state, "path": str(path)}
+
+
+def model_from_checkpoint(path: Path, state: dict, device: str | torch.device = "cpu") -> GPT:
+    """The model of the checkpoint at ``path`` with its (already verified) ``state``, in eval mode."""
     model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
     model.load_state_dict(load_model_state(path))
     log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
-    return model.to(device).eval(), {**state, "path": str(path)}
+    return model.to(device).eval()
 
 
 def generate_from_run(
@@ -128,24 +169,18 @@ def generate_from_run(
     device = select_device("auto")
     model, _ = load_model(run_dir, checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    new_ids: list[int] = []
-    emitted = ""
+    pieces = TextPieces(tokenizer)
 
     def stream(token: int) -> None:
-        nonlocal emitted
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        # A multi-byte character split across BPE tokens decodes to U+FFFD until it is complete.
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-            emitted = text
+        if piece := pieces.push(token):
+            on_text(piece)
 
     idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache,
                    on_token=stream if on_text is not None else None)
     text = tokenizer.decode(out[0, idx.size(1):].tolist())
-    if on_text is not None and len(text) > len(emitted):
-        on_text(text[len(emitted):])
+    if on_text is not None and len(text) > len(pieces.text):
+        on_text(text[len(pieces.text):])
     return text
 
 
