@@ -441,8 +441,8 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family)
     except OSError as exc:
-        raise CortexCraftError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
-                               f"or --host") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CortexCraftError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
 
 
 class _Server(uvicorn.Server):

@@ -23,7 +23,8 @@ _URL = re.compile(r"serving \S+ \(.*\) on (http://[^/\s]+)/")
 
 def registered_versions(root: Path, count: int = 2) -> Path:
     """A data directory whose registry holds ``count`` versions of model ``NAME`` (different seeds
-    and lengths of training, so their answers differ), the last one champion."""
+    and lengths of training, so their answers differ), each promoted in turn: the last one is
+    champion, and rolling back goes through the others."""
     data_dir = root / "data"
     shards = make_data_dir(root / "corpus")
     models = registry.models_dir_of(data_dir)
