@@ -1,11 +1,13 @@
 """Continuous batching for a GPT: many sequences share each forward pass, each at its own position
 with its own KV cache, and sequences join and leave between any two tokens.
 
-A sequence being extended is a ``Row``. Its context window follows ``generate``'s rule
-(``window_start``): a row whose window is new (its first token, or after the window slid) gets a
-full pass over the window through ``GPT.forward`` with a ``KVCache``, the very call ``generate``
-makes; every other row is extended by one token in ``decode_step``, one batched pass for all of
-them. ``next_logits`` does both for any mix of rows.
+A sequence being extended is a ``Row``; its keys and values sit in a slot of a ``KVSlots`` (per
+layer one tensor for all rows, so a step writes every row's new key and value with one indexed
+assignment). Its context window follows ``generate``'s rule (``window_start``): a row whose window
+is new (its first token, or after the window slid) gets a full pass over the window through
+``GPT.forward`` with a ``KVCache``, the very call ``generate`` makes; every other row is extended
+by one token in ``decode_step``, one batched pass for all of them. ``next_logits`` does both for
+any mix of rows.
 
 Batch invariance: the logits of a row are bitwise equal to those ``generate`` computes for that
 sequence alone, whatever rows share the step, so a served answer equals `cortexcraft generate`
@@ -30,8 +32,8 @@ from torch.nn import functional as F
 from cortexcraft.generate import window_start
 from cortexcraft.model import GPT, KVCache, apply_rotary
 
-# Cache buffers start this long (in positions) and double when a row outgrows them, up to the
-# block size: a model with a long context does not reserve its whole window for every short answer.
+# Cache tensors start this long (in positions) and double when a row outgrows them, up to the
+# block size: a model with a long context does not reserve its whole window for short answers.
 MIN_CAPACITY = 64
 
 
@@ -47,67 +49,96 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return rowwise_linear(x, layer.weight, layer.bias)
 
 
+class KVSlots:
+    """The keys and values of up to ``slots`` rows of one model: per layer one (slots, heads,
+    capacity, head_dim) tensor for keys and one for values, a row owning one slot. One tensor for
+    all rows lets a decoding step write every row's new key with one indexed assignment."""
+
+    def __init__(self, model: GPT, slots: int):
+        cfg = model.config
+        self.block_size = cfg.block_size
+        self.shape = (slots, cfg.n_head, 0, cfg.n_embd // cfg.n_head)
+        self.layers = cfg.n_layer
+        self.device = model.tok_emb.weight.device
+        self.dtype = model.tok_emb.weight.dtype
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._free = list(range(slots - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].size(2) if self.keys else 0
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"all {self.shape[0]} cache slots are taken")
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def reserve(self, positions: int) -> None:
+        """Make room for ``positions`` cached positions in every slot."""
+        old = self.capacity
+        if positions <= old:
+            return
+        capacity = min(self.block_size, max(positions, 2 * old, MIN_CAPACITY))
+        slots, heads, _, head_dim = self.shape
+        for tensors in (self.keys, self.values):
+            grown = [torch.empty(slots, heads, capacity, head_dim, device=self.device, dtype=self.dtype)
+                     for _ in range(self.layers)]
+            for new, tensor in zip(grown, tensors):
+                new[:, :, :old] = tensor
+            tensors[:] = grown
+
+
 class Row:
-    """A sequence being extended: its tokens, its context window and its keys and values.
+    """A sequence being extended: its tokens, its context window, and the slot of ``cache`` whose
+    first ``length`` positions hold the keys and values of the window so far."""
 
-    ``keys[layer]``/``values[layer]`` are (1, heads, capacity, head_dim) buffers of which the first
-    ``length`` positions (the window so far) are filled.
-    """
-
-    def __init__(self, tokens: list[int], block_size: int):
+    def __init__(self, tokens: list[int], cache: KVSlots):
         if not tokens:
             raise ValueError("a row needs at least one token")
         self.tokens = list(tokens)
-        self.block_size = block_size
-        self.start = max(0, len(tokens) - block_size)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.start = max(0, len(tokens) - self.block_size)
+        self.slot: Optional[int] = None
         self.length = 0
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
         if (start := window_start(len(self.tokens), self.start, self.block_size)) != self.start:
             self.start = start
-            self.release()
+            self.length = 0  # the window slid: its keys are computed again by a full pass
 
     @property
     def needs_full_pass(self) -> bool:
         return self.length == 0
 
     def release(self) -> None:
-        """Drop the cache (the window slid, or the row is done)."""
-        self.keys, self.values, self.length = [], [], 0
+        """Give the slot back (the row is done)."""
+        if self.slot is not None:
+            self.cache.give_back(self.slot)
+            self.slot, self.length = None, 0
 
-    def fill(self, cache: KVCache) -> None:
-        """Take over the keys and values a full pass left in ``cache``."""
-        self.length = cache.length
-        capacity = min(self.block_size, max(MIN_CAPACITY, self.length))
-        self.keys, self.values = [], []
-        for k, v in cache.layers:
-            for buffers, t in ((self.keys, k), (self.values, v)):
-                buffer = t.new_empty(t.size(0), t.size(1), capacity, t.size(3))
-                buffer[:, :, :self.length] = t
-                buffers.append(buffer)
-
-    def reserve(self, positions: int) -> None:
-        """Make room for ``positions`` cached positions."""
-        capacity = self.keys[0].size(2)
-        if positions <= capacity:
-            return
-        capacity = min(self.block_size, max(positions, 2 * capacity))
-        for buffers in (self.keys, self.values):
-            for layer, old in enumerate(buffers):
-                grown = old.new_empty(old.size(0), old.size(1), capacity, old.size(3))
-                grown[:, :, :self.length] = old[:, :, :self.length]
-                buffers[layer] = grown
+    def fill(self, kv: KVCache) -> None:
+        """Take over the keys and values a full pass left in ``kv``."""
+        if self.slot is None:
+            self.slot = self.cache.take()
+        self.length = kv.length
+        self.cache.reserve(self.length)
+        for layer, (k, v) in enumerate(kv.layers):
+            self.cache.keys[layer][self.slot, :, :self.length] = k[0]
+            self.cache.values[layer][self.slot, :, :self.length] = v[0]
 
 
 def full_pass(model: GPT, row: Row) -> torch.Tensor:
     """Logits (1, vocab) for the next token of ``row`` from its whole window, filling its cache."""
     idx = torch.as_tensor(row.tokens[row.start:], dtype=torch.long, device=model.tok_emb.weight.device)
-    cache = KVCache(model.config.n_layer)
-    logits, _ = model(idx.unsqueeze(0), cache=cache)
-    row.fill(cache)
+    kv = KVCache(model.config.n_layer)
+    logits, _ = model(idx.unsqueeze(0), cache=kv)
+    row.fill(kv)
     return logits[:, -1, :]
 
 
@@ -118,8 +149,9 @@ def decode_step(model: GPT, rows: list[Row]) -> torch.Tensor:
     B = len(rows)
     tokens = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=device)
     positions = torch.tensor([row.length for row in rows], dtype=torch.long, device=device)
-    for row in rows:
-        row.reserve(row.length + 1)
+    slots = torch.tensor([row.slot for row in rows], dtype=torch.long, device=device)
+    cache = rows[0].cache
+    cache.reserve(max(row.length for row in rows) + 1)
     x = model.tok_emb(tokens).unsqueeze(1)
     rope = None
     if model.rotary is not None:
@@ -129,11 +161,12 @@ def decode_step(model: GPT, rows: list[Row]) -> torch.Tensor:
     else:
         x = x + model.pos_table[positions].unsqueeze(1)
     for layer, block in enumerate(model.blocks):
+        where = (cache.keys[layer], cache.values[layer], slots, positions, rows)
         if block.pre_norm:
-            x = x + _attention(block.attn, block.ln1(x), rope, rows, layer)
+            x = x + _attention(block.attn, block.ln1(x), rope, *where)
             x = x + _feed_forward(block.ff, block.ln2(x))
         else:
-            x = block.ln1(x + _attention(block.attn, x, rope, rows, layer))
+            x = block.ln1(x + _attention(block.attn, x, rope, *where))
             x = block.ln2(x + _feed_forward(block.ff, x))
     for row in rows:
         row.length += 1
@@ -146,7 +179,8 @@ def decode_step(model: GPT, rows: list[Row]) -> torch.Tensor:
 
 
 def _attention(attn: nn.Module, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-               rows: list[Row], layer: int) -> torch.Tensor:
+               keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+               rows: list[Row]) -> torch.Tensor:
     B, _, C = x.shape
     q, k, v = _linear(x, attn.qkv).split(C, dim=2)
     q, k, v = (t.view(B, 1, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
@@ -154,12 +188,11 @@ def _attention(attn: nn.Module, x: torch.Tensor, rope: Optional[tuple[torch.Tens
         q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    outputs = []
-    for i, row in enumerate(rows):
-        keys, values, n = row.keys[layer], row.values[layer], row.length
-        keys[:, :, n] = k[i:i + 1, :, 0]
-        values[:, :, n] = v[i:i + 1, :, 0]
-        outputs.append(F.scaled_dot_product_attention(q[i:i + 1], keys[:, :, :n + 1], values[:, :, :n + 1]))
+    keys[slots, :, positions] = k[:, :, 0]
+    values[slots, :, positions] = v[:, :, 0]
+    outputs = [F.scaled_dot_product_attention(q[i:i + 1], keys[row.slot:row.slot + 1, :, :row.length + 1],
+                                              values[row.slot:row.slot + 1, :, :row.length + 1])
+               for i, row in enumerate(rows)]
     y = torch.cat(outputs).transpose(1, 2).reshape(B, 1, C)
     return _linear(y, attn.proj)
 

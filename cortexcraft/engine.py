@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from cortexcraft.batched_decode import Row, next_logits
+from cortexcraft.batched_decode import KVSlots, Row, next_logits
 from cortexcraft.checkpoint import MODEL_FILE, resolve_checkpoint, verify_run
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import TextPieces, model_from_checkpoint, sample_next
@@ -94,13 +94,14 @@ def verified_run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Ca
 class ServedVersion:
     """A loaded model version that can answer completions."""
 
-    def __init__(self, candidate: Candidate, model: GPT, device: torch.device):
+    def __init__(self, candidate: Candidate, model: GPT, device: torch.device, slots: int):
         self.name = candidate.name
         self.version = candidate.version
         self.fingerprint = candidate.fingerprint
         self.tokenizer = candidate.tokenizer
         self.model = model
         self.device = device
+        self.cache = KVSlots(model, slots)
         self.step = candidate.state["step"]
         self.loaded_at = time.time()
         # Completions bound to this version and not finished yet; changed under the engine's lock.
@@ -125,7 +126,8 @@ class Completion:
     """One request: a prompt to extend on ``version``, its sampling settings, and where its text goes.
 
     ``on_piece`` (when set) receives the text as it grows, in pieces of whole characters, never
-    text that might turn out to be the start of a stop sequence; ``on_done`` receives the result.
+    text that might turn out to be the start of a stop sequence: the first piece at once, later
+    ones at most every ``stream_interval`` seconds of the engine; ``on_done`` receives the result.
     Both are called from the engine's thread.
     """
 
@@ -184,6 +186,7 @@ class _Active:
     generator: Optional[torch.Generator]
     text: str = ""
     sent: int = 0
+    sent_at: float = 0.0
     generated: int = 0
 
 
@@ -199,13 +202,18 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class InferenceEngine:
-    def __init__(self, device: torch.device, metrics: ServingMetrics, max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, device: torch.device, metrics: ServingMetrics, max_batch: int = 16, max_queue: int = 64,
+                 stream_interval: float = 0.0):
         if max_batch < 1 or max_queue < 0:
             raise CortexCraftError(f"max_batch={max_batch}, max_queue={max_queue}: use max_batch >= 1 and max_queue >= 0")
         self.device = device
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_queue = max_queue
+        # Streamed text is handed over at most this often per completion (the first piece at once):
+        # every hand-over costs the HTTP side a wake-up and a write, which at hundreds of tokens per
+        # second and client would compete with generation for the CPU and the GIL.
+        self.stream_interval = stream_interval
         self.current: Optional[ServedVersion] = None
         self._cond = threading.Condition()
         self._waiting: deque[Completion] = deque()
@@ -324,7 +332,7 @@ class InferenceEngine:
     def _publish(self, candidate: Candidate, future: Future) -> None:
         try:
             served = ServedVersion(candidate, model_from_checkpoint(candidate.checkpoint, candidate.state, self.device),
-                                   self.device)
+                                   self.device, self.max_batch)
             self._smoke_test(served)
         except Exception as exc:  # noqa: BLE001 -- whatever breaks a version, the served one keeps serving
             future.set_exception(exc)
@@ -346,7 +354,7 @@ class InferenceEngine:
             prompt = [int(i) for i in served.tokenizer.encode("\n")] or [0]
         except CortexCraftError:
             prompt = [0]
-        row = Row(prompt, served.max_model_len)
+        row = Row(prompt, KVSlots(served.model, 1))
         with torch.inference_mode():
             for _ in range(SMOKE_TOKENS):
                 logits = next_logits(served.model, [row])
@@ -362,7 +370,7 @@ class InferenceEngine:
         if completion.temperature > 0:
             seed = completion.seed if completion.seed is not None else secrets.randbits(63)
             generator = torch.Generator(device=version.device).manual_seed(seed)
-        self._active.append(_Active(completion, Row(completion.prompt_ids, version.max_model_len),
+        self._active.append(_Active(completion, Row(completion.prompt_ids, version.cache),
                                     TextPieces(version.tokenizer), generator))
         self.metrics.prompt_tokens.inc(len(completion.prompt_ids))
         self.metrics.active.set(len(self._active))
@@ -408,9 +416,10 @@ class InferenceEngine:
                 active.text, finished = active.text[:cut], "stop"
         if completion.on_piece is not None:
             ready = len(active.text) if finished else len(active.text) - held_back(active.text, completion.stop)
-            if ready > active.sent:
+            now = time.monotonic()
+            if ready > active.sent and (finished or not active.sent or now - active.sent_at >= self.stream_interval):
                 completion.on_piece(active.text[active.sent:ready])
-                active.sent = ready
+                active.sent, active.sent_at = ready, now
         if finished:
             self._finish(active, finished)
 

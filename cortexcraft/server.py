@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from importlib import resources
@@ -227,6 +228,32 @@ def _sse(payload: Any) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class _Handover:
+    """Hands items from the engine's thread to queues on the event loop: one wake-up of the loop
+    per burst of items rather than one per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # a flush is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass
+
+    def _flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] = None, follows: str = "pinned",
                api_key: Optional[str] = None, max_tokens_cap: int = 1024, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP application over a started ``engine``. ``follows`` says what the server serves:
@@ -236,6 +263,7 @@ def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] 
     app = FastAPI(title="cortexcraft serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     protected = [Depends(_check_bearer(api_key))]
+    handover: list[Optional[_Handover]] = [None]  # made on the first request, on the event loop's thread
     page = resources.files("cortexcraft").joinpath("serve_page.html").read_text(encoding="utf-8")
 
     @app.exception_handler(APIError)
@@ -311,21 +339,16 @@ def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] 
         if params.stream_options is not None and not params.stream:
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
         prompt_ids = await _tokenize(version, params.prompt)
-        loop = asyncio.get_running_loop()
+        if handover[0] is None:
+            handover[0] = _Handover(asyncio.get_running_loop())
         queue: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop has closed: nobody is waiting any more
-                pass
-
+        put = handover[0].put
         completion = Completion(
             version=version, prompt_ids=prompt_ids, max_tokens=max_tokens,
             temperature=1.0 if params.temperature is None else params.temperature, top_k=params.top_k,
             top_p=params.top_p, seed=params.seed, stop=params.stop,
-            on_piece=(lambda piece: deliver(("piece", piece))) if params.stream else None,
-            on_done=lambda result: deliver(("done", result)))
+            on_piece=(lambda piece: put(queue, ("piece", piece))) if params.stream else None,
+            on_done=lambda result: put(queue, ("done", result)))
         try:
             engine.submit(completion)
         except QueueFull as exc:
@@ -404,12 +427,15 @@ async def _stream(engine: InferenceEngine, completion: Completion, queue: asynci
                   include_usage: bool):
     """Server-sent events: a chunk per piece of text, one with the finish reason, [DONE]. When the
     client goes away Starlette cancels this generator, and the generation stops."""
+    # Chunks differ only in their text: the rest is serialised once.
+    head = f"data: {json.dumps(answer, ensure_ascii=False)[:-1]}, \"choices\": [{{\"text\": "
+    tail = ', "index": 0, "logprobs": null, "finish_reason": null}]}\n\n'
     finished = False
     try:
         while True:
             kind, value = await queue.get()
             if kind == "piece":
-                yield _sse({**answer, "choices": [{"text": value, "index": 0, "logprobs": None, "finish_reason": None}]})
+                yield head + json.dumps(value, ensure_ascii=False) + tail
                 continue
             finished = True
             if value.finish_reason in ("error", "cancelled"):
@@ -438,8 +464,19 @@ def _is_loopback(host: str) -> bool:
 
 def _listen(host: str, port: int) -> socket.socket:
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+        # Made with proto IPPROTO_TCP, as asyncio would: only then does asyncio set TCP_NODELAY on the
+        # connections, without which each answer's second write waits for a delayed ACK (~40 ms).
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(address)
+            listener.listen(socket.SOMAXCONN)
+        except OSError:
+            listener.close()
+            raise
+        return listener
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CortexCraftError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
@@ -460,7 +497,7 @@ class _Server(uvicorn.Server):
 def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint: str = "best",
           data_dir: Path = Path("data"), host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_tokens_cap: int = 1024, grace_seconds: float = 30.0, poll_seconds: float = 0.5,
-          access_log: bool = True) -> int:
+          stream_interval: float = 0.02, access_log: bool = True) -> int:
     """Serve ``model`` (``NAME``/``NAME@champion``: follow the champion; ``NAME@vN``: pinned) from
     ``data_dir``'s registry, or a ``run`` directory's ``checkpoint``, until SIGTERM or SIGINT."""
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -468,7 +505,8 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
         raise CortexCraftError(f"--host {host} serves beyond this machine, so requests must carry a key: set "
                                f"{API_KEY_ENV} (clients send Authorization: Bearer KEY), or serve on 127.0.0.1")
     for name, value, low in (("--max-tokens-cap", max_tokens_cap, 1), ("--max-batch", max_batch, 1),
-                             ("--max-queue", max_queue, 0), ("--grace-seconds", grace_seconds, 0)):
+                             ("--max-queue", max_queue, 0), ("--grace-seconds", grace_seconds, 0),
+                             ("--stream-interval", stream_interval, 0)):
         if value < low:
             raise CortexCraftError(f"{name} {value} is below {low}; use {low} or more")
     if poll_seconds <= 0:
@@ -489,7 +527,8 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
     else:
         candidate = verified_run_checkpoint(run, checkpoint)
     listener = _listen(host, port)
-    engine = InferenceEngine(select_device("auto"), ServingMetrics(), max_batch=max_batch, max_queue=max_queue)
+    engine = InferenceEngine(select_device("auto"), ServingMetrics(), max_batch=max_batch, max_queue=max_queue,
+                             stream_interval=stream_interval)
     follower = None
     try:
         try:

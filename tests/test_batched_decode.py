@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from cortexcraft.batched_decode import Row, decode_step, full_pass, next_logits, rowwise_linear
+from cortexcraft.batched_decode import KVSlots, Row, decode_step, full_pass, next_logits, rowwise_linear
 from cortexcraft.config import ModelConfig
 from cortexcraft.generate import generate, sample_next
 from cortexcraft.model import GPT, KVCache
@@ -57,7 +57,8 @@ def test_rowwise_linear_gives_each_row_what_a_batch_of_one_gets(shape, threads):
 def test_a_batched_step_gives_every_row_the_logits_of_the_model_alone(name):
     model = random_model(OPTIONS[name])
     prompts = [torch.randint(0, VOCAB, (1, n)).tolist()[0] for n in (1, 3, 7, 12)]
-    rows = [Row(p, model.config.block_size) for p in prompts]
+    slots = KVSlots(model, len(prompts))
+    rows = [Row(p, slots) for p in prompts]
     caches = [KVCache(model.config.n_layer) for _ in prompts]
     with torch.inference_mode():
         for row, cache, prompt in zip(rows, caches, prompts):
@@ -75,7 +76,8 @@ def test_a_batched_step_gives_every_row_the_logits_of_the_model_alone(name):
 def run_batched(model: GPT, requests: list[dict]) -> list[list[int]]:
     """Generate every request through next_logits, each joining the batch at its own step and
     leaving after its own number of tokens; returns the new tokens of each."""
-    rows = [Row(r["prompt"], model.config.block_size) for r in requests]
+    slots = KVSlots(model, len(requests))
+    rows = [Row(r["prompt"], slots) for r in requests]
     generators = [torch.Generator().manual_seed(r["seed"]) for r in requests]
     outputs: list[list[int]] = [[] for _ in requests]
     step = 0
@@ -90,6 +92,8 @@ def run_batched(model: GPT, requests: list[dict]) -> list[list[int]]:
                                             request.get("top_p"), generators[i]))
                     rows[i].append(token)
                     outputs[i].append(token)
+                    if len(outputs[i]) == request["tokens"]:
+                        rows[i].release()
             step += 1
     return outputs
 
@@ -117,19 +121,20 @@ def test_rows_joining_and_leaving_at_any_step_generate_what_generate_does_alone(
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_cache_buffers_grow_past_their_first_capacity_up_to_the_block():
+def test_the_cache_grows_past_its_first_capacity_up_to_the_block_and_slots_are_reused():
     model = random_model({}, block_size=160, n_embd=16, n_layer=1)
-    row = Row([1, 2, 3], model.config.block_size)
+    slots = KVSlots(model, 2)
+    row = Row([1, 2, 3], slots)
     tokens, capacities = [], []
     with torch.inference_mode():
         for _ in range(200):
             token = int(next_logits(model, [row]).argmax())
             row.append(token)
             tokens.append(token)
-            if row.length:
-                capacities.append(row.keys[0].size(2))
-                assert row.length <= capacities[-1] <= model.config.block_size
+            capacities.append(slots.capacity)
         alone = generate(model, torch.tensor([[1, 2, 3]]), 200, temperature=0)
     assert tokens == alone[0, 3:].tolist()
-    # 64 -> 128 -> 160 (the block), then the window slid to its newest 80 tokens and grew again.
-    assert [c for c, _ in itertools.groupby(capacities)] == [64, 128, 160, 80, 160]
+    assert [c for c, _ in itertools.groupby(capacities)] == [64, 128, 160]
+    taken = row.slot
+    row.release()
+    assert slots.take() == taken  # free again
