@@ -89,6 +89,7 @@ class Process:
                 sys.exit(f"{command[1:4]} did not start:\n{log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.2)
         self.url = match.group(1)
+        self.threads = int(re.search(r"\((?:.* )?(\d+) torch threads\)", log.read_text(errors="replace")).group(1))
         while True:  # listening is not serving yet: wait for an answer
             try:
                 httpx.get(self.url + "/", timeout=5)
@@ -311,6 +312,9 @@ def main() -> None:
                     results[name].append(result)
                     print(f"  {name}, {clients} clients: {result['tokens_per_second']:,.0f} tokens/s", flush=True)
             swaps = swap_phase(ours.url, data_dir, swap_seconds, swap_every, 16, lines, max_tokens)
+            import torch
+
+            threads = {"ours": ours.threads, "naive": naive.threads, "in-process": torch.get_num_threads()}
         finally:
             ours.stop()
             naive.stop()
@@ -327,7 +331,8 @@ def main() -> None:
     headers = ["server", "clients", "requests", "failed", "tokens/s", "first token p50 ms", "latency p50 ms",
                "latency p99 ms"]
     print_table(f"Serving the cpu preset (4 layers, 128 wide), {max_tokens} greedy tokens per request "
-                f"(* no streaming: the whole answer); same text from all three: {all(same_text.values())}", headers, rows)
+                f"(* no streaming: the whole answer); torch threads: ours {threads['ours']}, naive {threads['naive']}, "
+                f"in-process {threads['in-process']}; same text from all three: {all(same_text.values())}", headers, rows)
     ours_levels = results["ours (cortexcraft serve)"]
     ratio = ours_levels[-1]["tokens_per_second"] / ours_levels[0]["tokens_per_second"]
     print(f"ours: 16 clients / 1 client = {ratio:.1f}x the tokens/s (goal >= 3x); mean rows per decoding step at "
@@ -347,6 +352,7 @@ def main() -> None:
         for result in levels:
             del result["texts"]
     save_results("bench_serve", {"max_tokens": max_tokens, "requests_per_client": requests, "train_iters": iters,
+                                 "torch_threads": threads,
                                  "same_text": same_text, "results": results, "ours_16_vs_1": ratio, "swaps": swaps})
 
 

@@ -3,7 +3,7 @@ one request at a time (no batching, no streaming), speaking the same POST /v1/co
 
     python bench/naive_hf_server.py --model hf/DIR [--port 0]
 
-Prints "listening on http://127.0.0.1:PORT" once it accepts connections.
+Prints "listening on http://127.0.0.1:PORT (N torch threads)" once it accepts connections.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import argparse
 import socket
 import threading
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -56,7 +57,8 @@ def main() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.bind(("127.0.0.1", args.port))
     listener.listen(socket.SOMAXCONN)
-    print(f"listening on http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    print(f"listening on http://127.0.0.1:{listener.getsockname()[1]} ({torch.get_num_threads()} torch threads)",
+          flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 

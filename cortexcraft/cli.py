@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=0.5, help="how often champion.json is read (NAME@champion)")
     p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between streamed pieces of one answer "
                    "(the first is sent at once; 0: every token)")
+    p.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the cores but one)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
     for command in sub.choices.values():  # also accepted after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -371,7 +372,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(model=args.model, run=args.run, checkpoint=args.checkpoint, data_dir=args.data_dir or default_data_dir(),
                  host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_tokens_cap=args.max_tokens_cap, grace_seconds=args.grace_seconds, poll_seconds=args.poll_seconds,
-                 stream_interval=args.stream_interval, access_log=args.access_log)
+                 stream_interval=args.stream_interval, threads=args.threads, access_log=args.access_log)
 
 
 def _user_error_names() -> set[str]:

@@ -203,7 +203,7 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 class InferenceEngine:
     def __init__(self, device: torch.device, metrics: ServingMetrics, max_batch: int = 16, max_queue: int = 64,
-                 stream_interval: float = 0.0):
+                 stream_interval: float = 0.0, threads: Optional[int] = None):
         if max_batch < 1 or max_queue < 0:
             raise CortexCraftError(f"max_batch={max_batch}, max_queue={max_queue}: use max_batch >= 1 and max_queue >= 0")
         self.device = device
@@ -214,6 +214,7 @@ class InferenceEngine:
         # every hand-over costs the HTTP side a wake-up and a write, which at hundreds of tokens per
         # second and client would compete with generation for the CPU and the GIL.
         self.stream_interval = stream_interval
+        self.threads = threads
         self.current: Optional[ServedVersion] = None
         self._cond = threading.Condition()
         self._waiting: deque[Completion] = deque()
@@ -290,6 +291,8 @@ class InferenceEngine:
     # the engine's thread
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         # Each iteration's state lives in _iteration's frame, so an idle engine holds no finished
         # completion and through it no earlier version.
         while self._iteration():

@@ -51,6 +51,7 @@ from cortexcraft.engine import (ChampionFollower, Completion, CompletionResult, 
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.interrupt import signal_name
 from cortexcraft.registry import models_dir_of, parse_ref, read_champion, require_model
+from cortexcraft.threads import available_cores, user_thread_count
 from cortexcraft.tokenizer import describe_chars
 
 log = logging.getLogger(__name__)
@@ -497,7 +498,7 @@ class _Server(uvicorn.Server):
 def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint: str = "best",
           data_dir: Path = Path("data"), host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           max_queue: int = 64, max_tokens_cap: int = 1024, grace_seconds: float = 30.0, poll_seconds: float = 0.5,
-          stream_interval: float = 0.02, access_log: bool = True) -> int:
+          stream_interval: float = 0.02, threads: Optional[int] = None, access_log: bool = True) -> int:
     """Serve ``model`` (``NAME``/``NAME@champion``: follow the champion; ``NAME@vN``: pinned) from
     ``data_dir``'s registry, or a ``run`` directory's ``checkpoint``, until SIGTERM or SIGINT."""
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -511,6 +512,12 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
             raise CortexCraftError(f"{name} {value} is below {low}; use {low} or more")
     if poll_seconds <= 0:
         raise CortexCraftError(f"--poll-seconds {poll_seconds} is not positive; use e.g. 0.5")
+    if threads is not None and threads < 1:
+        raise CortexCraftError(f"--threads {threads} is below 1; use 1 or more")
+    # One core is left to the HTTP side (the event loop parses, tokenizes and streams while the
+    # engine computes): torch threads beside a busy thread of the same process stall each other at
+    # every OpenMP barrier.
+    threads = threads or user_thread_count(None) or max(1, available_cores() - 1)
     follows = "run"
     if model is not None:
         name, which = parse_ref(model)
@@ -528,7 +535,7 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
         candidate = verified_run_checkpoint(run, checkpoint)
     listener = _listen(host, port)
     engine = InferenceEngine(select_device("auto"), ServingMetrics(), max_batch=max_batch, max_queue=max_queue,
-                             stream_interval=stream_interval)
+                             stream_interval=stream_interval, threads=threads)
     follower = None
     try:
         try:
@@ -544,9 +551,10 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
                                 timeout_graceful_shutdown=grace_seconds)
         bound_host, bound_port = listener.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        log.info("serving %s (%s) on http://%s:%d/ with %s, batches of up to %d, queue %d%s", engine.current.fingerprint,
+        log.info("serving %s (%s) on http://%s:%d/ with %s (%d torch threads), batches of up to %d, queue %d%s",
+                 engine.current.fingerprint,
                  {"champion": f"follows {candidate.name}@champion", "pinned": "pinned", "run": "a run's checkpoint"}[follows],
-                 url_host, bound_port, engine.device, max_batch, max_queue, ", API key required" if api_key else "")
+                 url_host, bound_port, engine.device, threads, max_batch, max_queue, ", API key required" if api_key else "")
         # uvicorn re-raises the signal it shut down for once it is done, for the handler that was
         # there before: this one, so a SIGTERM ends in exit status 0 after the drain.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
