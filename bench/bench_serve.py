@@ -46,7 +46,8 @@ _URL = re.compile(r"(?:serving \S+ \(.*\) on|listening on) (http://[0-9.]+:[0-9]
 def options(parser) -> None:
     parser.add_argument("--max-tokens", type=int, help="new tokens per request (default 128; --quick 32)")
     parser.add_argument("--requests", type=int, help="requests per client and level (default 4; --quick 1)")
-    parser.add_argument("--train-iters", type=int, help="training steps of v1; v2 gets 50 more (default 100; --quick 5)")
+    parser.add_argument("--train-iters", type=int,
+                        help="training steps of v1; v2 gets 50 more (default 100; --quick 5)")
     parser.add_argument("--swap-seconds", type=float, help="length of the swap phase (default 30; --quick 6)")
     parser.add_argument("--swap-every", type=float, help="seconds between pointer changes (default 2; --quick 1.5)")
 
@@ -127,7 +128,10 @@ def stream_completion(http: httpx.Client, prompt: str, max_tokens: int) -> tuple
     return first, "".join(pieces), fingerprint
 
 
-def http_sender(url: str, streamed: bool, max_tokens: int) -> Callable[[], Callable[[str], tuple[Optional[float], str]]]:
+Sender = Callable[[str], tuple[Optional[float], str]]  # prompt -> (seconds to the first token or None, text)
+
+
+def http_sender(url: str, streamed: bool, max_tokens: int) -> Callable[[], Sender]:
     """A factory of per-client senders (each client keeps its own connection)."""
     def make():
         http = httpx.Client(base_url=url, timeout=600)
@@ -332,13 +336,15 @@ def main() -> None:
                "latency p99 ms"]
     print_table(f"Serving the cpu preset (4 layers, 128 wide), {max_tokens} greedy tokens per request "
                 f"(* no streaming: the whole answer); torch threads: ours {threads['ours']}, naive {threads['naive']}, "
-                f"in-process {threads['in-process']}; same text from all three: {all(same_text.values())}", headers, rows)
+                f"in-process {threads['in-process']}; same text from all three: {all(same_text.values())}",
+                headers, rows)
     ours_levels = results["ours (cortexcraft serve)"]
     ratio = ours_levels[-1]["tokens_per_second"] / ours_levels[0]["tokens_per_second"]
     print(f"ours: 16 clients / 1 client = {ratio:.1f}x the tokens/s (goal >= 3x); mean rows per decoding step at "
           f"16 clients: {ours_levels[-1]['mean_batch_rows']:.1f}")
     for name in ("naive (FastAPI + transformers pipeline)", "in-process generate"):
-        print(f"ours vs {name} at 16 clients: {ours_levels[-1]['tokens_per_second'] / results[name][-1]['tokens_per_second']:.1f}x")
+        ratio_to = ours_levels[-1]["tokens_per_second"] / results[name][-1]["tokens_per_second"]
+        print(f"ours vs {name} at 16 clients: {ratio_to:.1f}x")
     swap_row = [swaps["seconds"], swaps["clients"], swaps["pointer_changes"], swaps["swaps"], swaps["requests"],
                 swaps["failures"], swaps["tokens_per_second"], swaps["first_answer_p50"], swaps["first_answer_max"],
                 swaps["changes_never_answered"]]

@@ -161,7 +161,8 @@ def headline_rows() -> list[list[str]]:
                      ">= 3x vs 1 client"])
         rows.append([f"serve under hot swaps: {swaps['swaps']:.0f} swaps, {swaps['requests']} requests, failed; "
                      "s to first answer by the new version (p50 / max)",
-                     f"{swaps['failures']} failed; {_num(swaps['first_answer_p50'], 2)} / {_num(swaps['first_answer_max'], 2)} s",
+                     f"{swaps['failures']} failed; "
+                     f"{_num(swaps['first_answer_p50'], 2)} / {_num(swaps['first_answer_max'], 2)} s",
                      "", "", "0 failed, <= 5 s"])
     return rows
 

@@ -159,12 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ref", metavar="NAME[@vN]")
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible), following its champion")
     _add_model_choice(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (any other than loopback needs CORTEXCRAFT_API_KEY)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (any other than loopback needs CORTEXCRAFT_API_KEY)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, logged at start)")
     p.add_argument("--max-batch", type=int, default=16, help="completions generated together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="completions waiting for the batch; more are answered 429")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--grace-seconds", type=float, default=30.0, help="on SIGTERM, how long requests in flight may finish")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may finish")
     p.add_argument("--poll-seconds", type=float, default=0.5, help="how often champion.json is read (NAME@champion)")
     p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between streamed pieces of one answer "
                    "(the first is sent at once; 0: every token)")
@@ -369,9 +371,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cortexcraft.server import serve
 
-    return serve(model=args.model, run=args.run, checkpoint=args.checkpoint, data_dir=args.data_dir or default_data_dir(),
-                 host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                 max_tokens_cap=args.max_tokens_cap, grace_seconds=args.grace_seconds, poll_seconds=args.poll_seconds,
+    return serve(model=args.model, run=args.run, checkpoint=args.checkpoint,
+                 data_dir=args.data_dir or default_data_dir(), host=args.host, port=args.port,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                 grace_seconds=args.grace_seconds, poll_seconds=args.poll_seconds,
                  stream_interval=args.stream_interval, threads=args.threads, access_log=args.access_log)
 
 

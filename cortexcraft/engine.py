@@ -161,9 +161,11 @@ class ServingMetrics:
         self.generated_tokens = Counter("cortexcraft_generated_tokens", "tokens generated", registry=r)
         self.prompt_tokens = Counter("cortexcraft_prompt_tokens", "prompt tokens of admitted completions", registry=r)
         self.first_token = Histogram("cortexcraft_time_to_first_token_seconds", "from submission to the first token",
-                                     registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+                                     registry=r,
+                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.queue_depth = Gauge("cortexcraft_queue_depth", "completions waiting for a place in the batch", registry=r)
-        self.active = Gauge("cortexcraft_active_completions", "completions being generated (rows of the batch)", registry=r)
+        self.active = Gauge("cortexcraft_active_completions", "completions being generated (rows of the batch)",
+                            registry=r)
         self.batch_rows = Histogram("cortexcraft_batch_rows", "rows extended by one batched decoding step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.swaps = Counter("cortexcraft_swaps", "versions published while serving (hot swaps)", registry=r)
@@ -205,7 +207,8 @@ class InferenceEngine:
     def __init__(self, device: torch.device, metrics: ServingMetrics, max_batch: int = 16, max_queue: int = 64,
                  stream_interval: float = 0.0, threads: Optional[int] = None):
         if max_batch < 1 or max_queue < 0:
-            raise CortexCraftError(f"max_batch={max_batch}, max_queue={max_queue}: use max_batch >= 1 and max_queue >= 0")
+            raise CortexCraftError(f"max_batch={max_batch}, max_queue={max_queue}: use max_batch >= 1 and "
+                                   f"max_queue >= 0")
         self.device = device
         self.metrics = metrics
         self.max_batch = max_batch
@@ -247,6 +250,8 @@ class InferenceEngine:
         with self._cond:
             if self._stopping:
                 raise CortexCraftError("the server is shutting down")
+            if not self._thread.is_alive():
+                raise CortexCraftError("the inference thread has stopped (see the server's log); restart the server")
             if len(self._waiting) >= self.max_queue:
                 waves = (len(self._waiting) + len(self._active)) / self.max_batch
                 raise QueueFull(len(self._waiting), max(1, min(60, math.ceil(waves * self._seconds_per_completion))))
@@ -300,7 +305,8 @@ class InferenceEngine:
         for active in list(self._active):
             self._finish(active, "cancelled")
         for candidate, future in self._jobs:
-            future.set_exception(CortexCraftError(f"{candidate.fingerprint} was not loaded: the server is shutting down"))
+            future.set_exception(CortexCraftError(f"{candidate.fingerprint} was not loaded: the server is "
+                                                  f"shutting down"))
         for completion in self._waiting:
             self._end(completion, CompletionResult("", "cancelled", len(completion.prompt_ids), 0))
 
@@ -433,7 +439,8 @@ class InferenceEngine:
         completion = active.completion
         seconds = time.monotonic() - completion.submitted
         self._seconds_per_completion = 0.9 * self._seconds_per_completion + 0.1 * seconds
-        self._end(completion, CompletionResult(active.text, reason, len(completion.prompt_ids), active.generated, error))
+        self._end(completion, CompletionResult(active.text, reason, len(completion.prompt_ids), active.generated,
+                                               error))
 
     def _end(self, completion: Completion, result: CompletionResult) -> None:
         self.metrics.completions.labels(result.finish_reason).inc()

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "CORTEXCRAFT_API_KEY"
 MAX_BODY_BYTES = 1_000_000
 MAX_STOP_SEQUENCES = 4
+# Each generated character is checked against every proper prefix of every stop sequence.
+MAX_STOP_CHARS = 128
 # Prompts longer than this are tokenized off the event loop, so one huge prompt cannot stall the
 # other clients' streams.
 INLINE_TOKENIZE_CHARS = 100_000
@@ -128,9 +130,10 @@ class CompletionRequest(BaseModel):
     @classmethod
     def _stop_sequences(cls, value: Any) -> tuple[str, ...]:
         stops = [value] if isinstance(value, str) else [] if value is None else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
-                or len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop is a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them")
+        if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES \
+                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop is a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                             f"{MAX_STOP_SEQUENCES} of them")
         return tuple(stops)
 
     @field_validator("echo")
@@ -167,7 +170,8 @@ def _check_bearer(api_key: Optional[str]):
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         # Compared as digests, in constant time: neither the key nor its length leaks through timing.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), expected):
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
             raise APIError(401, f"missing or wrong API key; send the header Authorization: Bearer <{API_KEY_ENV}>",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return authorize
@@ -256,7 +260,8 @@ class _Handover:
 
 
 def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] = None, follows: str = "pinned",
-               api_key: Optional[str] = None, max_tokens_cap: int = 1024, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               api_key: Optional[str] = None, max_tokens_cap: int = 1024,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP application over a started ``engine``. ``follows`` says what the server serves:
     "champion" (with ``follower``), "pinned" (one registered version) or "run" (a run's checkpoint)."""
     started = time.time()
@@ -273,8 +278,8 @@ def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        routes = ", ".join(f"{m} {p}" for m, p in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                                  ("GET", "/metrics"), ("GET", "/")))
+        routes = ", ".join(f"{m} {p}" for m, p in (("GET", "/health"), ("GET", "/v1/models"),
+                                                  ("POST", "/v1/completions"), ("GET", "/metrics"), ("GET", "/")))
         return APIError(exc.status_code, f"{exc.detail}; the routes are {routes}", code="not_found"
                         if exc.status_code == 404 else None).response()
 
@@ -298,7 +303,8 @@ def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] 
         return JSONResponse(status_code=200 if engine.alive else 503, content={
             "status": "ok" if engine.alive else "the inference thread has stopped", "model": version.name,
             "version": version.version, "fingerprint": version.fingerprint, "follows": follows,
-            "champion": follower.champion if follower else None, "swap_error": follower.swap_error if follower else None,
+            "champion": follower.champion if follower else None,
+            "swap_error": follower.swap_error if follower else None,
             "uptime_seconds": round(time.time() - started, 3), "queue": engine.waiting, "active": engine.running,
             "device": str(version.device)})
 
@@ -324,7 +330,11 @@ def create_app(engine: InferenceEngine, *, follower: Optional[ChampionFollower] 
         try:
             params = CompletionRequest.model_validate(json.loads(body))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON ({exc}); send a JSON object", code="invalid_json") from None
+            raise APIError(400, f"the body is not valid JSON ({exc}); send a JSON object",
+                           code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body nests too deeply to parse; send a flat JSON object",
+                           code="invalid_json") from None
         except ValidationError as exc:
             message, param = _validation_message(exc)
             raise APIError(400, message, param=param) from None
@@ -551,10 +561,10 @@ def serve(*, model: Optional[str] = None, run: Optional[Path] = None, checkpoint
                                 timeout_graceful_shutdown=grace_seconds)
         bound_host, bound_port = listener.getsockname()[:2]
         url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        what = {"champion": f"follows {candidate.name}@champion", "pinned": "pinned", "run": "a run's checkpoint"}
         log.info("serving %s (%s) on http://%s:%d/ with %s (%d torch threads), batches of up to %d, queue %d%s",
-                 engine.current.fingerprint,
-                 {"champion": f"follows {candidate.name}@champion", "pinned": "pinned", "run": "a run's checkpoint"}[follows],
-                 url_host, bound_port, engine.device, threads, max_batch, max_queue, ", API key required" if api_key else "")
+                 engine.current.fingerprint, what[follows], url_host, bound_port, engine.device, threads, max_batch,
+                 max_queue, ", API key required" if api_key else "")
         # uvicorn re-raises the signal it shut down for once it is done, for the handler that was
         # there before: this one, so a SIGTERM ends in exit status 0 after the drain.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -88,7 +88,8 @@ def test_concurrent_completions_equal_generate_alone(engine, models):
         expected = generate_from_run(directory, prompt=request["prompt"], max_new_tokens=request["max_tokens"],
                                      temperature=request["temperature"], top_k=request["top_k"], top_p=request["top_p"],
                                      seed=request["seed"])
-        assert (result.text, result.finish_reason, result.completion_tokens) == (expected, "length", request["max_tokens"])
+        assert (result.text, result.finish_reason) == (expected, "length")
+        assert result.completion_tokens == request["max_tokens"]
         assert result.prompt_tokens == len(request["prompt"])
         if collector.pieces:
             assert "".join(collector.pieces) == expected
@@ -109,7 +110,8 @@ def test_a_stop_sequence_ends_the_text_before_it_and_is_never_streamed(engine, m
 
 
 def test_stop_helpers():
-    assert find_stop("abcabc", ("ca",), 3) == 2 and find_stop("abcabc", ("ca", "b"), 4) == 4 and find_stop("abcabc", ("b",), 5) is None
+    assert find_stop("abcabc", ("ca",), 3) == 2 and find_stop("abcabc", ("ca", "b"), 4) == 4
+    assert find_stop("abcabc", ("b",), 5) is None
     assert find_stop("abc", ("x",), 0) is None
     assert held_back("hello wor", ("world", "or ")) == 3 and held_back("hello", ("xyz",)) == 0
 

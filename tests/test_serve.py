@@ -4,6 +4,7 @@ Chromium; six clients through thirty promote/rollback swaps and a damaged versio
 request; SIGTERM draining the requests in flight. The command-line refusals are fast."""
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from cortexcraft import registry
 from cortexcraft.cli import main
@@ -137,6 +139,8 @@ def test_bad_input_gets_a_clear_openai_error_and_the_server_stays_healthy(server
         (json.dumps({**good, "colour": "blue"}).encode(), 400, "unknown parameter 'colour'"),
         (json.dumps({"prompt": "ROMEO:"}).encode(), 400, "model is required"),
         (json.dumps({**good, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "at most 4"),
+        (json.dumps({**good, "stop": "x" * 129}).encode(), 400, "a string of 1 to 128 characters"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nests too deeply"),
     ]
     for body, status, message in cases:
         response = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
@@ -260,7 +264,8 @@ def complete(http: httpx.Client, request: dict) -> tuple[str, str, str]:
     assert all("error" not in chunk for chunk in chunks), chunks
     fingerprints = {chunk["system_fingerprint"] for chunk in chunks}
     assert len(fingerprints) == 1, f"one stream answered by {fingerprints}"
-    return fingerprints.pop(), "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    return fingerprints.pop(), text, chunks[-1]["choices"][0]["finish_reason"]
 
 
 @pytest.mark.slow
@@ -463,3 +468,39 @@ def test_an_unknown_model_or_a_busy_port_is_one_line(data_dir, tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"cortexcraft serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
         f"choose another --port or --host")
+
+
+def test_only_the_inference_thread_runs_the_model(models):
+    """The HTTP side (here Starlette's test client) parses, tokenizes and streams; every module of
+    the model runs on the engine's one thread."""
+    from fastapi.testclient import TestClient
+
+    from cortexcraft.engine import InferenceEngine, ServingMetrics, verified_version
+    from cortexcraft.server import create_app
+
+    callers: set[str] = set()
+    engine = InferenceEngine(torch.device("cpu"), ServingMetrics(), max_batch=4)
+    engine.start(verified_version(models, NAME, "v2"))
+    for module in engine.current.model.modules():
+        module.register_forward_pre_hook(lambda module, args: callers.add(threading.current_thread().name))
+    try:
+        with TestClient(create_app(engine, follows="pinned")) as client:
+            answers = [client.post("/v1/completions", json={"model": NAME, "prompt": "ROMEO:", "max_tokens": 8,
+                                                            "stream": stream}) for stream in (False, True)]
+    finally:
+        engine.stop()
+    assert [a.status_code for a in answers] == [200, 200]
+    assert callers == {"cortexcraft-inference"}
+
+
+def test_characters_outside_the_vocabulary_are_named_unless_it_has_unk():
+    from types import SimpleNamespace
+
+    from cortexcraft.server import APIError, _tokenize
+    from cortexcraft.tokenizer import CharTokenizer
+
+    plain = SimpleNamespace(tokenizer=CharTokenizer(list(" abc")), fingerprint="m@v1")
+    with pytest.raises(APIError, match=r'outside the vocabulary of m@v1: "é" \(x2\)'):
+        asyncio.run(_tokenize(plain, "ab é é"))
+    with_unk = SimpleNamespace(tokenizer=CharTokenizer(list(" abc"), unk="<unk>"), fingerprint="m@v2")
+    assert asyncio.run(_tokenize(with_unk, "abé")) == [1, 2, 4]
