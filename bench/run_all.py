@@ -27,6 +27,7 @@ BENCHMARKS = {
     "data_prep": ("bench_data_prep.py", [], ["--quick"]),
     "pipeline": ("bench_pipeline_overhead.py", [], ["--repeats", "1"]),
     "scale": ("bench_scale.py", [], ["--quick"]),
+    "serve": ("bench_serve.py", [], ["--quick"]),
 }
 
 
@@ -147,6 +148,22 @@ def headline_rows() -> list[list[str]]:
             rows.append([f"cached pipeline re-run over a trivial 5-task flow ({mode}), s",
                          f"{res['cached']['process_seconds']:.1f}", f"{res['trivial']['process_seconds']:.1f}",
                          f"+{res['overhead_process_seconds']:.1f} s", "<= +2 s"])
+    serve = _load("bench_serve.json")
+    if serve:
+        ours = serve["results"]["ours (cortexcraft serve)"]
+        naive = serve["results"]["naive (FastAPI + transformers pipeline)"][-1]["tokens_per_second"]
+        swaps = serve["swaps"]
+        rows.append(["serve: tokens/s, 16 clients (1 client), cpu preset, "
+                     f"{serve['max_tokens']} tokens per request",
+                     f"{ours[-1]['tokens_per_second']:,.0f} ({ours[0]['tokens_per_second']:,.0f})",
+                     f"{naive:,.0f} (naive FastAPI + transformers pipeline)",
+                     f"{serve['ours_16_vs_1']:.1f}x vs 1 client / {ours[-1]['tokens_per_second'] / naive:.1f}x naive",
+                     ">= 3x vs 1 client"])
+        rows.append([f"serve under hot swaps: {swaps['swaps']:.0f} swaps, {swaps['requests']} requests, failed; "
+                     "s to first answer by the new version (p50 / max)",
+                     f"{swaps['failures']} failed; "
+                     f"{_num(swaps['first_answer_p50'], 2)} / {_num(swaps['first_answer_max'], 2)} s",
+                     "", "", "0 failed, <= 5 s"])
     return rows
 
 

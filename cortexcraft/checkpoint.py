@@ -290,13 +290,19 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     remove_dead_temps(checkpoints_dir(run_dir))
 
 
-def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best",
+               device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
     path, state = resolve_checkpoint(run_dir, checkpoint)
+    return model_from_checkpoint(path, state, device), {**state, "path": str(path)}
+
+
+def model_from_checkpoint(path: Path, state: dict, device: str | torch.device = "cpu") -> GPT:
+    """The model of the checkpoint at ``path`` with its (already verified) ``state``, in eval mode."""
     model = GPT(ModelConfig.model_validate(state["config"]["model"]), state["vocab_size"])
     model.load_state_dict(load_model_state(path))
     log.info("loaded %s (step %d, val loss %s)", path, state["step"], state.get("val_loss"))
-    return model.to(device).eval(), {**state, "path": str(path)}
+    return model.to(device).eval()
 
 
 def shape_changes(saved_model: dict[str, Any], wanted_model: dict[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, models.
+"""The ``cortexcraft`` command: prepare, train, generate, evaluate, verify, export, presets, models, serve.
 
 Heavy imports (torch, datasets) happen inside the subcommands so ``--help`` is fast. The installed
 ``cortexcraft`` command is ``flows.cli``, which adds ``pipeline``; ``python -m cortexcraft`` (what
@@ -137,6 +137,21 @@ def build_parser(extra_commands: Iterable[Callable[[Any], None]] = ()) -> argpar
     a.add_argument("ref", metavar="NAME@vN")
     a = actions.add_parser("rollback", help="make the previous champion of NAME (or the earlier champion NAME@vN) the champion again")
     a.add_argument("ref", metavar="NAME[@vN]")
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible), following its champion")
+    _add_model_choice(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (any other than loopback needs CORTEXCRAFT_API_KEY)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, logged at start)")
+    p.add_argument("--max-batch", type=int, default=16, help="completions generated together in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="completions waiting for the batch; more are answered 429")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may finish")
+    p.add_argument("--poll-seconds", type=float, default=0.5, help="how often champion.json is read (NAME@champion)")
+    p.add_argument("--stream-interval", type=float, default=0.02, help="seconds between streamed pieces of one answer "
+                   "(the first is sent at once; 0: every token)")
+    p.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS, else the cores but one)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
     for add_command in extra_commands:
         add_command(sub)
     for command in sub.choices.values():  # also accepted after the command name
@@ -330,10 +345,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cortexcraft.server import serve
+
+    return serve(model=args.model, run=args.run, checkpoint=args.checkpoint,
+                 data_dir=args.data_dir or default_data_dir(), host=args.host, port=args.port,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                 grace_seconds=args.grace_seconds, poll_seconds=args.poll_seconds,
+                 stream_interval=args.stream_interval, threads=args.threads, access_log=args.access_log)
+
+
 COMMANDS = {
     "prepare": _cmd_prepare, "train": _cmd_train, "generate": _cmd_generate,
     "evaluate": _cmd_evaluate, "verify": _cmd_verify, "export": _cmd_export, "presets": _cmd_presets,
-    "models": _cmd_models,
+    "models": _cmd_models, "serve": _cmd_serve,
 }
 
 

@@ -52,6 +52,44 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def window_start(length: int, start: int, block_size: int) -> int:
+    """Where the context window of a ``length``-token sequence starts for its next token, given
+    that it started at ``start``.
+
+    When the window is full it slides by half a window at once (keeping the newest half), not by
+    one token: with absolute positions every slide invalidates the KV cache, so this rebuilds the
+    cache once per block_size/2 tokens instead of on every token. Every path (with and without the
+    cache, batched or not) uses these windows, so they all give the same text.
+    """
+    return length - max(1, block_size // 2) if length - start > block_size else start
+
+
+class TextPieces:
+    """The text of generated token ids as it grows, in pieces of whole characters
+    (``tokenizer.stream_decoder``: a multi-byte character split across byte-level BPE tokens is
+    held back until its last byte arrives), so the pieces join to ``tokenizer.decode`` of all ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._decode_next = tokenizer.stream_decoder()
+        self._pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The whole characters ``token`` completes ("" while a character is still incomplete)."""
+        piece = self._decode_next(token)
+        if piece is None:
+            self._pending.append(token)
+            return ""
+        self._pending.clear()
+        self.text += piece
+        return piece
+
+    def rest(self) -> str:
+        """What the held-back ids decode to when no more come (U+FFFD for an incomplete character)."""
+        return self.tokenizer.decode(self._pending) if self._pending else ""
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -70,17 +108,12 @@ def generate(
     """
     model.eval()
     block_size = model.config.block_size
-    # When the context window is full it slides by half a window at once (keeping the newest
-    # half), not by one token: with absolute positions every slide invalidates the KV cache, so
-    # this rebuilds the cache once per block_size/2 tokens instead of on every token. Both paths
-    # use the same windows, so they give the same text.
-    keep = max(1, block_size // 2)
     start = max(0, idx.size(1) - block_size)
     cache = KVCache(model.config.n_layer) if kv_cache else None
     precision = autocast(idx.device, inference_dtype(idx.device))
     for _ in range(max_new_tokens):
-        if idx.size(1) - start > block_size:
-            start = idx.size(1) - keep
+        if (slid := window_start(idx.size(1), start, block_size)) != start:
+            start = slid
             if cache is not None:
                 cache.reset()
         with precision:
@@ -121,24 +154,20 @@ def generate_from_run(
     device = select_device("auto")
     model, _ = load_model(run_dir, checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    decode_next = tokenizer.stream_decoder()
-    emitted = 0
+    pieces = TextPieces(tokenizer)
 
     def stream(token: int) -> None:
-        nonlocal emitted
-        piece = decode_next(token)
-        if piece:
+        if piece := pieces.push(token):
             on_text(piece)
-            emitted += len(piece)
 
     idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache,
                    on_token=stream if on_text is not None else None)
     text = tokenizer.decode(out[0, idx.size(1):].tolist())
-    # Ids that end inside a character (or never form one) are held back by the stream; the full
-    # decode shows them as U+FFFD, as the returned text does.
-    if on_text is not None and len(text) > emitted:
-        on_text(text[emitted:])
+    # Ids that end inside a character (or never form one) are held back; the full decode shows
+    # them as U+FFFD, as the returned text does.
+    if on_text is not None and len(text) > len(pieces.text):
+        on_text(text[len(pieces.text):])
     return text
 
 
