@@ -142,7 +142,8 @@ def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(monk
     monkeypatch.setattr(device_module.torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native or including_emulation)
     assert select_dtype(CUDA, "auto") == expected
-    assert (device_module.grad_scaler(CUDA, expected) is not None) == (expected == torch.float16)
+    monkeypatch.setattr(device_module.torch.cuda, "is_available", lambda: True)  # else GradScaler disables itself
+    assert device_module.grad_scaler(CUDA, expected).is_enabled() == (expected == torch.float16)
 
 
 def test_choosing_cuda_turns_on_tf32_matmuls_and_choosing_cpu_does_not(monkeypatch):
