@@ -105,11 +105,22 @@ def throughput(work: Path, repeats: int, rounds: int) -> tuple[list, dict]:
             rows.append([f"{label}, {phase}", megabytes / seed_s[i], megabytes / ours_s[i], seed_s[i] / ours_s[i]])
     rows += [[f"(I/O floor: write+sha256+fsync), {phase}", None, megabytes / io_floor[i], None]
              for phase, i in (("first run", 0), (f"best of {rounds}", 1))]
-    record = {"corpus_mb": megabytes, "vocab_size": vocab["vocab_size"], "rounds": rounds,
-              "seconds": {"seed_vocab": seed_vocab_s, "seed_encode": seed_encode_s, "seed_prepare": seed_total,
-                          "ours_vocab": vocab_s, "ours_encode": encode_s, "ours_encode_write": write, "ours_prepare": total,
-                          "io_floor": io_floor},
-              "mb_per_s": {row[0]: {"seed": row[1], "ours": row[2], "speedup": row[3]} for row in rows}}
+    record = {
+        "corpus_mb": megabytes,
+        "vocab_size": vocab["vocab_size"],
+        "rounds": rounds,
+        "seconds": {
+            "seed_vocab": seed_vocab_s,
+            "seed_encode": seed_encode_s,
+            "seed_prepare": seed_total,
+            "ours_vocab": vocab_s,
+            "ours_encode": encode_s,
+            "ours_encode_write": write,
+            "ours_prepare": total,
+            "io_floor": io_floor,
+        },
+        "mb_per_s": {row[0]: {"seed": row[1], "ours": row[2], "speedup": row[3]} for row in rows},
+    }
     return rows, record
 
 
@@ -137,12 +148,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-prep-") as tmp:
         work = Path(tmp)
         rows, record = throughput(work, repeats, rounds=2 if args.quick else 3)
-        print_table(f"char data prep on {record['corpus_mb']:.0f} MB of Tiny Shakespeare text (MB/s, same run)",
-                    ["stage", "seed style", "ours", "speedup x"], rows)
+        print_table(
+            f"char data prep on {record['corpus_mb']:.0f} MB of Tiny Shakespeare text (MB/s, same run)",
+            ["stage", "seed style", "ours", "speedup x"],
+            rows,
+        )
         mem = memory(work, big_mb)
-    print_table("peak RSS of prepare in a child process",
-                ["corpus MB", "prepare peak RSS MiB", "import-only RSS MiB", "prepare s"],
-                [[mem["corpus_mb"], mem["peak_rss_mib"], mem["import_only_rss_mib"], mem["prepare_seconds"]]])
+    print_table(
+        "peak RSS of prepare in a child process",
+        ["corpus MB", "prepare peak RSS MiB", "import-only RSS MiB", "prepare s"],
+        [[mem["corpus_mb"], mem["peak_rss_mib"], mem["import_only_rss_mib"], mem["prepare_seconds"]]],
+    )
     save_results("data_prep", {"quick": args.quick, "throughput": record, "memory": mem})
 
 

@@ -36,7 +36,11 @@ def main() -> None:
             rows.append([name, 1e3 * fresh["float32_seconds"], 1e3 * fresh["bfloat16_seconds"], f"{speedup:.2f}x",
                          fresh["dtype"], cached["dtype"]])
     headers = ["preset", "fp32 matmuls ms", "bf16 matmuls ms", "bf16 speed-up", "choice now", "cached choice"]
-    print_table("dtype=auto: matmul calibration at each preset's shapes (one layer + head, as training calibrates them)", headers, rows)
+    print_table(
+        "dtype=auto: matmul calibration at each preset's shapes (one layer + head, as training calibrates them)",
+        headers,
+        rows,
+    )
     save_results("bench_dtype", {"presets": results, "markdown": markdown_table(headers, rows)})
 
 

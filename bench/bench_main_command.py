@@ -50,15 +50,25 @@ def main() -> None:
               "dtype": summary["dtype"], "threads": summary["threads"],
               "goal_met": summary["best_val_loss"] <= GOAL_VAL and wall <= GOAL_SECONDS}
     headers = ["measure", "value", "goal"]
-    rows = [["wall seconds, whole pipeline", wall, f"<= {GOAL_SECONDS:.0f}"],
-            ["best val loss", summary["best_val_loss"], f"<= {GOAL_VAL}"],
-            ["steps", summary["steps"], ""], ["train stage seconds", summary["wall_seconds"], ""],
-            ["share of training wall time spent evaluating", f"{100 * summary['eval_share']:.1f}%", ""],
-            ["training tokens/s", summary["tokens_per_second"], ""],
-            ["dtype, threads at the end", f"{summary['dtype']}, {summary['threads']['final']} ({summary['threads']['mode']}, "
-             f"{summary['threads']['switches']} switches)", ""]]
-    print_table(f"README main command: cortexcraft pipeline (cpu preset{', ' + ' '.join(overrides) if overrides else ''})",
-                headers, rows)
+    rows = [
+        ["wall seconds, whole pipeline", wall, f"<= {GOAL_SECONDS:.0f}"],
+        ["best val loss", summary["best_val_loss"], f"<= {GOAL_VAL}"],
+        ["steps", summary["steps"], ""],
+        ["train stage seconds", summary["wall_seconds"], ""],
+        ["share of training wall time spent evaluating", f"{100 * summary['eval_share']:.1f}%", ""],
+        ["training tokens/s", summary["tokens_per_second"], ""],
+        [
+            "dtype, threads at the end",
+            f"{summary['dtype']}, {summary['threads']['final']} ({summary['threads']['mode']}, "
+            f"{summary['threads']['switches']} switches)",
+            "",
+        ],
+    ]
+    print_table(
+        f"README main command: cortexcraft pipeline (cpu preset{', ' + ' '.join(overrides) if overrides else ''})",
+        headers,
+        rows,
+    )
     save_results("bench_main_command", {**result, "markdown": markdown_table(headers, rows)})
 
 

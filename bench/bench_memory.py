@@ -59,8 +59,12 @@ def write_tiled_corpus(base: Path, out_dir: Path, train_bytes: int) -> Path:
 
 def child_rss_mib(data_dir: Path, run_dir: Path, iters: int) -> dict[str, float]:
     """Peak RSS of a training child, and its anonymous / file-backed (memmap) RSS at the end."""
-    child = subprocess.run([sys.executable, "-c", CHILD.format(iters=iters), str(data_dir), str(run_dir)],
-                           cwd=REPO, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(iters=iters), str(data_dir), str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if child.returncode != 0:
         sys.exit(f"training child failed: {child.stderr.strip().splitlines()[-3:]}")
     peak, anon, file = (int(v) / 1024 for v in child.stdout.split()[-3:])  # kB in /proc
@@ -77,20 +81,34 @@ def main() -> None:
         corpora = {mb: write_tiled_corpus(base, work / f"corpus-{mb}mb", mb * 1_000_000) for mb in (small_mb, large_mb)}
         peaks: dict[int, list[dict]] = {mb: [] for mb in corpora}
         for r in range(rounds):
-            for mb in (corpora if r % 2 == 0 else reversed(list(corpora))):
+            for mb in corpora if r % 2 == 0 else reversed(list(corpora)):
                 peaks[mb].append(child_rss_mib(corpora[mb], work / f"run-{mb}-{r}", iters))
     worst = {mb: max(runs, key=lambda run: run["peak"]) for mb, runs in peaks.items()}
     growth = 100 * (worst[large_mb]["peak"] / worst[small_mb]["peak"] - 1)
     anon_growth = 100 * (worst[large_mb]["anon_at_end"] / worst[small_mb]["anon_at_end"] - 1)
-    rows = [[f"{mb:,} MB", -(-mb * 1_000_000 // SHARD_TOKENS), w["peak"], w["anon_at_end"], w["file_at_end"]]
-            for mb, w in worst.items()]
-    print_table(f"Training RSS ({iters} iters of the cpu preset, fresh process each, worst of {rounds} rounds); "
-                f"large vs small: peak {growth:+.1f}%, anonymous {anon_growth:+.1f}%",
-                ["train corpus", "shards", "peak RSS MiB", "anon RSS at end", "file-backed RSS at end"], rows)
-    save_results("bench_memory", {"iters": iters, "rounds": rounds, "rss_mib": {str(k): v for k, v in peaks.items()},
-                                  "peak_rss_mib": {str(k): [r["peak"] for r in v] for k, v in peaks.items()},
-                                  "growth_percent": growth, "anon_growth_percent": anon_growth,
-                                  "corpus": "Tiny Shakespeare train tokens tiled, shards written directly"})
+    rows = [
+        [f"{mb:,} MB", -(-mb * 1_000_000 // SHARD_TOKENS), w["peak"], w["anon_at_end"], w["file_at_end"]]
+        for mb, w in worst.items()
+    ]
+    print_table(
+        f"Training RSS ({iters} iters of the cpu preset, fresh process each, worst of {rounds} rounds); "
+        f"large vs small: peak {growth:+.1f}%, anonymous {anon_growth:+.1f}%",
+        ["train corpus", "shards", "peak RSS MiB", "anon RSS at end", "file-backed RSS at end"],
+        rows,
+    )
+    save_results(
+        "bench_memory",
+        {
+            "iters": iters,
+            "rounds": rounds,
+            "rss_mib": {str(k): v for k, v in peaks.items()},
+            "peak_rss_mib": {str(k): [r["peak"] for r in v] for k, v in peaks.items()},
+            "growth_percent": growth,
+            "anon_growth_percent": anon_growth,
+            "corpus": "Tiny Shakespeare train tokens tiled, shards written directly",
+        },
+    )
+
 
 if __name__ == "__main__":
     main()

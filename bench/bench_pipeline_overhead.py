@@ -30,9 +30,21 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE = Path(os.environ.get("CORTEXCRAFT_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt"
-TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=20",
-        "eval_interval=10", "eval_iters=2", "max_new_tokens=40", "device=cpu"]
+SOURCE = (
+    Path(os.environ.get("CORTEXCRAFT_SHARED_DATA", REPO.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt"
+)
+TINY = [
+    "n_layer=1",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=32",
+    "batch_size=8",
+    "max_iters=20",
+    "eval_interval=10",
+    "eval_iters=2",
+    "max_new_tokens=40",
+    "device=cpu",
+]
 GOAL_SECONDS = 2.0
 METRICS = ("process_seconds", "flow_seconds", "second_call_seconds")
 
@@ -76,8 +88,13 @@ def child(kind: str, data_dir: str) -> None:
 
 def measure(kind: str, data_dir: Path, env: dict[str, str]) -> dict[str, float]:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--data-dir", str(data_dir)],
-                         env=env, cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--data-dir", str(data_dir)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if out.returncode:
         raise SystemExit(f"{kind} run failed:\n{out.stderr[-3000:]}")
@@ -92,10 +109,15 @@ def free_port() -> int:
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    server_env = dict(env, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-                      PREFECT_UI_ENABLED="false")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start"], env=server_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server_env = dict(
+        env, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port), PREFECT_UI_ENABLED="false"
+    )
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start"],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -120,12 +142,17 @@ def stop(server: subprocess.Popen) -> None:
 
 def bench(repeats: int) -> dict:
     if not SOURCE.is_file():
-        raise SystemExit(f"{SOURCE} not found; set CORTEXCRAFT_SHARED_DATA to the folder holding tinyshakespeare/input.txt")
+        raise SystemExit(
+            f"{SOURCE} not found; set CORTEXCRAFT_SHARED_DATA to the folder holding tinyshakespeare/input.txt"
+        )
     root = Path(tempfile.mkdtemp(prefix="cc-bench-"))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     # The same settings the pipeline sets for itself (tasks/__init__.py), so both flows start alike.
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    env.update(
+        PREFECT_HOME=str(root / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    )
     data_dir = root / "data"
     results: dict = {"repeats": repeats, "config": TINY, "modes": {}}
     server = None
@@ -135,8 +162,8 @@ def bench(repeats: int) -> dict:
         for mode, mode_env in (("ephemeral", env), ("server", dict(env, PREFECT_API_URL=url))):
             runs = {kind: [measure(kind, data_dir, mode_env) for _ in range(repeats)] for kind in ("trivial", "cached")}
             results["modes"][mode] = {
-                kind: {metric: statistics.median(r[metric] for r in rs) for metric in METRICS}
-                | {"runs": rs} for kind, rs in runs.items()
+                kind: {metric: statistics.median(r[metric] for r in rs) for metric in METRICS} | {"runs": rs}
+                for kind, rs in runs.items()
             }
     finally:
         if server is not None:
@@ -158,12 +185,17 @@ def main() -> None:
         child(args.child, args.data_dir)
         return
     results = bench(args.repeats)
-    print(f"{'server':<10} {'flow':<8} {'process s':>10} {'1st call s':>11} {'2nd call s':>11}   (medians of {args.repeats})")
+    print(
+        f"{'server':<10} {'flow':<8} {'process s':>10} {'1st call s':>11} {'2nd call s':>11}   (medians of {args.repeats})"
+    )
     for mode, kinds in results["modes"].items():
         rows = [(kind, kinds[kind]) for kind in ("trivial", "cached")]
         rows.append(("overhead", {metric: kinds[f"overhead_{metric}"] for metric in METRICS}))
         for kind, values in rows:
-            print(f"{mode:<10} {kind:<8} " + " ".join(f"{values[m]:>{10 if m == 'process_seconds' else 11}.2f}" for m in METRICS))
+            print(
+                f"{mode:<10} {kind:<8} "
+                + " ".join(f"{values[m]:>{10 if m == 'process_seconds' else 11}.2f}" for m in METRICS)
+            )
         verdict = "ok" if kinds["overhead_process_seconds"] <= GOAL_SECONDS else "over"
         print(f"{mode:<10} goal: cached - trivial <= {GOAL_SECONDS:.0f} s per process: {verdict}")
     out = REPO / "bench" / "results" / "pipeline_overhead.json"

@@ -28,6 +28,7 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
     python bench/bench_scale.py [--quick] [--corpus-dir DIR] [--corpus-mb 2048] [--char-mb 500] [--bpe-mb 100]
                                 [--only throughput collection memory]
 """
+
 from __future__ import annotations
 
 import json
@@ -45,12 +46,16 @@ from benchlib import REPO, parse_args, print_table, save_results
 DOCS_PER_ROW_GROUP = 1024
 FILE_MB = 256
 # Word pools: (weight, words). Mostly English-like, like OpenWebText, with the scripts it also holds.
-_LATIN = ("the of and to in is was for that on with as by at from his her they this which were be are have had "
-          "not but an it or one all their has been would who more when will there no so can if out up about "
-          "people time year government world state city company market president police report police water").split()
+_LATIN = (
+    "the of and to in is was for that on with as by at from his her they this which were be are have had "
+    "not but an it or one all their has been would who more when will there no so can if out up about "
+    "people time year government world state city company market president police report police water"
+).split()
 _ACCENTED = "café naïve résumé façade über straße größe señor niño coöperate déjà Zürich São Kraków".split()
-_OTHER = ("Москва правительство человек Αθήνα δημοκρατία 日本 東京 政府 中国 北京 市场 한국 서울 "
-          "😀 🙂 🚀 ✓ € £ — – “quoted” ‘single’ … ½ ° ± × µ").split()
+_OTHER = (
+    "Москва правительство человек Αθήνα δημοκρατία 日本 東京 政府 中国 北京 市场 한국 서울 "
+    "😀 🙂 🚀 ✓ € £ — – “quoted” ‘single’ … ½ ° ± × µ"
+).split()
 BPE_VOCAB = 8192
 BPE_TRAIN_CHARS = 20_000_000
 
@@ -113,8 +118,10 @@ print(time.perf_counter() - start)
 
 def _two_process_speedup(kind: str) -> float:
     def slowest_of(count: int) -> float:
-        procs = [subprocess.Popen([sys.executable, "-c", CHILD_CEILING, kind], stdout=subprocess.PIPE, text=True)
-                 for _ in range(count)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", CHILD_CEILING, kind], stdout=subprocess.PIPE, text=True)
+            for _ in range(count)
+        ]
         return max(float(proc.communicate()[0]) for proc in procs)
 
     return 2 * slowest_of(1) / slowest_of(2)
@@ -175,7 +182,7 @@ def _documents(rng: np.random.Generator, words: np.ndarray, probabilities: np.nd
     gaps = np.array(["\n\n", ". ", ", ", " "], dtype=object)[np.searchsorted([0.008, 0.06, 0.1], rng.random(total))]
     pieces = np.stack([picks, gaps], axis=1).ravel()
     ends = np.cumsum(lengths) * 2
-    return ["".join(pieces[end - 2 * n:end - 1]).capitalize() for n, end in zip(lengths, ends)]
+    return ["".join(pieces[end - 2 * n : end - 1]).capitalize() for n, end in zip(lengths, ends)]
 
 
 def generate_corpus(directory: Path, total_mb: int, seed: int = 2026) -> list[Path]:
@@ -201,7 +208,9 @@ def generate_corpus(directory: Path, total_mb: int, seed: int = 2026) -> list[Pa
             batch = _documents(rng, words, probabilities, 2000)
             docs += batch
             size += sum(len(doc.encode("utf-8")) for doc in batch)
-        pq.write_table(pa.table({"text": docs}), directory / f"part-{index:04d}.parquet", row_group_size=DOCS_PER_ROW_GROUP)
+        pq.write_table(
+            pa.table({"text": docs}), directory / f"part-{index:04d}.parquet", row_group_size=DOCS_PER_ROW_GROUP
+        )
         written, index = written + size, index + 1
         print(f"  generated {written / 1e6:,.0f} of {total_mb:,} MB", flush=True)
     done.write_text(json.dumps({"total_mb": total_mb, "seed": seed, "bytes": written}))
@@ -210,7 +219,9 @@ def generate_corpus(directory: Path, total_mb: int, seed: int = 2026) -> list[Pa
 
 def _child(code: str, args: dict) -> dict:
     env = dict(os.environ, RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="true")
-    result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"child failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -219,8 +230,15 @@ def _child(code: str, args: dict) -> dict:
 def _ours(corpus: Path, work: Path, data: dict, workers: int, cache: Path | None = None) -> dict:
     out = work / f"ours-{data.get('tokenizer', 'char')}-{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    result = _child(CHILD_OURS, {"data": {"source": str(corpus), **data}, "out": str(out),
-                                 "cache": str(cache or work / "cache"), "workers": workers})
+    result = _child(
+        CHILD_OURS,
+        {
+            "data": {"source": str(corpus), **data},
+            "out": str(out),
+            "cache": str(cache or work / "cache"),
+            "workers": workers,
+        },
+    )
     shutil.rmtree(out)
     return result
 
@@ -245,21 +263,37 @@ def _nanogpt(files: list[Path], work: Path, tokenizer: str, vocab: Path, num_pro
     out = work / f"nanogpt-{tokenizer}-{num_proc}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    result = _child(CHILD_NANOGPT, {"files": [str(f) for f in files], "hf_cache": str(work / "hf-cache"), "out": str(out),
-                                    "tokenizer": tokenizer, "vocab": str(vocab), "num_proc": num_proc, "max_docs": max_docs})
+    result = _child(
+        CHILD_NANOGPT,
+        {
+            "files": [str(f) for f in files],
+            "hf_cache": str(work / "hf-cache"),
+            "out": str(out),
+            "tokenizer": tokenizer,
+            "vocab": str(vocab),
+            "num_proc": num_proc,
+            "max_docs": max_docs,
+        },
+    )
     shutil.rmtree(out)
     return result
 
 
 def main() -> None:
     def extra(parser):
-        parser.add_argument("--corpus-dir", type=Path, default=REPO / "bench" / "corpus", help="where the synthetic corpus is kept")
+        parser.add_argument(
+            "--corpus-dir", type=Path, default=REPO / "bench" / "corpus", help="where the synthetic corpus is kept"
+        )
         parser.add_argument("--corpus-mb", type=int, default=2048)
         parser.add_argument("--small-mb", type=int, default=200, help="the small corpus of the memory comparison")
         parser.add_argument("--char-mb", type=int, default=500, help="MB of the corpus the char throughput runs use")
         parser.add_argument("--bpe-mb", type=int, default=100, help="MB of the corpus the BPE throughput runs use")
-        parser.add_argument("--only", nargs="+", choices=["throughput", "collection", "memory"],
-                            default=["throughput", "collection", "memory"])
+        parser.add_argument(
+            "--only",
+            nargs="+",
+            choices=["throughput", "collection", "memory"],
+            default=["throughput", "collection", "memory"],
+        )
 
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.quick:
@@ -272,13 +306,21 @@ def main() -> None:
     try:
         char = {"shard_tokens": 100_000_000}
         char_part = {**char, **({"max_bytes": args.char_mb * 1_000_000} if args.char_mb < args.corpus_mb else {})}
-        bpe = {"tokenizer": "bpe", "vocab_size": BPE_VOCAB, "bpe_train_chars": BPE_TRAIN_CHARS,
-               "max_bytes": args.bpe_mb * 1_000_000, "shard_tokens": 100_000_000}
+        bpe = {
+            "tokenizer": "bpe",
+            "vocab_size": BPE_VOCAB,
+            "bpe_train_chars": BPE_TRAIN_CHARS,
+            "max_bytes": args.bpe_mb * 1_000_000,
+            "shard_tokens": 100_000_000,
+        }
         if "throughput" in args.only:
             ceiling = {kind: _two_process_speedup(kind) for kind in ("python loop", "memory copy")}
             results["two_process_ceiling"] = ceiling
-            print_table("This machine's speed-up from 2 processes (each timed alone, then two at once)",
-                        ["work", "2 vs 1 process"], [[kind, f"{value:.2f}x"] for kind, value in ceiling.items()])
+            print_table(
+                "This machine's speed-up from 2 processes (each timed alone, then two at once)",
+                ["work", "2 vs 1 process"],
+                [[kind, f"{value:.2f}x"] for kind, value in ceiling.items()],
+            )
             # Warm-up: the download stage (parquet -> corpus.txt) and datasets' arrow cache, not timed.
             vocab_dir = work / "vocab"
             rows, speeds = [], {}
@@ -298,17 +340,39 @@ def main() -> None:
                     ours = _ours(corpus_dir, work, data, workers)
                     base = _nanogpt(files, work, name, Path(vocab["path"]), workers, max_docs)
                     mb = ours["bytes"] / 1e6
-                    speeds[f"{name}, {workers} worker(s)"] = {"ours_mb_per_s": mb / ours["seconds"],
-                                                               "nanogpt_mb_per_s": mb / base["seconds"], "mb": mb}
-                    rows.append([name, workers, f"{mb:,.0f}", mb / ours["seconds"], mb / base["seconds"],
-                                 base["seconds"] / ours["seconds"]])
+                    speeds[f"{name}, {workers} worker(s)"] = {
+                        "ours_mb_per_s": mb / ours["seconds"],
+                        "nanogpt_mb_per_s": mb / base["seconds"],
+                        "mb": mb,
+                    }
+                    rows.append(
+                        [
+                            name,
+                            workers,
+                            f"{mb:,.0f}",
+                            mb / ours["seconds"],
+                            mb / base["seconds"],
+                            base["seconds"] / ours["seconds"],
+                        ]
+                    )
                 one, two = speeds[f"{name}, 1 worker(s)"], speeds[f"{name}, 2 worker(s)"]
                 speeds[f"{name} scaling 2 vs 1 worker"] = two["ours_mb_per_s"] / one["ours_mb_per_s"]
-                rows.append([name, "2 vs 1", "", f"{speeds[f'{name} scaling 2 vs 1 worker']:.2f}x",
-                             f"{two['nanogpt_mb_per_s'] / one['nanogpt_mb_per_s']:.2f}x", ""])
+                rows.append(
+                    [
+                        name,
+                        "2 vs 1",
+                        "",
+                        f"{speeds[f'{name} scaling 2 vs 1 worker']:.2f}x",
+                        f"{two['nanogpt_mb_per_s'] / one['nanogpt_mb_per_s']:.2f}x",
+                        "",
+                    ]
+                )
             results["throughput"] = speeds
-            print_table("Preparation throughput (vocabulary + shards; download cached)",
-                        ["tokenizer", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"], rows)
+            print_table(
+                "Preparation throughput (vocabulary + shards; download cached)",
+                ["tokenizer", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"],
+                rows,
+            )
         if "collection" in args.only:
             rows, speeds, hashes = [], {}, set()
             for workers in (1, 2):
@@ -316,25 +380,53 @@ def main() -> None:
                 ours = _child(CHILD_COLLECT, {"source": str(corpus_dir), "cache": str(cache), "workers": workers})
                 shutil.rmtree(cache)
                 hashes.add(ours["sha256"])
-                base = _child(CHILD_NANOGPT_LOAD, {"files": [str(f) for f in files], "hf_cache": str(work / "collect-hf"),
-                                                   "num_proc": workers})
+                base = _child(
+                    CHILD_NANOGPT_LOAD,
+                    {"files": [str(f) for f in files], "hf_cache": str(work / "collect-hf"), "num_proc": workers},
+                )
                 shutil.rmtree(work / "collect-hf")
                 mb = ours["bytes"] / 1e6
-                speeds[f"{workers} worker(s)"] = {"ours_mb_per_s": mb / ours["seconds"], "nanogpt_mb_per_s": mb / base["seconds"], "mb": mb}
-                rows.append(["parquet -> text", workers, f"{mb:,.0f}", mb / ours["seconds"], mb / base["seconds"],
-                             base["seconds"] / ours["seconds"]])
+                speeds[f"{workers} worker(s)"] = {
+                    "ours_mb_per_s": mb / ours["seconds"],
+                    "nanogpt_mb_per_s": mb / base["seconds"],
+                    "mb": mb,
+                }
+                rows.append(
+                    [
+                        "parquet -> text",
+                        workers,
+                        f"{mb:,.0f}",
+                        mb / ours["seconds"],
+                        mb / base["seconds"],
+                        base["seconds"] / ours["seconds"],
+                    ]
+                )
             if len(hashes) != 1:
                 sys.exit(f"collection with 1 and 2 workers gave different corpora: {sorted(hashes)}")
             one, two = speeds["1 worker(s)"], speeds["2 worker(s)"]
             speeds["scaling 2 vs 1 worker"] = two["ours_mb_per_s"] / one["ours_mb_per_s"]
-            rows.append(["parquet -> text", "2 vs 1", "", f"{speeds['scaling 2 vs 1 worker']:.2f}x",
-                         f"{two['nanogpt_mb_per_s'] / one['nanogpt_mb_per_s']:.2f}x", ""])
+            rows.append(
+                [
+                    "parquet -> text",
+                    "2 vs 1",
+                    "",
+                    f"{speeds['scaling 2 vs 1 worker']:.2f}x",
+                    f"{two['nanogpt_mb_per_s'] / one['nanogpt_mb_per_s']:.2f}x",
+                    "",
+                ]
+            )
             results["collection"] = speeds
-            print_table("Collection throughput (the download stage of a parquet directory; same corpus with 1 and 2 workers)",
-                        ["stage", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"], rows)
+            print_table(
+                "Collection throughput (the download stage of a parquet directory; same corpus with 1 and 2 workers)",
+                ["stage", "workers", "MB", "ours MB/s", "nanoGPT-style MB/s", "ours / nanoGPT"],
+                rows,
+            )
         if "memory" in args.only:
             peaks = {}
-            for label, max_bytes in ((f"{args.small_mb} MB", args.small_mb * 1_000_000), (f"{args.corpus_mb} MB", None)):
+            for label, max_bytes in (
+                (f"{args.small_mb} MB", args.small_mb * 1_000_000),
+                (f"{args.corpus_mb} MB", None),
+            ):
                 # A fresh download cache: both runs read the parquet files too.
                 cache = work / "memory-cache"
                 run = _ours(corpus_dir, work, {**char, **({"max_bytes": max_bytes} if max_bytes else {})}, 1, cache)
@@ -342,8 +434,11 @@ def main() -> None:
                 peaks[label] = run["vm_hwm_mib"]
             small, large = peaks.values()
             results["memory"] = {"peak_rss_mib": peaks, "growth_percent": 100 * (large / small - 1)}
-            print_table("Peak RSS of prepare (1 worker, char)", ["corpus", "VmHWM MiB"], list(peaks.items()) +
-                        [["growth", f"{100 * (large / small - 1):+.1f}% (goal <= +10%)"]])
+            print_table(
+                "Peak RSS of prepare (1 worker, char)",
+                ["corpus", "VmHWM MiB"],
+                list(peaks.items()) + [["growth", f"{100 * (large / small - 1):+.1f}% (goal <= +10%)"]],
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save_results("bench_scale", results)

@@ -98,7 +98,10 @@ def main() -> None:
             for system in ("ours", "nanogpt"):
                 result = measure(system, data_dir, steps if system == "ours" else nano_steps, condition == "busy")
                 runs[system][condition].append(result)
-                print(f"{system:8} {condition:5} {result['tokens_per_second']:>10,.0f} tok/s  {result['threads']}", flush=True)
+                print(
+                    f"{system:8} {condition:5} {result['tokens_per_second']:>10,.0f} tok/s  {result['threads']}",
+                    flush=True,
+                )
     rows, shares = [], {}
     for system, by_condition in runs.items():
         quiet = max(r["tokens_per_second"] for r in by_condition["quiet"])
@@ -107,8 +110,16 @@ def main() -> None:
         rows.append([system, quiet, busy, f"{busy / quiet:.2f}x", f">= {GOAL_SHARE}x" if system == "ours" else ""])
     headers = ["trainer", "tokens/s quiet", "tokens/s beside 1 busy process", "share kept", "goal"]
     print_table("Training beside one `while True: pass` process (best of the runs per condition)", headers, rows)
-    save_results("bench_shared", {"steps": {"ours": steps, "nanogpt": nano_steps}, "runs": runs, "share_kept": shares,
-                                  "goal_share": GOAL_SHARE, "markdown": markdown_table(headers, rows)})
+    save_results(
+        "bench_shared",
+        {
+            "steps": {"ours": steps, "nanogpt": nano_steps},
+            "runs": runs,
+            "share_kept": shares,
+            "goal_share": GOAL_SHARE,
+            "markdown": markdown_table(headers, rows),
+        },
+    )
 
 
 if __name__ == "__main__":

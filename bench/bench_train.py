@@ -140,9 +140,15 @@ def quality_nanogpt(data_dir: Path, max_iters: int) -> dict:
     (val_bin,), _ = split_paths(data_dir, "val")
     vocab = _vocab_size(data_dir)
     records: list[dict] = []
-    train_nanogpt(str(train_bin), str(val_bin), np.dtype(dtype), vocab,
-                  NanoConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128),
-                  NanoTrainConfig(max_iters=max_iters, lr_decay_iters=max_iters, warmup_iters=min(100, max_iters // 10)), on_eval=records.append)
+    train_nanogpt(
+        str(train_bin),
+        str(val_bin),
+        np.dtype(dtype),
+        vocab,
+        NanoConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128),
+        NanoTrainConfig(max_iters=max_iters, lr_decay_iters=max_iters, warmup_iters=min(100, max_iters // 10)),
+        on_eval=records.append,
+    )
     return {"records": records}
 
 
@@ -158,33 +164,52 @@ def quality_ours(data_dir: Path, work: Path, overrides: dict) -> dict:
 
     summary = train(config, data_dir, run_dir, resume=False, on_eval=records.append, progress=False)
     full = evaluate_run(run_dir, data_dir, checkpoint="best")
-    return {"records": records, "config": config.train.model_dump(), "model": config.model.model_dump(),
-            "summary_steps": summary["steps"], "best_full_val": full["val_loss"], "best_full_val_step": full["step"],
-            "eval_share": summary["eval_share"], "dtype": summary["dtype"]}
+    return {
+        "records": records,
+        "config": config.train.model_dump(),
+        "model": config.model.model_dump(),
+        "summary_steps": summary["steps"],
+        "best_full_val": full["val_loss"],
+        "best_full_val_step": full["step"],
+        "eval_share": summary["eval_share"],
+        "dtype": summary["dtype"],
+    }
 
 
 def summarise(res: dict, budget: float | None = None) -> dict:
     seconds, step = first_crossing(res["records"], TARGET_VAL)
-    res.update({"seconds_to_target": seconds, "step_to_target": step,
-                "best_val_within_budget": best_within(res["records"], budget) if budget else None,
-                "wall_seconds": res["records"][-1]["elapsed_seconds"],
-                "best_val": min(r["val_loss"] for r in res["records"] if r["step"] > 0)})
+    res.update(
+        {
+            "seconds_to_target": seconds,
+            "step_to_target": step,
+            "best_val_within_budget": best_within(res["records"], budget) if budget else None,
+            "wall_seconds": res["records"][-1]["elapsed_seconds"],
+            "best_val": min(r["val_loss"] for r in res["records"] if r["step"] > 0),
+        }
+    )
     return res
 
 
 def main() -> None:
     def options(parser):
         parser.add_argument("--part", choices=["all", "throughput", "quality", "moonshot"], default="all")
-        parser.add_argument("--moonshot-set", action="append", metavar="KEY=VALUE",
-                            help=f"overrides of the cpu preset for the moonshot run (default: {' '.join(MOONSHOT_SET)})")
+        parser.add_argument(
+            "--moonshot-set",
+            action="append",
+            metavar="KEY=VALUE",
+            help=f"overrides of the cpu preset for the moonshot run (default: {' '.join(MOONSHOT_SET)})",
+        )
 
     args = parse_args(__doc__.splitlines()[0], options)
     args.moonshot_set = MOONSHOT_SET if args.moonshot_set is None else args.moonshot_set
     iters, rounds = (20, 1) if args.quick else (100, 2)
     nano_iters = 100 if args.quick else 2000
     # The cpu preset with its schedule sized to end just past the 1.89 crossing (step ~200 of batch 32).
-    ours_runs = {"cpu preset, max_iters=20": 20} if args.quick else {"cpu preset, max_iters=200": 200,
-                                                                      "cpu preset, max_iters=300": 300}
+    ours_runs = (
+        {"cpu preset, max_iters=20": 20}
+        if args.quick
+        else {"cpu preset, max_iters=200": 200, "cpu preset, max_iters=300": 300}
+    )
     # About as many val windows per eval as the reference scores (its 20 batches of 12).
     to_target_evals = {"eval_interval": 10 if args.quick else 50, "eval_iters": 8}
     moonshot_minutes = 0.5 if args.quick else MOONSHOT_MINUTES
@@ -195,23 +220,52 @@ def main() -> None:
         if args.part in ("all", "throughput"):
             rows, results["throughput"] = measure_throughput(data_dir, work, iters, rounds)
             headers = ["trainer", "ms/iter", "tokens/s", "vs nanoGPT-style", "vs seed-style"]
-            print_table(f"Training throughput at nanoGPT's CPU config and architecture (4x128, block 64, batch 12, "
-                        f"AdamW), best of {rounds} alternating rounds of {iters} iters", headers, rows)
+            print_table(
+                f"Training throughput at nanoGPT's CPU config and architecture (4x128, block 64, batch 12, "
+                f"AdamW), best of {rounds} alternating rounds of {iters} iters",
+                headers,
+                rows,
+            )
             results["throughput"]["markdown"] = markdown_table(headers, rows)
         if args.part in ("all", "quality"):
             nano_name = f"nanoGPT CPU recipe (reference, {nano_iters} iters)"
             runs = {nano_name: summarise(quality_nanogpt(data_dir, nano_iters))}
             budget = runs[nano_name]["wall_seconds"]
             for name, steps in ours_runs.items():
-                runs[name] = summarise(quality_ours(data_dir, work, {"train": {
-                    "max_iters": steps, "max_minutes": None, **to_target_evals}}))
-            runs["cpu preset, budget = nanoGPT's wall time"] = summarise(quality_ours(data_dir, work, {"train": {
-                "max_iters": 100_000, "max_minutes": budget / 60}}), budget)
-            rows = [[name, res["seconds_to_target"], res["step_to_target"], res["best_val"], res["records"][-1]["step"],
-                     res["wall_seconds"], res.get("best_full_val"), res.get("eval_share")] for name, res in runs.items()]
-            headers = ["run", f"s to val<={TARGET_VAL}", "at step", "best val", "steps", "wall s",
-                       "best ckpt, full val", "eval share"]
-            print_table("Time to quality on Tiny Shakespeare (val = last 10%; evals included in wall time)", headers, rows)
+                runs[name] = summarise(
+                    quality_ours(
+                        data_dir, work, {"train": {"max_iters": steps, "max_minutes": None, **to_target_evals}}
+                    )
+                )
+            runs["cpu preset, budget = nanoGPT's wall time"] = summarise(
+                quality_ours(data_dir, work, {"train": {"max_iters": 100_000, "max_minutes": budget / 60}}), budget
+            )
+            rows = [
+                [
+                    name,
+                    res["seconds_to_target"],
+                    res["step_to_target"],
+                    res["best_val"],
+                    res["records"][-1]["step"],
+                    res["wall_seconds"],
+                    res.get("best_full_val"),
+                    res.get("eval_share"),
+                ]
+                for name, res in runs.items()
+            ]
+            headers = [
+                "run",
+                f"s to val<={TARGET_VAL}",
+                "at step",
+                "best val",
+                "steps",
+                "wall s",
+                "best ckpt, full val",
+                "eval share",
+            ]
+            print_table(
+                "Time to quality on Tiny Shakespeare (val = last 10%; evals included in wall time)", headers, rows
+            )
             results["quality"] = {"runs": runs, "budget_seconds": budget, "markdown": markdown_table(headers, rows)}
         if args.part in ("all", "moonshot"):
             from cortexcraft.config import parse_overrides
@@ -219,13 +273,26 @@ def main() -> None:
             overrides = parse_overrides(args.moonshot_set)
             overrides["train"] = {"max_iters": 1_000_000, "max_minutes": moonshot_minutes, **overrides.get("train", {})}
             res = summarise(quality_ours(data_dir, work, overrides))
-            rows = [[f"cpu preset{' ' + ' '.join(args.moonshot_set) if args.moonshot_set else ''}, "
-                     f"{moonshot_minutes:g} min budget", res["best_val"], res.get("best_full_val"), res["records"][-1]["step"],
-                     res["wall_seconds"], f"<= {MOONSHOT_VAL}"]]
+            rows = [
+                [
+                    f"cpu preset{' ' + ' '.join(args.moonshot_set) if args.moonshot_set else ''}, "
+                    f"{moonshot_minutes:g} min budget",
+                    res["best_val"],
+                    res.get("best_full_val"),
+                    res["records"][-1]["step"],
+                    res["wall_seconds"],
+                    f"<= {MOONSHOT_VAL}",
+                ]
+            ]
             headers = ["run", "best val", "best ckpt, full val", "steps", "wall s", "goal"]
             print_table(f"Moonshot: best val within {moonshot_minutes:g} minutes", headers, rows)
-            results["moonshot"] = {**res, "minutes": moonshot_minutes, "overrides": args.moonshot_set,
-                                   "goal_val": MOONSHOT_VAL, "markdown": markdown_table(headers, rows)}
+            results["moonshot"] = {
+                **res,
+                "minutes": moonshot_minutes,
+                "overrides": args.moonshot_set,
+                "goal_val": MOONSHOT_VAL,
+                "markdown": markdown_table(headers, rows),
+            }
     previous = RESULTS_DIR / "bench_train.json"
     if args.part != "all" and previous.is_file():
         # A partial run keeps the other parts' figures from the last run.

@@ -22,6 +22,7 @@ Both folders are git-ignored: carry them to the GPU machine (the device tool's `
 ``--cpu-smoke`` runs the same phases on CPU at a tiny shape (no compile) in well under a minute:
 ``tests/test_gpu_check.py`` does, so everything but the GPU itself is tested without one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,17 @@ CARRIED = ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", 
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
 # Dense bf16 tensor-core peaks (vendor data sheets), for MFU.
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-                   ("GH200", 989.4e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+)
 # Synthetic tokens are drawn as these code points (one character per token id): all encodable,
 # in id order, below the surrogates.
 FIRST_CODE_POINT = 0x100
@@ -65,9 +75,28 @@ def fetch_wheels() -> None:
     wanted = [f"{name}=={pins[re.sub(r'[-_.]+', '-', name.lower())]}" for name in CARRIED]
     WHEELS.mkdir(parents=True, exist_ok=True)
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                    "--implementation", "cp", *platforms, "-d", str(WHEELS), *wanted], check=True)
-    print(f"wheels for the GPU machine in {WHEELS.relative_to(REPO)}: {', '.join(sorted(p.name for p in WHEELS.glob('*.whl')))}")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(WHEELS),
+            *wanted,
+        ],
+        check=True,
+    )
+    print(
+        f"wheels for the GPU machine in {WHEELS.relative_to(REPO)}: {', '.join(sorted(p.name for p in WHEELS.glob('*.whl')))}"
+    )
 
 
 def use_carried_wheels() -> Optional[Path]:
@@ -75,17 +104,35 @@ def use_carried_wheels() -> Optional[Path]:
     from bench/gpu_wheels/ into a temporary folder. Returns that folder, or None."""
     try:
         import pydantic  # noqa: F401
+
         return None
     except ImportError:
         pass
     wheels = sorted(WHEELS.glob("*.whl"))
     if not wheels:
-        sys.exit("gpu_check: pydantic is not installed and bench/gpu_wheels/ holds no wheels; run "
-                 "`python bench/gpu_check.py --fetch-wheels` where pip reaches PyPI and carry bench/gpu_wheels")
+        sys.exit(
+            "gpu_check: pydantic is not installed and bench/gpu_wheels/ holds no wheels; run "
+            "`python bench/gpu_check.py --fetch-wheels` where pip reaches PyPI and carry bench/gpu_wheels"
+        )
     site = Path(tempfile.mkdtemp(prefix="gpu-check-site-"))
     atexit.register(shutil.rmtree, site, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(site), *map(str, wheels)], check=True, env=dict(os.environ, PIP_ROOT_USER_ACTION="ignore"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            *map(str, wheels),
+        ],
+        check=True,
+        env=dict(os.environ, PIP_ROOT_USER_ACTION="ignore"),
+    )
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     return site
@@ -94,20 +141,21 @@ def use_carried_wheels() -> Optional[Path]:
 @dataclass
 class Plan:
     """The shapes and lengths of one check run."""
+
     device: str
     vocab: int
-    tokens: int                # synthetic tokens, train + val
+    tokens: int  # synthetic tokens, train + val
     n_layer: int
     n_head: int
     n_embd: int
     block: int
     batch: int
-    steps: int                 # timed training steps of each system
-    eval_every: int            # ours: an evaluation of one batch per split every this many steps
-    warm_iters: int            # nanoGPT: iterations left out of its timing (compilation, settling)
+    steps: int  # timed training steps of each system
+    eval_every: int  # ours: an evaluation of one batch per split every this many steps
+    warm_iters: int  # nanoGPT: iterations left out of its timing (compilation, settling)
     compile: bool
     nanogpt_dtype: str
-    resume_shape: list[str]    # --set overrides of the small model the SIGKILL check trains
+    resume_shape: list[str]  # --set overrides of the small model the SIGKILL check trains
     resume_steps: int
     budget_seconds: float
 
@@ -116,14 +164,42 @@ class Plan:
         return self.batch * self.block
 
 
-GPU_PLAN = Plan(device="cuda", vocab=50257, tokens=4_000_000, n_layer=12, n_head=12, n_embd=768, block=1024, batch=12,
-                steps=200, eval_every=25, warm_iters=20, compile=True, nanogpt_dtype="bfloat16",
-                resume_shape=["n_layer=4", "n_head=4", "n_embd=256", "block_size=256", "batch_size=8"],
-                resume_steps=60, budget_seconds=280)
-CPU_SMOKE_PLAN = Plan(device="cpu", vocab=300, tokens=100_000, n_layer=2, n_head=2, n_embd=64, block=64, batch=4,
-                      steps=40, eval_every=10, warm_iters=5, compile=False, nanogpt_dtype="float32",
-                      resume_shape=["n_layer=1", "n_head=2", "n_embd=32", "block_size=16", "batch_size=8", "threads=1"],
-                      resume_steps=30, budget_seconds=120)
+GPU_PLAN = Plan(
+    device="cuda",
+    vocab=50257,
+    tokens=4_000_000,
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    block=1024,
+    batch=12,
+    steps=200,
+    eval_every=25,
+    warm_iters=20,
+    compile=True,
+    nanogpt_dtype="bfloat16",
+    resume_shape=["n_layer=4", "n_head=4", "n_embd=256", "block_size=256", "batch_size=8"],
+    resume_steps=60,
+    budget_seconds=280,
+)
+CPU_SMOKE_PLAN = Plan(
+    device="cpu",
+    vocab=300,
+    tokens=100_000,
+    n_layer=2,
+    n_head=2,
+    n_embd=64,
+    block=64,
+    batch=4,
+    steps=40,
+    eval_every=10,
+    warm_iters=5,
+    compile=False,
+    nanogpt_dtype="float32",
+    resume_shape=["n_layer=1", "n_head=2", "n_embd=32", "block_size=16", "batch_size=8", "threads=1"],
+    resume_steps=30,
+    budget_seconds=120,
+)
 
 
 @dataclass
@@ -158,7 +234,9 @@ def synthetic_data(plan: Plan, work: Path) -> tuple[Path, Path, dict[str, Any]]:
 
     rng = np.random.default_rng(1337)
     # Every id once first, so the sorted character vocabulary gives each character its id.
-    stream = np.concatenate([np.arange(plan.vocab), rng.integers(0, plan.vocab, plan.tokens - plan.vocab)]).astype(np.uint32)
+    stream = np.concatenate([np.arange(plan.vocab), rng.integers(0, plan.vocab, plan.tokens - plan.vocab)]).astype(
+        np.uint32
+    )
     text = (stream + FIRST_CODE_POINT).astype("<u4").tobytes().decode("utf-32-le")
     (work / "synthetic.txt").write_text(text, encoding="utf-8")
     ours = work / "data"
@@ -168,15 +246,27 @@ def synthetic_data(plan: Plan, work: Path) -> tuple[Path, Path, dict[str, Any]]:
     nanogpt.mkdir()
     splits = {}
     for split in ("train", "val"):
-        ids = np.concatenate([np.fromfile(ours / f["name"], dtype=manifest["dtype"]) for f in manifest["splits"][split]["files"]])
+        ids = np.concatenate(
+            [np.fromfile(ours / f["name"], dtype=manifest["dtype"]) for f in manifest["splits"][split]["files"]]
+        )
         splits[split] = ids
         ids.astype(np.uint16).tofile(nanogpt / f"{split}.bin")  # nanoGPT reads uint16
-    same = manifest["vocab_size"] == plan.vocab and np.array_equal(np.concatenate([splits["train"], splits["val"]]), stream)
+    same = manifest["vocab_size"] == plan.vocab and np.array_equal(
+        np.concatenate([splits["train"], splits["val"]]), stream
+    )
     if plan.vocab != 50257:  # nanoGPT takes GPT-2's padded 50,304 unless its meta.pkl says otherwise
         with open(nanogpt / "meta.pkl", "wb") as handle:
             pickle.dump({"vocab_size": plan.vocab}, handle)
-    return ours, nanogpt, {"same_ids": bool(same), "train_tokens": int(splits["train"].size),
-                           "val_tokens": int(splits["val"].size), "vocab_size": manifest["vocab_size"]}
+    return (
+        ours,
+        nanogpt,
+        {
+            "same_ids": bool(same),
+            "train_tokens": int(splits["train"].size),
+            "val_tokens": int(splits["val"].size),
+            "vocab_size": manifest["vocab_size"],
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,23 +276,61 @@ def synthetic_data(plan: Plan, work: Path) -> tuple[Path, Path, dict[str, Any]]:
 def our_settings(plan: Plan, steps: int, eval_every: int, minutes: float) -> list[str]:
     """nanoGPT's GPT-2 (pre-norm, learned positions, GELU, tied head, no biases, no dropout) and its
     optimizer settings, as --set overrides of the gpt2-small preset."""
-    return [f"block_size={plan.block}", f"max_positions={plan.block}", f"n_layer={plan.n_layer}", f"n_head={plan.n_head}",
-            f"n_embd={plan.n_embd}", f"d_ff={4 * plan.n_embd}", "dropout=0.0", "bias=false", "norm=pre",
-            "normalization=layernorm", "pos_encoding=learned", "activation=gelu", "tie_weights=true",
-            f"batch_size={plan.batch}", "grad_accum=1", "max_epochs=null", f"max_iters={steps}", "lr=6e-4", "min_lr=6e-5",
-            "lr_schedule=cosine", "warmup_iters=10", "weight_decay=0.1", "beta2=0.95", "grad_clip=1.0",
-            f"eval_interval={eval_every}", "eval_iters=1", "checkpoint_interval=1000000", "keep_last=1",
-            f"compile={str(plan.compile).lower()}", f"device={plan.device}", f"max_minutes={minutes:.3f}",
-            *(["threads=1"] if plan.device == "cpu" else [])]
+    return [
+        f"block_size={plan.block}",
+        f"max_positions={plan.block}",
+        f"n_layer={plan.n_layer}",
+        f"n_head={plan.n_head}",
+        f"n_embd={plan.n_embd}",
+        f"d_ff={4 * plan.n_embd}",
+        "dropout=0.0",
+        "bias=false",
+        "norm=pre",
+        "normalization=layernorm",
+        "pos_encoding=learned",
+        "activation=gelu",
+        "tie_weights=true",
+        f"batch_size={plan.batch}",
+        "grad_accum=1",
+        "max_epochs=null",
+        f"max_iters={steps}",
+        "lr=6e-4",
+        "min_lr=6e-5",
+        "lr_schedule=cosine",
+        "warmup_iters=10",
+        "weight_decay=0.1",
+        "beta2=0.95",
+        "grad_clip=1.0",
+        f"eval_interval={eval_every}",
+        "eval_iters=1",
+        "checkpoint_interval=1000000",
+        "keep_last=1",
+        f"compile={str(plan.compile).lower()}",
+        f"device={plan.device}",
+        f"max_minutes={minutes:.3f}",
+        *(["threads=1"] if plan.device == "cpu" else []),
+    ]
 
 
-def train_ours(plan: Plan, data: Path, run: Path, steps: int, eval_every: int, minutes: float,
-               on_eval: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+def train_ours(
+    plan: Plan,
+    data: Path,
+    run: Path,
+    steps: int,
+    eval_every: int,
+    minutes: float,
+    on_eval: Optional[Callable[[dict], None]] = None,
+) -> dict[str, Any]:
     from cortexcraft.config import build_config
     from cortexcraft.train import train
 
-    return train(build_config("gpt2-small", our_settings(plan, steps, eval_every, minutes)), data, run, on_eval=on_eval,
-                 progress=False)
+    return train(
+        build_config("gpt2-small", our_settings(plan, steps, eval_every, minutes)),
+        data,
+        run,
+        on_eval=on_eval,
+        progress=False,
+    )
 
 
 def release_gpu_memory(plan: Plan) -> None:
@@ -251,7 +379,9 @@ class CompileWatch:
         self.logger.addHandler(self.handler)
 
     def sample(self, step: int) -> None:
-        self.samples.append({"step": step, "graphs": self.counters["stats"]["unique_graphs"], "recompiles": len(self.reasons)})
+        self.samples.append(
+            {"step": step, "graphs": self.counters["stats"]["unique_graphs"], "recompiles": len(self.reasons)}
+        )
 
     def close(self) -> None:
         import torch
@@ -265,14 +395,21 @@ class CompileWatch:
         if len(self.samples) < 3:
             return Check("torch.compile", "FAIL", f"only {len(self.samples)} evaluations: too few to see recompiles")
         warm, end = self.samples[1], self.samples[-1]
-        late = self.reasons[warm["recompiles"]:]
+        late = self.reasons[warm["recompiles"] :]
         breaks = sum(self.counters["graph_break"].values())
         steady = end["graphs"] == warm["graphs"] and not late
-        return Check("torch.compile", "pass" if steady else "FAIL",
-                     f"{end['graphs']} graphs, {breaks} graph breaks, {len(self.reasons)} recompiles ({len(late)} after "
-                     f"step {warm['step']}): {'; '.join(self.reasons)[:300] or 'none'}",
-                     {"graphs": end["graphs"], "graph_breaks": breaks, "recompiles": len(self.reasons),
-                      "recompiles_after_warmup": len(late)})
+        return Check(
+            "torch.compile",
+            "pass" if steady else "FAIL",
+            f"{end['graphs']} graphs, {breaks} graph breaks, {len(self.reasons)} recompiles ({len(late)} after "
+            f"step {warm['step']}): {'; '.join(self.reasons)[:300] or 'none'}",
+            {
+                "graphs": end["graphs"],
+                "graph_breaks": breaks,
+                "recompiles": len(self.reasons),
+                "recompiles_after_warmup": len(late),
+            },
+        )
 
 
 def our_run(plan: Plan, data: Path, work: Path, deadline: Deadline) -> tuple[dict[str, Any], list[Check]]:
@@ -285,9 +422,11 @@ def our_run(plan: Plan, data: Path, work: Path, deadline: Deadline) -> tuple[dic
     watch = CompileWatch() if plan.compile else None
     names: set[str] = set()
     samples: list[dict] = []
-    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []),
-                       schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
-                       on_trace_ready=lambda prof: names.update(event_names(prof)))
+    profiler = profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []),
+        schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
+        on_trace_ready=lambda prof: names.update(event_names(prof)),
+    )
 
     def on_eval(record: dict) -> None:
         samples.append({"step": record["step"], "t": time.monotonic(), "loss": record["train_loss"]})
@@ -302,11 +441,19 @@ def our_run(plan: Plan, data: Path, work: Path, deadline: Deadline) -> tuple[dic
         if watch is not None:
             watch.close()
         release_gpu_memory(plan)
-    rates = [(b["step"] - a["step"]) * plan.tokens_per_step / (b["t"] - a["t"])
-             for a, b in zip(samples[2:], samples[3:]) if b["step"] > a["step"]]
-    result = {"tokens_per_second": statistics.median(rates) if rates else None, "intervals": len(rates),
-              "first_loss": samples[0]["loss"], "last_loss": samples[-1]["loss"], "steps": summary["steps"],
-              "dtype": summary["dtype"]}
+    rates = [
+        (b["step"] - a["step"]) * plan.tokens_per_step / (b["t"] - a["t"])
+        for a, b in zip(samples[2:], samples[3:])
+        if b["step"] > a["step"]
+    ]
+    result = {
+        "tokens_per_second": statistics.median(rates) if rates else None,
+        "intervals": len(rates),
+        "first_loss": samples[0]["loss"],
+        "last_loss": samples[-1]["loss"],
+        "steps": summary["steps"],
+        "dtype": summary["dtype"],
+    }
     fused = sorted(n for n in names if "fused_adam" in n.lower())
     flash = sorted(n for n in names if "flash" in n.lower())
     bf16_kernels = sorted(n for n in names if "bf16" in n.lower())
@@ -314,14 +461,24 @@ def our_run(plan: Plan, data: Path, work: Path, deadline: Deadline) -> tuple[dic
     # On CUDA flash attention runs in 16 bits only: its kernels confirm attention ran under autocast.
     flash_ok = bool(flash) and (not on_gpu or any(not n.startswith("aten::") for n in flash))
     checks = [
-        Check("training on the device", "pass" if ran else "FAIL",
-              f"{summary['steps']} of {plan.steps} steps on {summary['device']}, dtype {summary['dtype']}, "
-              f"{summary['params']:,} parameters"),
-        Check("bf16 autocast", "pass" if summary["dtype"] == "bfloat16" or not on_gpu else "FAIL",
-              f"dtype chosen {summary['dtype']}; {len(bf16_kernels)} kernels named bf16"
-              + (f", e.g. {short(bf16_kernels, 1)}" if bf16_kernels else "")),
+        Check(
+            "training on the device",
+            "pass" if ran else "FAIL",
+            f"{summary['steps']} of {plan.steps} steps on {summary['device']}, dtype {summary['dtype']}, "
+            f"{summary['params']:,} parameters",
+        ),
+        Check(
+            "bf16 autocast",
+            "pass" if summary["dtype"] == "bfloat16" or not on_gpu else "FAIL",
+            f"dtype chosen {summary['dtype']}; {len(bf16_kernels)} kernels named bf16"
+            + (f", e.g. {short(bf16_kernels, 1)}" if bf16_kernels else ""),
+        ),
         Check("fused AdamW", "pass" if fused else "FAIL", short(fused) or "no fused AdamW op in the profile"),
-        Check("flash attention", "pass" if flash_ok else "FAIL", short(flash) or "no flash attention op or kernel in the profile"),
+        Check(
+            "flash attention",
+            "pass" if flash_ok else "FAIL",
+            short(flash) or "no flash attention op or kernel in the profile",
+        ),
         watch.check() if watch is not None else Check("torch.compile", "skipped", "compile off"),
     ]
     return result, checks
@@ -341,24 +498,55 @@ def nanogpt_throughput(plan: Plan, source: Path, dataset: Path, work: Path, dead
     for name in NANOGPT_FILES:
         shutil.copy2(source / name, home / name)
     shutil.copytree(dataset, home / "data" / "synthetic")
-    flags = {"dataset": "synthetic", "batch_size": plan.batch, "gradient_accumulation_steps": 1, "block_size": plan.block,
-             "n_layer": plan.n_layer, "n_head": plan.n_head, "n_embd": plan.n_embd, "dropout": 0.0, "bias": False,
-             "learning_rate": 6e-4, "min_lr": 6e-5, "max_iters": plan.steps, "lr_decay_iters": plan.steps,
-             "warmup_iters": 10, "eval_interval": 10 * plan.steps, "eval_iters": 1, "log_interval": 1,
-             "always_save_checkpoint": False, "compile": plan.compile, "dtype": plan.nanogpt_dtype, "device": plan.device,
-             "out_dir": "out", "wandb_log": False}
+    flags = {
+        "dataset": "synthetic",
+        "batch_size": plan.batch,
+        "gradient_accumulation_steps": 1,
+        "block_size": plan.block,
+        "n_layer": plan.n_layer,
+        "n_head": plan.n_head,
+        "n_embd": plan.n_embd,
+        "dropout": 0.0,
+        "bias": False,
+        "learning_rate": 6e-4,
+        "min_lr": 6e-5,
+        "max_iters": plan.steps,
+        "lr_decay_iters": plan.steps,
+        "warmup_iters": 10,
+        "eval_interval": 10 * plan.steps,
+        "eval_iters": 1,
+        "log_interval": 1,
+        "always_save_checkpoint": False,
+        "compile": plan.compile,
+        "dtype": plan.nanogpt_dtype,
+        "device": plan.device,
+        "out_dir": "out",
+        "wandb_log": False,
+    }
     env = dict(os.environ, OMP_NUM_THREADS="1") if plan.device == "cpu" else dict(os.environ)
-    result = subprocess.run([sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items())], cwd=home, env=env,
-                            capture_output=True, text=True, timeout=max(deadline.left(), 1))
+    result = subprocess.run(
+        [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items())],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(deadline.left(), 1),
+    )
     if result.returncode != 0:
         raise RuntimeError(f"nanoGPT's train.py exited with {result.returncode}: {result.stderr.strip()[-500:]}")
-    iters = [(int(m[1]), float(m[2]), float(m[3]) / 1000)
-             for m in re.finditer(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", result.stdout, re.MULTILINE)]
+    iters = [
+        (int(m[1]), float(m[2]), float(m[3]) / 1000)
+        for m in re.finditer(r"^iter (\d+): loss ([\d.]+), time ([\d.]+)ms", result.stdout, re.MULTILINE)
+    ]
     timed = [dt for it, _, dt in iters if it >= plan.warm_iters]
     if not timed:
         raise RuntimeError(f"nanoGPT's train.py printed no timed iterations: {result.stdout.strip()[-500:]}")
-    return {"tokens_per_second": plan.tokens_per_step / statistics.median(timed), "iterations": len(timed),
-            "first_loss": iters[0][1], "last_loss": iters[-1][1]}
+    return {
+        "tokens_per_second": plan.tokens_per_step / statistics.median(timed),
+        "iterations": len(timed),
+        "first_loss": iters[0][1],
+        "last_loss": iters[-1][1],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,17 +587,40 @@ def check_resume(plan: Plan, data: Path, work: Path, deadline: Deadline) -> Chec
     from cortexcraft.checkpoint import list_checkpoints, load_model_state, resolve_checkpoint
     from cortexcraft.metrics import read_metrics
 
-    settings = [*plan.resume_shape, "dropout=0.1", f"max_iters={plan.resume_steps}", "eval_interval=10", "eval_iters=2",
-                "checkpoint_interval=10", "keep_last=20", "deterministic=true", "compile=false", f"device={plan.device}",
-                "max_minutes=null"]
+    settings = [
+        *plan.resume_shape,
+        "dropout=0.1",
+        f"max_iters={plan.resume_steps}",
+        "eval_interval=10",
+        "eval_iters=2",
+        "checkpoint_interval=10",
+        "keep_last=20",
+        "deterministic=true",
+        "compile=false",
+        f"device={plan.device}",
+        "max_minutes=null",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1") if plan.device == "cpu" else dict(os.environ)
 
     def command(run: Path) -> list[str]:
-        return [sys.executable, "-m", "cortexcraft", "train", "--data", str(data), "--out", str(run), "--preset", "cpu",
-                *(f"--set={s}" for s in settings)]
+        return [
+            sys.executable,
+            "-m",
+            "cortexcraft",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--preset",
+            "cpu",
+            *(f"--set={s}" for s in settings),
+        ]
 
     reference, killed = work / "resume-reference", work / "resume-killed"
-    subprocess.run(command(reference), cwd=REPO, env=env, check=True, capture_output=True, timeout=max(deadline.left(), 1))
+    subprocess.run(
+        command(reference), cwd=REPO, env=env, check=True, capture_output=True, timeout=max(deadline.left(), 1)
+    )
     proc = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / "step_00000020" / "state.json"
     while not first.exists() and proc.poll() is None and deadline.left() > 0:
@@ -417,19 +628,25 @@ def check_resume(plan: Plan, data: Path, work: Path, deadline: Deadline) -> Chec
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if proc.returncode != -signal.SIGKILL:
-        return Check("resume after SIGKILL", "FAIL", f"the run ended (status {proc.returncode}) before it could be killed")
+        return Check(
+            "resume after SIGKILL", "FAIL", f"the run ended (status {proc.returncode}) before it could be killed"
+        )
     killed_at = int(list_checkpoints(killed)[-1].name.split("_")[1])
     subprocess.run(command(killed), cwd=REPO, env=env, check=True, capture_output=True, timeout=max(deadline.left(), 1))
     a = load_model_state(resolve_checkpoint(reference, "last")[0])
     b = load_model_state(resolve_checkpoint(killed, "last")[0])
     equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     worst = max(((a[k].float() - b[k].float()).abs().max().item() for k in a if k in b), default=float("nan"))
-    losses = [[r["train_loss"], r["val_loss"]] for r in read_metrics(reference)] == \
-        [[r["train_loss"], r["val_loss"]] for r in read_metrics(killed)]
-    return Check("resume after SIGKILL", "pass" if equal and losses else "FAIL",
-                 f"killed with its last checkpoint at step {killed_at}, resumed to {plan.resume_steps}: weights "
-                 f"{'bitwise equal' if equal else f'differ (largest {worst:.3g})'}, losses {'equal' if losses else 'differ'}",
-                 {"killed_at": killed_at, "bitwise_equal": equal, "largest_difference": worst})
+    losses = [[r["train_loss"], r["val_loss"]] for r in read_metrics(reference)] == [
+        [r["train_loss"], r["val_loss"]] for r in read_metrics(killed)
+    ]
+    return Check(
+        "resume after SIGKILL",
+        "pass" if equal and losses else "FAIL",
+        f"killed with its last checkpoint at step {killed_at}, resumed to {plan.resume_steps}: weights "
+        f"{'bitwise equal' if equal else f'differ (largest {worst:.3g})'}, losses {'equal' if losses else 'differ'}",
+        {"killed_at": killed_at, "bitwise_equal": equal, "largest_difference": worst},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,13 +659,23 @@ def run_checks(plan: Plan, nanogpt: Optional[Path], work: Path) -> tuple[list[Ch
     if plan.device == "cuda" and not torch.cuda.is_available():
         return [Check("CUDA device", "FAIL", "torch sees no CUDA GPU; use --cpu-smoke on a machine without one")], {}
     peak, device_name = peak_flops(plan)
-    numbers: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "python": sys.version.split()[0],
-                               "peak_bf16_flops": peak, "plan": {k: v for k, v in vars(plan).items()}}
+    numbers: dict[str, Any] = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "peak_bf16_flops": peak,
+        "plan": {k: v for k, v in vars(plan).items()},
+    }
     t0 = time.monotonic()
     data, dataset, facts = synthetic_data(plan, work)
-    checks = [Check("same synthetic tokens", "pass" if facts["same_ids"] else "FAIL",
-                    f"{facts['train_tokens']:,} train + {facts['val_tokens']:,} val tokens, vocabulary {facts['vocab_size']:,}; "
-                    f"our shards and nanoGPT's .bin files hold the generated ids: {facts['same_ids']}")]
+    checks = [
+        Check(
+            "same synthetic tokens",
+            "pass" if facts["same_ids"] else "FAIL",
+            f"{facts['train_tokens']:,} train + {facts['val_tokens']:,} val tokens, vocabulary {facts['vocab_size']:,}; "
+            f"our shards and nanoGPT's .bin files hold the generated ids: {facts['same_ids']}",
+        )
+    ]
     numbers["data_seconds"] = round(time.monotonic() - t0, 1)
 
     def phase(name: str, run: Callable[[], Any]) -> Any:
@@ -481,12 +708,22 @@ def run_checks(plan: Plan, nanogpt: Optional[Path], work: Path) -> tuple[list[Ch
     numbers.update(ours=ours, nanogpt=theirs, flops_per_token=per_token)
     if ours is not None and ours["tokens_per_second"]:
         ratio = ours["tokens_per_second"] / theirs["tokens_per_second"] if theirs else None
-        checks.append(Check(
-            "throughput", "pass",
-            f"ours {ours['tokens_per_second']:,.0f} tok/s" + (f" (MFU {ours['mfu']:.1%})" if ours.get("mfu") else "")
-            + (f", nanoGPT {theirs['tokens_per_second']:,.0f} tok/s" + (f" (MFU {theirs['mfu']:.1%})" if theirs.get("mfu") else "")
-               + f": {ratio:.2f}x" if theirs else ""),
-            {"ratio": ratio}))
+        checks.append(
+            Check(
+                "throughput",
+                "pass",
+                f"ours {ours['tokens_per_second']:,.0f} tok/s"
+                + (f" (MFU {ours['mfu']:.1%})" if ours.get("mfu") else "")
+                + (
+                    f", nanoGPT {theirs['tokens_per_second']:,.0f} tok/s"
+                    + (f" (MFU {theirs['mfu']:.1%})" if theirs.get("mfu") else "")
+                    + f": {ratio:.2f}x"
+                    if theirs
+                    else ""
+                ),
+                {"ratio": ratio},
+            )
+        )
     resume = phase("resume", lambda: check_resume(plan, data, work, deadline))
     if resume is not None:
         checks.append(resume)
@@ -495,13 +732,22 @@ def run_checks(plan: Plan, nanogpt: Optional[Path], work: Path) -> tuple[list[Ch
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nanogpt", type=Path, help="a copy of karpathy/nanoGPT (train.py, model.py, configurator.py)")
     parser.add_argument("--out", type=Path, help="also write gpu_check.json here")
-    parser.add_argument("--cpu-smoke", action="store_true", help="the same phases on CPU at a tiny shape, without compile")
-    parser.add_argument("--fetch-wheels", action="store_true", help="download the wheels the GPU machine lacks into bench/gpu_wheels/")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="torch.compile both trainers (default: on for the GPU check, off for --cpu-smoke)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="the same phases on CPU at a tiny shape, without compile"
+    )
+    parser.add_argument(
+        "--fetch-wheels", action="store_true", help="download the wheels the GPU machine lacks into bench/gpu_wheels/"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile both trainers (default: on for the GPU check, off for --cpu-smoke)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (data, runs) and print its path")
     args = parser.parse_args()
     if args.fetch_wheels:
@@ -523,8 +769,10 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     numbers["carried_wheels"] = str(carried) if carried else None
-    print(f"\nGPU check on {numbers.get('device', plan.device)} (torch {numbers.get('torch')}, Python {numbers.get('python')}, "
-          f"{numbers.get('total_seconds')} s of a {plan.budget_seconds:.0f} s budget)")
+    print(
+        f"\nGPU check on {numbers.get('device', plan.device)} (torch {numbers.get('torch')}, Python {numbers.get('python')}, "
+        f"{numbers.get('total_seconds')} s of a {plan.budget_seconds:.0f} s budget)"
+    )
     for check in checks:
         print(f"  {check.status:<8} {check.name:<24} {check.detail}")
     payload = {**numbers, "checks": [vars(c) for c in checks]}

@@ -63,8 +63,8 @@ class TokenWindows:
             while filled < span:  # a window may continue in the next shard
                 shard = bisect.bisect_right(self._shard_starts, start + filled) - 1
                 first = start + filled - self._shard_starts[shard]
-                piece = self.shards[shard][first:first + span - filled]
-                out[row, filled:filled + len(piece)] = piece
+                piece = self.shards[shard][first : first + span - filled]
+                out[row, filled : filled + len(piece)] = piece
                 self._unmap(shard, first, len(piece))
                 filled += len(piece)
         # A shard damaged after it was written (same size, so the cheap check passed) must not
@@ -80,7 +80,8 @@ class TokenWindows:
         raise CortexCraftError(
             f"{self._files[shard]} holds token id {rows[row, col]} at token {position - self._shard_starts[shard]:,} but the "
             f"vocabulary has {self.vocab_size} ids: the shard is damaged; check with `cortexcraft verify {self.data_dir}` "
-            f"and re-run `cortexcraft prepare --out {self.data_dir}`")
+            f"and re-run `cortexcraft prepare --out {self.data_dir}`"
+        )
 
     def _unmap(self, shard: int, first: int, count: int) -> None:
         # Reading a window maps its whole page-cache folio (up to 2 MiB with large folios, whatever
@@ -118,9 +119,9 @@ class TokenWindows:
         if tail:
             starts = np.append(starts, self.tokens - block - 1)
         for first in range(0, len(starts), batch_size):
-            chunk = starts[first:first + batch_size]
+            chunk = starts[first : first + batch_size]
             rows = self._gather(chunk)
             x, y = rows[:, :-1], rows[:, 1:].copy()
             if tail and first + len(chunk) == len(starts):
-                y[-1, :covered - 1 - int(chunk[-1])] = IGNORE_INDEX
+                y[-1, : covered - 1 - int(chunk[-1])] = IGNORE_INDEX
             yield self._to_device(x, y)

@@ -84,7 +84,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), str(exc)) from None
 
 
-def _split_optimizer_state(prefix: str, optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _split_optimizer_state(
+    prefix: str, optimizer_state: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer tensors go to safetensors (keys under ``prefix``); scalars and param groups go to JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -94,7 +96,9 @@ def _split_optimizer_state(prefix: str, optimizer_state: dict[str, Any]) -> tupl
                 tensors[f"{prefix}.{param_id}.{name}"] = value
             else:
                 scalars.setdefault(str(param_id), {})[name] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optimizer_state["param_groups"]]
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optimizer_state["param_groups"]
+    ]
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
@@ -107,7 +111,10 @@ def _join_optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], meta: d
     for param_id, values in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(values)
     # JSON turned tuples (betas, Muon's ns_coefficients) into lists; "params" is the one list.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in meta["param_groups"]]
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 
@@ -127,8 +134,10 @@ def save_checkpoint(
     """
     not_finite = next((name for name, t in model_state.items() if t.is_floating_point() and not _all_finite(t)), None)
     if not_finite is not None:
-        raise CheckpointError(f"refusing to write the checkpoint of step {step} in {run_dir}: weight {not_finite} holds NaN "
-                              "or inf (training diverged); lower train.lr or set train.grad_clip")
+        raise CheckpointError(
+            f"refusing to write the checkpoint of step {step} in {run_dir}: weight {not_finite} holds NaN "
+            "or inf (training diverged); lower train.lr or set train.grad_clip"
+        )
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step:08d}"
     training: dict[str, torch.Tensor] = {}
@@ -146,8 +155,9 @@ def save_checkpoint(
     temp = TempDir(root, final.name)
     tmp = temp.path
     try:
-        with disk_full_is_an_error(final, needed, approximate=True,
-                                   cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        with disk_full_is_an_error(
+            final, needed, approximate=True, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)
+        ):
             for name, tensors in files.items():
                 _save_tensors(tensors, tmp / name)
             fsync_tree(tmp)
@@ -189,7 +199,9 @@ def read_checkpoint_state(ckpt_dir: str | os.PathLike, verify: bool = True) -> d
         for name, expected in state["sha256"].items():
             path = ckpt_dir / name
             if not path.is_file() or sha256_file(path) != expected:
-                raise CheckpointError(f"checkpoint file {path} is missing or damaged (hash mismatch); use another checkpoint")
+                raise CheckpointError(
+                    f"checkpoint file {path} is missing or damaged (hash mismatch); use another checkpoint"
+                )
     return state
 
 
@@ -230,8 +242,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict[s
 
 def _best_of(valid: list[tuple[Path, dict[str, Any]]]) -> Optional[tuple[Path, dict[str, Any]]]:
     # A non-finite val loss (from a checkpoint written before this was refused) never counts as best.
-    scored = [(s["val_loss"], s["step"], p, s) for p, s in valid
-              if s.get("val_loss") is not None and math.isfinite(s["val_loss"])]
+    scored = [
+        (s["val_loss"], s["step"], p, s)
+        for p, s in valid
+        if s.get("val_loss") is not None and math.isfinite(s["val_loss"])
+    ]
     if not scored:
         return valid[-1] if valid else None
     _, _, path, state = min(scored, key=lambda item: (item[0], item[1]))
@@ -244,13 +259,17 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike = "b
         valid = valid_checkpoints(run_dir)
         chosen = _best_of(valid) if which == "best" else (valid[-1] if valid else None)
         if chosen is None:
-            raise CheckpointError(f"no valid checkpoint in {checkpoints_dir(run_dir)}; train the run first (cortexcraft train --out {run_dir})")
+            raise CheckpointError(
+                f"no valid checkpoint in {checkpoints_dir(run_dir)}; train the run first (cortexcraft train --out {run_dir})"
+            )
         return chosen
     path = Path(which)
     if path.is_file():
         path = path.parent
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist; use best, last or a directory under {checkpoints_dir(run_dir)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; use best, last or a directory under {checkpoints_dir(run_dir)}"
+        )
     return path, read_checkpoint_state(path)
 
 
@@ -258,7 +277,9 @@ def load_model_state(ckpt_dir: str | os.PathLike, device: str | torch.device = "
     return load_file(str(Path(ckpt_dir) / MODEL_FILE), device=str(device))
 
 
-def load_training_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[dict[str, torch.Tensor]]]:
+def load_training_state(
+    ckpt_dir: str | os.PathLike, state: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, torch.Tensor]]]:
     """({optimizer name: state_dict}, per-rank RNG state tensors) of a checkpoint."""
     tensors = load_file(str(Path(ckpt_dir) / TRAINING_FILE))
     rng: dict[int, dict[str, torch.Tensor]] = {}
@@ -290,8 +311,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     remove_dead_temps(checkpoints_dir(run_dir))
 
 
-def load_model(run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best",
-               device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+def load_model(
+    run_dir: str | os.PathLike, checkpoint: str | os.PathLike = "best", device: str | torch.device = "cpu"
+) -> tuple[GPT, dict]:
     """The model of a run's checkpoint, in eval mode on ``device``, and the checkpoint's state."""
     path, state = resolve_checkpoint(run_dir, checkpoint)
     return model_from_checkpoint(path, state, device), {**state, "path": str(path)}
@@ -308,5 +330,8 @@ def model_from_checkpoint(path: Path, state: dict, device: str | torch.device = 
 def shape_changes(saved_model: dict[str, Any], wanted_model: dict[str, Any]) -> list[str]:
     """Model settings that differ between two configs, as "name old -> new". Dropout does not
     change any tensor shape; every other model field does or changes the maths."""
-    return [f"{k} {saved_model.get(k)!r} -> {wanted_model[k]!r}" for k in wanted_model
-            if k != "dropout" and saved_model.get(k) != wanted_model[k]]
+    return [
+        f"{k} {saved_model.get(k)!r} -> {wanted_model[k]!r}"
+        for k in wanted_model
+        if k != "dropout" and saved_model.get(k) != wanted_model[k]
+    ]

@@ -35,8 +35,14 @@ class DataConfig(_Section):
     tokenizer: Literal["char", "bpe"] = "char"
     vocab_size: Optional[int] = Field(None, gt=0, description="BPE vocabulary size")
     vocab_file: Optional[str] = Field(None, description="use this vocab.txt instead of extracting one")
-    tokenizer_file: Optional[str] = Field(None, description="use this Hugging Face tokenizer.json (e.g. GPT-2's) instead of training BPE")
-    bpe_train_chars: int = Field(100_000_000, gt=0, description="BPE is trained on at most this many characters from the start of the train split")
+    tokenizer_file: Optional[str] = Field(
+        None, description="use this Hugging Face tokenizer.json (e.g. GPT-2's) instead of training BPE"
+    )
+    bpe_train_chars: int = Field(
+        100_000_000,
+        gt=0,
+        description="BPE is trained on at most this many characters from the start of the train split",
+    )
     allow_unk: bool = Field(False, description="map characters outside --vocab to <unk>")
     special_tokens: list[str] = Field(default_factory=list, description="e.g. <pad> <unk> <bos> <eos>")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -54,14 +60,20 @@ class ModelConfig(_Section):
     n_embd: int = Field(384, gt=0)
     d_ff: Optional[int] = Field(None, gt=0, description="feed-forward width; default 4*n_embd")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    attn_dropout: Optional[float] = Field(None, ge=0.0, lt=1.0, description="dropout on the attention weights; default "
-                                          "dropout (on CPU it forgoes the fused attention kernel: a quarter of the speed)")
+    attn_dropout: Optional[float] = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on the attention weights; default "
+        "dropout (on CPU it forgoes the fused attention kernel: a quarter of the speed)",
+    )
     bias: bool = True
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = "learned"
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base (Llama's rotate-half convention)")
     max_positions: Optional[int] = Field(None, gt=0, description="positional table size; default block_size")
     activation: Literal["relu", "gelu", "gelu_tanh", "relu2"] = Field(
-        "relu", description="gelu is exact, gelu_tanh its tanh approximation (GPT-2's), relu2 is ReLU squared")
+        "relu", description="gelu is exact, gelu_tanh its tanh approximation (GPT-2's), relu2 is ReLU squared"
+    )
     norm: Literal["pre", "post"] = "pre"
     normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0, description="epsilon of every LayerNorm / RMSNorm")
@@ -84,14 +96,20 @@ class ModelConfig(_Section):
         """Why a model of this shape cannot be built (empty when it can)."""
         problems = []
         if self.n_embd % self.n_head:
-            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                            f"choose n_head among the divisors of n_embd")
+            problems.append(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"choose n_head among the divisors of n_embd"
+            )
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
-            problems.append(f"pos_encoding=rope needs an even head size, but n_embd/n_head = {self.n_embd // self.n_head}; "
-                            f"choose n_head so that n_embd/n_head is even")
+            problems.append(
+                f"pos_encoding=rope needs an even head size, but n_embd/n_head = {self.n_embd // self.n_head}; "
+                f"choose n_head so that n_embd/n_head is even"
+            )
         if self.block_size > self.positions:
-            problems.append(f"block_size={self.block_size} exceeds the positional table (max_positions="
-                            f"{self.positions}); lower block_size or raise max_positions")
+            problems.append(
+                f"block_size={self.block_size} exceeds the positional table (max_positions="
+                f"{self.positions}); lower block_size or raise max_positions"
+            )
         return problems
 
     @property
@@ -107,23 +125,37 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     max_iters: int = Field(5000, gt=0)
-    max_epochs: Optional[float] = Field(None, gt=0, description="train for this many passes over the train tokens instead of max_iters")
+    max_epochs: Optional[float] = Field(
+        None, gt=0, description="train for this many passes over the train tokens instead of max_iters"
+    )
     max_minutes: Optional[float] = Field(None, gt=0, description="wall-clock budget, checked inside the loop")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate (all parameters, or those Muon does not take)")
     min_lr: Optional[float] = Field(None, ge=0, description="floor of the cosine / wsd decay; default lr/10")
     lr_schedule: Literal["cosine", "constant", "wsd"] = Field(
-        "constant", description="wsd: warmup, stable, then linear decay over the last decay_fraction of the run")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the run (steps, or the max_minutes budget, "
-                                  "whichever runs out first) spent decaying")
+        "constant", description="wsd: warmup, stable, then linear decay over the last decay_fraction of the run"
+    )
+    decay_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="wsd: share of the run (steps, or the max_minutes budget, whichever runs out first) spent decaying",
+    )
     warmup_iters: int = Field(0, ge=0)
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="muon: Muon for the blocks' 2-D matrices, AdamW for embeddings, head, gains and biases")
+        "adamw", description="muon: Muon for the blocks' 2-D matrices, AdamW for embeddings, head, gains and biases"
+    )
     muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (follows the same schedule as lr)")
     muon_momentum: float = Field(0.95, ge=0, lt=1)
-    muon_momentum_warmup_iters: int = Field(0, ge=0, description="Muon momentum rises linearly from 0.85 over these steps")
-    muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay (torch's default would be 0.1)")
+    muon_momentum_warmup_iters: int = Field(
+        0, ge=0, description="Muon momentum rises linearly from 0.85 over these steps"
+    )
+    muon_weight_decay: float = Field(
+        0.0, ge=0, description="Muon's decoupled weight decay (torch's default would be 0.1)"
+    )
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
-        "original", description="Muon's per-shape lr scale: original = sqrt(max(1, rows/cols)), or match AdamW's update RMS")
+        "original",
+        description="Muon's per-shape lr scale: original = sqrt(max(1, rows/cols)), or match AdamW's update RMS",
+    )
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.999, gt=0, lt=1)
@@ -134,16 +166,26 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, gt=0, description="periodic checkpoints kept besides the best")
     seed: int = 1337
     init_from: Optional[str] = Field(
-        None, description="start from pretrained weights and use their tokenizer: hf:DIR (a transformers "
-        "GPT-2-style model directory) or hf:OWNER/NAME[@REV] (downloaded from the Hugging Face hub)")
+        None,
+        description="start from pretrained weights and use their tokenizer: hf:DIR (a transformers "
+        "GPT-2-style model directory) or hf:OWNER/NAME[@REV] (downloaded from the Hugging Face hub)",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster")
+        "auto",
+        description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster",
+    )
     compile: Optional[bool] = Field(None, description="torch.compile the model; default: on CUDA only")
-    deterministic: bool = Field(False, description="torch's deterministic algorithms and a deterministic cuBLAS workspace: "
-                                "bitwise-repeatable GPU runs and resumes, slower (CPU runs are repeatable without it)")
-    threads: Optional[int] = Field(None, gt=0, description="CPU threads; default: the free cores, re-checked while "
-                                   "training (OMP_NUM_THREADS also fixes it)")
+    deterministic: bool = Field(
+        False,
+        description="torch's deterministic algorithms and a deterministic cuBLAS workspace: "
+        "bitwise-repeatable GPU runs and resumes, slower (CPU runs are repeatable without it)",
+    )
+    threads: Optional[int] = Field(
+        None,
+        gt=0,
+        description="CPU threads; default: the free cores, re-checked while training (OMP_NUM_THREADS also fixes it)",
+    )
 
     @field_validator("init_from")
     @classmethod
@@ -230,9 +272,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
         if "." in key:
             section, _, name = key.partition(".")
             if section not in SECTIONS:
-                raise CortexCraftError(f"unknown section {section!r} in --set {item!r}; use one of {', '.join(SECTIONS)}")
+                raise CortexCraftError(
+                    f"unknown section {section!r} in --set {item!r}; use one of {', '.join(SECTIONS)}"
+                )
             if name not in RunConfig.model_fields[section].annotation.model_fields:
-                raise CortexCraftError(f"unknown setting {key!r} in --set; see `cortexcraft presets --fields` for valid names")
+                raise CortexCraftError(
+                    f"unknown setting {key!r} in --set; see `cortexcraft presets --fields` for valid names"
+                )
         else:
             section, name = _field_owner(key), key
         nested.setdefault(section, {})[name] = _parse_value(raw.strip())

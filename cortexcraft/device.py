@@ -91,7 +91,11 @@ def cpu_identity() -> dict[str, str]:
     """What makes one machine's timings valid for another: CPU model and flags, torch version."""
     info = cpu_info()
     flags = " ".join(sorted(info["flags"]))
-    return {"cpu": info["model"], "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(), "torch": torch.__version__}
+    return {
+        "cpu": info["model"],
+        "flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
+        "torch": torch.__version__,
+    }
 
 
 def time_matmuls(shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, min_seconds: float = 0.005) -> float:
@@ -116,9 +120,11 @@ def time_matmuls(shapes: Sequence[tuple[int, int, int]], dtype: torch.dtype, min
     return best
 
 
-def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
-                        measure: Optional[Callable[[Sequence[tuple[int, int, int]], torch.dtype], float]] = None,
-                        directory: Optional[Path] = None) -> dict:
+def calibrate_cpu_dtype(
+    shapes: Sequence[tuple[int, int, int]],
+    measure: Optional[Callable[[Sequence[tuple[int, int, int]], torch.dtype], float]] = None,
+    directory: Optional[Path] = None,
+) -> dict:
     """{"dtype": "bfloat16" | "float32", "float32_seconds", "bfloat16_seconds"} for these matmul
     shapes on this machine: read from the cache, or measured once and cached."""
     identity = {**cpu_identity(), "shapes": sorted([list(s) for s in shapes])}
@@ -135,10 +141,19 @@ def calibrate_cpu_dtype(shapes: Sequence[tuple[int, int, int]],
     measure = measure or time_matmuls
     fp32 = measure(shapes, torch.float32)
     bf16 = measure(shapes, torch.bfloat16)
-    result = {"dtype": "bfloat16" if fp32 >= BF16_MIN_SPEEDUP * bf16 else "float32",
-              "float32_seconds": fp32, "bfloat16_seconds": bf16, **identity}
-    log.info("dtype calibration: matmuls %.2f ms fp32, %.2f ms bf16 -> %s (cached in %s)",
-             1e3 * fp32, 1e3 * bf16, result["dtype"], path)
+    result = {
+        "dtype": "bfloat16" if fp32 >= BF16_MIN_SPEEDUP * bf16 else "float32",
+        "float32_seconds": fp32,
+        "bfloat16_seconds": bf16,
+        **identity,
+    }
+    log.info(
+        "dtype calibration: matmuls %.2f ms fp32, %.2f ms bf16 -> %s (cached in %s)",
+        1e3 * fp32,
+        1e3 * bf16,
+        result["dtype"],
+        path,
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {**cached, key: result})

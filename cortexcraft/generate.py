@@ -147,7 +147,9 @@ def generate_from_run(
     if not prompt:
         raise CortexCraftError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
     if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise CortexCraftError("invalid sampling settings; use max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1")
+        raise CortexCraftError(
+            "invalid sampling settings; use max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1"
+        )
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(run_dir)
     prompt_ids = tokenizer.encode(prompt)
@@ -161,21 +163,45 @@ def generate_from_run(
             on_text(piece)
 
     idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0)
-    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache,
-                   on_token=stream if on_text is not None else None)
-    text = tokenizer.decode(out[0, idx.size(1):].tolist())
+    out = generate(
+        model,
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        generator,
+        kv_cache,
+        on_token=stream if on_text is not None else None,
+    )
+    text = tokenizer.decode(out[0, idx.size(1) :].tolist())
     # Ids that end inside a character (or never form one) are held back; the full decode shows
     # them as U+FFFD, as the returned text does.
     if on_text is not None and len(text) > len(pieces.text):
-        on_text(text[len(pieces.text):])
+        on_text(text[len(pieces.text) :])
     return text
 
 
-def sample_prompts(run_dir: str | os.PathLike, sample: SampleConfig, checkpoint: str | os.PathLike = "best") -> list[tuple[str, int, str]]:
+def sample_prompts(
+    run_dir: str | os.PathLike, sample: SampleConfig, checkpoint: str | os.PathLike = "best"
+) -> list[tuple[str, int, str]]:
     """(prompt, seed, continuation) for every prompt of ``sample``; prompt ``i`` is sampled with
     seed ``sample.seed + i``, so samples never share a random stream and start alike."""
-    return [(prompt, sample.seed + index,
-             generate_from_run(run_dir, checkpoint=checkpoint, prompt=prompt, max_new_tokens=sample.max_new_tokens,
-                               temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                               seed=sample.seed + index, kv_cache=sample.kv_cache))
-            for index, prompt in enumerate(sample.prompts)]
+    return [
+        (
+            prompt,
+            sample.seed + index,
+            generate_from_run(
+                run_dir,
+                checkpoint=checkpoint,
+                prompt=prompt,
+                max_new_tokens=sample.max_new_tokens,
+                temperature=sample.temperature,
+                top_k=sample.top_k,
+                top_p=sample.top_p,
+                seed=sample.seed + index,
+                kv_cache=sample.kv_cache,
+            ),
+        )
+        for index, prompt in enumerate(sample.prompts)
+    ]

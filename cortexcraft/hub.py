@@ -54,16 +54,24 @@ def access_problem(kind: RepoKind, repo: str, revision: str, exc: Exception, tok
                                 f"check the revision (a branch, tag or commit sha)")
     if isinstance(exc, GatedRepoError):
         if token is None:
-            return CortexCraftError(f"the hub's {kind} {repo} is gated and no token is set (HTTP {status}); {LOGIN_HINT}, "
-                                    f"for an account that was granted access on {hub_endpoint()}/{_page(kind, repo)}")
-        return CortexCraftError(f"the hub's {kind} {repo} is gated and your token (HF_TOKEN or `hf auth login`) has no "
-                                f"access (HTTP {status}); request it on {hub_endpoint()}/{_page(kind, repo)}")
+            return CortexCraftError(
+                f"the hub's {kind} {repo} is gated and no token is set (HTTP {status}); {LOGIN_HINT}, "
+                f"for an account that was granted access on {hub_endpoint()}/{_page(kind, repo)}"
+            )
+        return CortexCraftError(
+            f"the hub's {kind} {repo} is gated and your token (HF_TOKEN or `hf auth login`) has no "
+            f"access (HTTP {status}); request it on {hub_endpoint()}/{_page(kind, repo)}"
+        )
     if status in (401, 403, 404):
-        fix = (f"check the id and revision, or, if it is private or gated, {LOGIN_HINT}" if token is None else
-               "check the id and revision, and that your token (HF_TOKEN or `hf auth login`) can read it")
+        fix = (
+            f"check the id and revision, or, if it is private or gated, {LOGIN_HINT}"
+            if token is None
+            else "check the id and revision, and that your token (HF_TOKEN or `hf auth login`) can read it"
+        )
         return CortexCraftError(f"the hub has no {kind} {repo} at revision {revision!r} (HTTP {status}); {fix}")
-    return CortexCraftError(f"the hub refused {kind} {repo}@{revision} (HTTP {status}: {_first_line(exc)}); "
-                            f"check HF_ENDPOINT and retry")
+    return CortexCraftError(
+        f"the hub refused {kind} {repo}@{revision} (HTTP {status}: {_first_line(exc)}); check HF_ENDPOINT and retry"
+    )
 
 
 def _page(kind: RepoKind, repo: str) -> str:
@@ -94,7 +102,9 @@ def commit(kind: RepoKind, repo: str, revision: Optional[str]) -> str:
     except Exception as exc:  # noqa: BLE001
         raise HubUnreachable(f"cannot reach {hub_endpoint()} ({type(exc).__name__}: {_first_line(exc)})") from None
     if not sha:
-        raise CortexCraftError(f"the hub's answer for {kind} {repo}@{revision or 'main'} has no commit sha; check HF_ENDPOINT")
+        raise CortexCraftError(
+            f"the hub's answer for {kind} {repo}@{revision or 'main'} has no commit sha; check HF_ENDPOINT"
+        )
     return sha
 
 
@@ -120,9 +130,11 @@ def model_commit(repo: str, revision: Optional[str]) -> str:
     except HubUnreachable as exc:
         cached = cached_model_commit(repo, revision)
         if cached is None:
-            raise CortexCraftError(f"cannot fetch {repo} from the Hugging Face hub ({exc}; no copy of "
-                                   f"{repo}@{revision or 'main'} was downloaded before); save it with save_pretrained "
-                                   f"where the hub is reachable and pass hf:/path/to/dir") from None
+            raise CortexCraftError(
+                f"cannot fetch {repo} from the Hugging Face hub ({exc}; no copy of "
+                f"{repo}@{revision or 'main'} was downloaded before); save it with save_pretrained "
+                f"where the hub is reachable and pass hf:/path/to/dir"
+            ) from None
         return cached
 
 
@@ -134,8 +146,11 @@ def download_model(repo: str, revision: Optional[str], sha: str) -> Path:
     from huggingface_hub import snapshot_download
 
     def fetch(wanted: str) -> Path:
-        return Path(snapshot_download(repo, revision=wanted, allow_patterns=MODEL_FILES, token=hub_token(),
-                                      endpoint=hub_endpoint()))
+        return Path(
+            snapshot_download(
+                repo, revision=wanted, allow_patterns=MODEL_FILES, token=hub_token(), endpoint=hub_endpoint()
+            )
+        )
 
     path = fetch(revision or "main")
     # Pushed to between resolving and downloading: the commit resolved first is the one keyed.

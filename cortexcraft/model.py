@@ -245,8 +245,8 @@ class GPT(nn.Module):
             if module is self.tok_emb or module is self.lm_head:
                 # Random values for the true rows only: the same draws as an unpadded model, so one
                 # seed gives one model whatever the padding; the padding rows stay zero.
-                nn.init.zeros_(weight[self.vocab_size:])
-                weight = weight[:self.vocab_size]
+                nn.init.zeros_(weight[self.vocab_size :])
+                weight = weight[: self.vocab_size]
             nn.init.normal_(weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -289,7 +289,7 @@ class GPT(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         if self.vocab_rows != self.vocab_size:
-            logits = logits[..., :self.vocab_size]
+            logits = logits[..., : self.vocab_size]
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
@@ -298,7 +298,7 @@ class GPT(nn.Module):
 
 def _strip_vocab_padding(model: GPT, state: dict, prefix: str, local_metadata: dict) -> None:
     for key in model.vocab_keys:
-        state[prefix + key] = state[prefix + key][:model.vocab_size]
+        state[prefix + key] = state[prefix + key][: model.vocab_size]
 
 
 def _pad_vocab_rows(model: GPT, state: dict, prefix: str, *unused) -> None:
@@ -332,15 +332,19 @@ def keep_true_vocabulary_in(model: GPT, optimizer: torch.optim.Optimizer) -> Non
 
     def strip(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
         for states, index in padded_entries(optimizer, state_dict):
-            states[index] = {name: value[:model.vocab_size] if _is_vocab_state(value, model.vocab_rows) else value
-                             for name, value in states[index].items()}
+            states[index] = {
+                name: value[: model.vocab_size] if _is_vocab_state(value, model.vocab_rows) else value
+                for name, value in states[index].items()
+            }
         return state_dict
 
     def pad(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
         state_dict = {**state_dict, "state": dict(state_dict["state"])}
         for states, index in padded_entries(optimizer, state_dict):
-            states[index] = {name: _pad_rows(value, model.vocab_rows) if _is_vocab_state(value, model.vocab_size) else value
-                             for name, value in states[index].items()}
+            states[index] = {
+                name: _pad_rows(value, model.vocab_rows) if _is_vocab_state(value, model.vocab_size) else value
+                for name, value in states[index].items()
+            }
         return state_dict
 
     optimizer.register_state_dict_post_hook(strip)

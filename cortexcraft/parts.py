@@ -111,7 +111,9 @@ def copy_tokens(out_path: str, pieces: list[tuple[str, int, int]], itemsize: int
                 while remaining:
                     block = source.read(min(COPY_BYTES, remaining))
                     if not block:
-                        raise CortexCraftError(f"encoded part {path} is shorter than recorded; prepare again (the part is re-encoded)")
+                        raise CortexCraftError(
+                            f"encoded part {path} is shorter than recorded; prepare again (the part is re-encoded)"
+                        )
                     digest.update(block)
                     out.write(block)
                     remaining -= len(block)
@@ -136,8 +138,9 @@ def _shard_layout(directory: Path, split: str, encoded: list[dict], shard_tokens
     return files
 
 
-def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path,
-                            encoded: list[dict], workers: int = 1) -> dict:
+def write_shards_from_parts(
+    corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path, encoded: list[dict], workers: int = 1
+) -> dict:
     """``write_shards``' directory from parts ``encode_part`` wrote, ``workers`` shard files at a
     time (threads: reading, hashing and writing release the GIL); returns the manifest."""
 
@@ -145,14 +148,23 @@ def write_shards_from_parts(corpus: dict, vocab: dict, data_cfg: DataConfig, out
         mine = sorted((p for p in encoded if p["split"] == split), key=lambda p: p["start"])
         edges = [start] + [edge for p in mine[:-1] for edge in (p["stop"], p["stop"])] + [stop]
         if [edge for p in mine for edge in (p["start"], p["stop"])] != edges:
-            raise CortexCraftError(f"the encoded parts do not cover the {split} split (bytes {start:,} to {stop:,}) "
-                                   f"exactly; plan the parts again for this corpus and configuration")
+            raise CortexCraftError(
+                f"the encoded parts do not cover the {split} split (bytes {start:,} to {stop:,}) "
+                f"exactly; plan the parts again for this corpus and configuration"
+            )
         layout = _shard_layout(directory, split, mine, data_cfg.shard_tokens)
         with ThreadPoolExecutor(workers) as pool:
-            hashes = list(pool.map(copy_tokens, [path for path, _, _ in layout], [pieces for _, pieces, _ in layout],
-                                   repeat(tok.dtype.itemsize)))
-        files = [{"name": Path(path).name, "tokens": tokens, "sha256": sha}
-                 for (path, _, tokens), sha in zip(layout, hashes)]
+            hashes = list(
+                pool.map(
+                    copy_tokens,
+                    [path for path, _, _ in layout],
+                    [pieces for _, pieces, _ in layout],
+                    repeat(tok.dtype.itemsize),
+                )
+            )
+        files = [
+            {"name": Path(path).name, "tokens": tokens, "sha256": sha} for (path, _, tokens), sha in zip(layout, hashes)
+        ]
         return {"tokens": sum(f["tokens"] for f in files), "files": files}
 
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
@@ -176,8 +188,10 @@ def encode_part_in_place(vocab_dir: str, corpus: dict, part: dict, pieces: list[
                         fd = None
                     path, offset, tokens = next(pieces_left, (None, 0, 0))
                     if path is None:
-                        raise CortexCraftError(f"part {part['index']} encodes to more than the {promised:,} tokens its "
-                                               f"characters promised; prepare again with --workers 1")
+                        raise CortexCraftError(
+                            f"part {part['index']} encodes to more than the {promised:,} tokens its "
+                            f"characters promised; prepare again with --workers 1"
+                        )
                     fd = os.open(path, os.O_WRONLY)
                     position, room = offset * itemsize, tokens * itemsize
                 take = min(room, len(data))
@@ -187,8 +201,10 @@ def encode_part_in_place(vocab_dir: str, corpus: dict, part: dict, pieces: list[
         if fd is not None:
             os.close(fd)
     if written != promised * itemsize:
-        raise CortexCraftError(f"part {part['index']} encoded to {written // itemsize:,} tokens, not the {promised:,} "
-                               f"its characters promised; prepare again with --workers 1")
+        raise CortexCraftError(
+            f"part {part['index']} encoded to {written // itemsize:,} tokens, not the {promised:,} "
+            f"its characters promised; prepare again with --workers 1"
+        )
     return promised
 
 
@@ -198,8 +214,16 @@ def _hash_and_sync(path: str) -> str:
     return sha256_file(path)
 
 
-def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path, parts: list[dict],
-                          part_tokens: list[int], pool, workers: int) -> dict:
+def write_shards_in_place(
+    corpus: dict,
+    vocab: dict,
+    data_cfg: DataConfig,
+    out_dir: Path,
+    parts: list[dict],
+    part_tokens: list[int],
+    pool,
+    workers: int,
+) -> dict:
     """``write_shards``' directory with each part encoded by ``pool`` straight into its place in the
     shard files: possible when every part's token count is known beforehand (a character tokenizer
     without special tokens writes one id per character), and it spares writing every id twice."""
@@ -219,12 +243,20 @@ def write_shards_in_place(corpus: dict, vocab: dict, data_cfg: DataConfig, out_d
             for part_key, lo, hi in file_pieces:
                 pieces[part_key].append((path, offset, hi - lo))
                 offset += hi - lo
-        list(pool.map(encode_part_in_place, repeat(vocab["dir"]), repeat(corpus), [p for p, _ in mine],
-                      [pieces[p["path"]] for p in placed]))
+        list(
+            pool.map(
+                encode_part_in_place,
+                repeat(vocab["dir"]),
+                repeat(corpus),
+                [p for p, _ in mine],
+                [pieces[p["path"]] for p in placed],
+            )
+        )
         with ThreadPoolExecutor(workers) as threads:
             hashes = list(threads.map(_hash_and_sync, [path for path, _, _ in layout]))
-        files = [{"name": Path(path).name, "tokens": tokens, "sha256": sha}
-                 for (path, _, tokens), sha in zip(layout, hashes)]
+        files = [
+            {"name": Path(path).name, "tokens": tokens, "sha256": sha} for (path, _, tokens), sha in zip(layout, hashes)
+        ]
         return {"tokens": sum(f["tokens"] for f in files), "files": files}
 
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
@@ -235,8 +267,15 @@ def balanced_part_bytes(corpus_bytes: int, workers: int) -> int:
     return min(PART_BYTES, max(1 << 20, corpus_bytes // (workers * PARTS_PER_WORKER)))
 
 
-def prepare_parts(corpus: dict, data_cfg: DataConfig, vocab_dir: Path, parts_dir: Path, out_dir: Path,
-                  workers: int, part_bytes: int | None = None) -> dict:
+def prepare_parts(
+    corpus: dict,
+    data_cfg: DataConfig,
+    vocab_dir: Path,
+    parts_dir: Path,
+    out_dir: Path,
+    workers: int,
+    part_bytes: int | None = None,
+) -> dict:
     """Vocabulary and shards of ``corpus`` with ``workers`` processes; returns the shards manifest.
     Parts are ``part_bytes`` long, by default ``balanced_part_bytes``.
 

@@ -28,8 +28,10 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     if workers < 1:
         raise CortexCraftError(f"--workers {workers} must be at least 1")
     if init_from and workers > 1:
-        raise CortexCraftError(f"--init-from with --workers {workers}: a pretrained tokenizer is applied in one "
-                               f"process only; drop --workers")
+        raise CortexCraftError(
+            f"--init-from with --workers {workers}: a pretrained tokenizer is applied in one "
+            f"process only; drop --workers"
+        )
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir.parent / "downloads"
     check_out_dir(out_dir)
@@ -41,12 +43,19 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     else:
         check_tokenizer_config(data_cfg)
     corpus = download(data_cfg, cache_dir, workers=workers)
-    log.info("corpus %s: %s chars, %s documents (%s)", corpus["spec"], f"{corpus['chars']:,}",
-             f"{corpus['documents']:,}", corpus["origin"])
+    log.info(
+        "corpus %s: %s chars, %s documents (%s)",
+        corpus["spec"],
+        f"{corpus['chars']:,}",
+        f"{corpus['documents']:,}",
+        corpus["origin"],
+    )
     vocab_dir = TempDir(out_dir.parent, out_dir.name, kind="vocab")
     try:
         if workers > 1:
-            return prepare_parts(corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes)
+            return prepare_parts(
+                corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes
+            )
         vocab = build_vocab(corpus, data_cfg, vocab_dir.path, tokenizer=pretrained)
         log.info("vocabulary: %s", vocab["preview"])
         return write_shards(corpus, vocab, data_cfg, out_dir)

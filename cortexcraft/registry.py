@@ -68,7 +68,9 @@ def data_identity(shards_dir: str | os.PathLike, revision: dict[str, Any] | None
 
 def check_name(name: str) -> str:
     if not _NAME.match(name or ""):
-        raise CortexCraftError(f"model name {name!r} is not valid; use letters, digits, '.', '_' and '-' (e.g. cpu-shakespeare)")
+        raise CortexCraftError(
+            f"model name {name!r} is not valid; use letters, digits, '.', '_' and '-' (e.g. cpu-shakespeare)"
+        )
     return name
 
 
@@ -115,8 +117,10 @@ def read_champion(models_dir: str | os.PathLike, name: str) -> dict[str, Any] | 
 def require_model(models_dir: str | os.PathLike, name: str) -> None:
     if not list_versions(models_dir, name):
         known = ", ".join(list_models(models_dir)) or "none yet"
-        raise CortexCraftError(f"no model {name!r} in {models_dir} (models: {known}); train one with "
-                               f"`cortexcraft pipeline --model {name}` or check --data-dir")
+        raise CortexCraftError(
+            f"no model {name!r} in {models_dir} (models: {known}); train one with "
+            f"`cortexcraft pipeline --model {name}` or check --data-dir"
+        )
 
 
 def resolve(models_dir: str | os.PathLike, ref: str) -> tuple[Path, dict[str, Any]]:
@@ -126,7 +130,9 @@ def resolve(models_dir: str | os.PathLike, ref: str) -> tuple[Path, dict[str, An
     if which == "champion":
         champion = read_champion(models_dir, name)
         if champion is None:
-            raise CortexCraftError(f"model {name!r} has no champion; promote a version with `cortexcraft models promote {name}@vN`")
+            raise CortexCraftError(
+                f"model {name!r} has no champion; promote a version with `cortexcraft models promote {name}@vN`"
+            )
         which = champion["version"]
     path = version_dir(models_dir, name, which)
     if not (path / VERSION_FILE).is_file():
@@ -150,9 +156,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLike, *,
-             data: dict[str, Any], code_version: str, policy: dict[str, Any],
-             summary: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def register(
+    models_dir: str | os.PathLike,
+    name: str,
+    run_dir: str | os.PathLike,
+    *,
+    data: dict[str, Any],
+    code_version: str,
+    policy: dict[str, Any],
+    summary: dict[str, Any],
+) -> tuple[dict[str, Any], bool]:
     """Register the best checkpoint of a training run (``summary``, the result of
     ``cortexcraft.train.train`` into ``run_dir``) as the next version of ``name``, scored on the
     whole val split of the data it was trained on.
@@ -163,13 +176,21 @@ def register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLik
     Registrations of one model are serialised, so two runs of one model never make two versions.
     """
     with _locked(models_dir, name):
-        return _register(models_dir, name, run_dir, data=data, code_version=code_version, policy=policy,
-                         summary=summary)
+        return _register(
+            models_dir, name, run_dir, data=data, code_version=code_version, policy=policy, summary=summary
+        )
 
 
-def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLike, *,
-              data: dict[str, Any], code_version: str, policy: dict[str, Any],
-              summary: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def _register(
+    models_dir: str | os.PathLike,
+    name: str,
+    run_dir: str | os.PathLike,
+    *,
+    data: dict[str, Any],
+    code_version: str,
+    policy: dict[str, Any],
+    summary: dict[str, Any],
+) -> tuple[dict[str, Any], bool]:
     known = list_versions(models_dir, name)
     if summary.get("checkpoint_best"):
         best = str(Path(summary["checkpoint_best"]).resolve())
@@ -200,22 +221,34 @@ def _register(models_dir: str | os.PathLike, name: str, run_dir: str | os.PathLi
         val = evaluate_run(tmp, data["shards_dir"])
         bits = val["val_loss"] / math.log(2)
         record = {
-            "name": name, "version": version, "created": now(), "run_dir": str(run_dir.resolve()),
+            "name": name,
+            "version": version,
+            "created": now(),
+            "run_dir": str(run_dir.resolve()),
             "checkpoint": str(checkpoint.resolve()),
-            "step": state["step"], "tokens_seen": state["tokens_seen"], "model_sha256": model_sha,
-            "config": state["config"], "vocab_size": state["vocab_size"], "data": data,
-            "code_version": code_version, "policy": policy,
-            "val_loss": val["val_loss"], "val_tokens": val["tokens"],
-            "bits_per_char": val["bits_per_char"], "bits_per_token": bits,
-            "train_loss": summary.get("final_train_loss"), "train_best_val_loss": summary.get("best_val_loss"),
+            "step": state["step"],
+            "tokens_seen": state["tokens_seen"],
+            "model_sha256": model_sha,
+            "config": state["config"],
+            "vocab_size": state["vocab_size"],
+            "data": data,
+            "code_version": code_version,
+            "policy": policy,
+            "val_loss": val["val_loss"],
+            "val_tokens": val["tokens"],
+            "bits_per_char": val["bits_per_char"],
+            "bits_per_token": bits,
+            "train_loss": summary.get("final_train_loss"),
+            "train_best_val_loss": summary.get("best_val_loss"),
             "decision": None,
         }
         atomic_write_json(tmp / VERSION_FILE, record)
     return record, True
 
 
-def _set_champion(models_dir: str | os.PathLike, name: str, version: str, reason: str,
-                  previous: list[str]) -> dict[str, Any]:
+def _set_champion(
+    models_dir: str | os.PathLike, name: str, version: str, reason: str, previous: list[str]
+) -> dict[str, Any]:
     pointer = {"version": version, "since": now(), "reason": reason, "previous": previous}
     atomic_write_json(model_dir(models_dir, name) / CHAMPION_FILE, pointer)
     return pointer
@@ -233,11 +266,20 @@ def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float
             return record["decision"], False
         pointer = read_champion(models_dir, name)
         challenger = record["val_loss"]
-        decision = {"version": version, "margin": margin, "challenger_val_loss": challenger, "decided": now(),
-                    "champion_before": pointer["version"] if pointer else None}
+        decision = {
+            "version": version,
+            "margin": margin,
+            "challenger_val_loss": challenger,
+            "decided": now(),
+            "champion_before": pointer["version"] if pointer else None,
+        }
         if pointer is None:
-            decision.update(promoted=True, champion_val_loss=None, rule="first version",
-                            message=f"promoted {version}: first version of {name} (val {challenger:.4f})")
+            decision.update(
+                promoted=True,
+                champion_val_loss=None,
+                rule="first version",
+                message=f"promoted {version}: first version of {name} (val {challenger:.4f})",
+            )
         else:
             champion_dir, champion = resolve(models_dir, f"{name}@{pointer['version']}")
             if champion["data"]["vocab_sha256"] == record["data"]["vocab_sha256"]:
@@ -246,15 +288,23 @@ def decide(models_dir: str | os.PathLike, name: str, version: str, margin: float
                 rule = f"same held-out set: {version}'s val split, champion {pointer['version']} re-evaluated on it"
             else:
                 champion_val = champion["val_loss"]
-                per = "char" if record["bits_per_char"] is not None and champion["bits_per_char"] is not None else "token"
+                per = (
+                    "char" if record["bits_per_char"] is not None and champion["bits_per_char"] is not None else "token"
+                )
                 ours, theirs, unit = record[f"bits_per_{per}"], champion[f"bits_per_{per}"], f"bits/{per}"
-                rule = (f"vocabularies differ ({champion['vocab_size']} vs {record['vocab_size']} tokens): "
-                        f"{unit} of each model on its own val split")
+                rule = (
+                    f"vocabularies differ ({champion['vocab_size']} vs {record['vocab_size']} tokens): "
+                    f"{unit} of each model on its own val split"
+                )
             promoted = ours < theirs - margin
             verdict = f"promoted {version}" if promoted else "not promoted"
-            decision.update(promoted=promoted, champion_val_loss=champion_val, rule=rule,
-                            message=f"{verdict}: {unit} {ours:.4f} vs champion {pointer['version']} {theirs:.4f}"
-                                    + (f" (margin {margin:g})" if margin else ""))
+            decision.update(
+                promoted=promoted,
+                champion_val_loss=champion_val,
+                rule=rule,
+                message=f"{verdict}: {unit} {ours:.4f} vs champion {pointer['version']} {theirs:.4f}"
+                + (f" (margin {margin:g})" if margin else ""),
+            )
         if decision["promoted"]:
             previous = (pointer["previous"] + [pointer["version"]]) if pointer else []
             _set_champion(models_dir, name, version, decision["message"], previous)
@@ -284,14 +334,19 @@ def rollback(models_dir: str | os.PathLike, ref: str) -> dict[str, Any]:
     with _locked(models_dir, name):
         pointer = read_champion(models_dir, name)
         if pointer is None or not pointer["previous"]:
-            raise CortexCraftError(f"model {name!r} has no earlier champion to roll back to; "
-                                   f"use `cortexcraft models promote {name}@vN`")
+            raise CortexCraftError(
+                f"model {name!r} has no earlier champion to roll back to; use `cortexcraft models promote {name}@vN`"
+            )
         stack = pointer["previous"]
         target = stack[-1] if which == "champion" else which
         if target not in stack:
-            raise CortexCraftError(f"{target} was never a champion of {name!r} before {pointer['version']} "
-                                   f"(earlier champions: {', '.join(stack)}); use `cortexcraft models promote {name}@{target}`")
-        return _set_champion(models_dir, name, target, f"rolled back from {pointer['version']}", stack[:stack.index(target)])
+            raise CortexCraftError(
+                f"{target} was never a champion of {name!r} before {pointer['version']} "
+                f"(earlier champions: {', '.join(stack)}); use `cortexcraft models promote {name}@{target}`"
+            )
+        return _set_champion(
+            models_dir, name, target, f"rolled back from {pointer['version']}", stack[: stack.index(target)]
+        )
 
 
 def history_rows(models_dir: str | os.PathLike, name: str) -> list[dict[str, Any]]:
@@ -301,19 +356,32 @@ def history_rows(models_dir: str | os.PathLike, name: str) -> list[dict[str, Any
     rows = []
     for r in list_versions(models_dir, name):
         decision = r.get("decision") or {}
-        rows.append({
-            "version": r["version"], "champion": r["version"] == champion, "created": r["created"],
-            "policy": r["policy"]["mode"], "parent": r["policy"].get("parent"), "steps": r["step"],
-            "val_loss": round(r["val_loss"], 4),
-            "bits_per_char": round(r["bits_per_char"], 4) if r["bits_per_char"] is not None else None,
-            "data": r["data"]["fingerprint"][:12], "revision": r["data"].get("revision_text"),
-            "promoted": decision.get("promoted"), "decision": decision.get("message"),
-        })
+        rows.append(
+            {
+                "version": r["version"],
+                "champion": r["version"] == champion,
+                "created": r["created"],
+                "policy": r["policy"]["mode"],
+                "parent": r["policy"].get("parent"),
+                "steps": r["step"],
+                "val_loss": round(r["val_loss"], 4),
+                "bits_per_char": round(r["bits_per_char"], 4) if r["bits_per_char"] is not None else None,
+                "data": r["data"]["fingerprint"][:12],
+                "revision": r["data"].get("revision_text"),
+                "promoted": decision.get("promoted"),
+                "decision": decision.get("message"),
+            }
+        )
     return rows
 
 
-def plan_retrain(models_dir: str | os.PathLike, name: str, requested: str, shards_dir: str | os.PathLike,
-                 model_config: dict[str, Any]) -> dict[str, Any]:
+def plan_retrain(
+    models_dir: str | os.PathLike,
+    name: str,
+    requested: str,
+    shards_dir: str | os.PathLike,
+    model_config: dict[str, Any],
+) -> dict[str, Any]:
     """How to train the next challenger of ``name`` on the shards in ``shards_dir`` under policy
     ``requested``: ``{"requested", "mode": fresh|continue|finetune, "parent", "init_checkpoint",
     "init_step", "init_model_sha256", "reason"}``.
@@ -325,15 +393,23 @@ def plan_retrain(models_dir: str | os.PathLike, name: str, requested: str, shard
 
     if requested not in POLICIES:
         raise CortexCraftError(f"retraining policy {requested!r} is unknown; use one of {', '.join(POLICIES)}")
-    plan = {"requested": requested, "mode": "fresh", "parent": None, "init_checkpoint": None, "init_step": None,
-            "init_model_sha256": None}
+    plan = {
+        "requested": requested,
+        "mode": "fresh",
+        "parent": None,
+        "init_checkpoint": None,
+        "init_step": None,
+        "init_model_sha256": None,
+    }
     if requested == "fresh":
         return dict(plan, reason="fresh: trained from scratch")
     pointer = read_champion(models_dir, name) if list_versions(models_dir, name) else None
     if pointer is None:
         if requested == "continue":
-            raise CortexCraftError(f"--retrain continue: model {name!r} has no champion to continue; "
-                                   f"train one first (--retrain fresh or auto)")
+            raise CortexCraftError(
+                f"--retrain continue: model {name!r} has no champion to continue; "
+                f"train one first (--retrain fresh or auto)"
+            )
         return dict(plan, reason=f"{requested}: model {name!r} has no champion yet, so trained from scratch")
     champion_dir, champion = resolve(models_dir, f"{name}@{pointer['version']}")
     data = data_identity(shards_dir)
@@ -344,12 +420,23 @@ def plan_retrain(models_dir: str | os.PathLike, name: str, requested: str, shard
         problems.append(f"vocabulary changed ({champion['vocab_size']} tokens before)")
     if problems:
         if mode == "continue" and requested == "continue":
-            raise CortexCraftError(f"--retrain continue: champion {pointer['version']} of {name!r} cannot be continued "
-                                   f"({'; '.join(problems)}); use --retrain finetune or fresh")
-        return dict(plan, reason=f"{requested}: champion {pointer['version']} is not compatible "
-                                 f"({'; '.join(problems)}), so trained from scratch")
+            raise CortexCraftError(
+                f"--retrain continue: champion {pointer['version']} of {name!r} cannot be continued "
+                f"({'; '.join(problems)}); use --retrain finetune or fresh"
+            )
+        return dict(
+            plan,
+            reason=f"{requested}: champion {pointer['version']} is not compatible "
+            f"({'; '.join(problems)}), so trained from scratch",
+        )
     (checkpoint,) = (champion_dir / "checkpoints").iterdir()
     why = "data unchanged" if same_data else "data changed"
-    return dict(plan, mode=mode, parent=pointer["version"], init_checkpoint=str(checkpoint),
-                init_step=champion["step"], init_model_sha256=champion["model_sha256"],
-                reason=f"{requested}: {mode} from champion {pointer['version']} (step {champion['step']:,}; {why})")
+    return dict(
+        plan,
+        mode=mode,
+        parent=pointer["version"],
+        init_checkpoint=str(checkpoint),
+        init_step=champion["step"],
+        init_model_sha256=champion["model_sha256"],
+        reason=f"{requested}: {mode} from champion {pointer['version']} (step {champion['step']:,}; {why})",
+    )

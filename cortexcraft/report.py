@@ -88,8 +88,10 @@ def loss_curve_svg(history: list[dict[str, Any]], width: int = 640, height: int 
         parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="7" fill="none" stroke="#2ca02c" stroke-width="2"/>'
                      for x, y in pts if x in marked)
         lx, ly = left + plot_w - 110, top + 16 + 16 * n
-        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colours[name]}" stroke-width="2"/>'
-                     f'<text x="{lx + 24}" y="{ly}">{name.replace("_", " ")}</text>')
+        parts.append(
+            f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colours[name]}" stroke-width="2"/>'
+            f'<text x="{lx + 24}" y="{ly}">{name.replace("_", " ")}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -100,32 +102,52 @@ def model_history_markdown(name: str, rows: list[dict[str, Any]]) -> str:
     points = [{"version": int(r["version"][1:]), "val_loss": r["val_loss"]} for r in rows]
     promoted = [int(r["version"][1:]) for r in rows if r["promoted"]]
     chart = loss_curve_svg(points, x_name="version", marked=promoted)
-    lines = [f"# Model {code_span(name)}: val loss per version", "",
-             f"![val loss per version]({svg_data_uri(chart)})", "",
-             "Ringed: promoted to champion when registered. Val loss is each version's, on its own val split.", "",
-             "| version | policy | steps | val loss | decision |", "|---|---|---|---|---|"]
-    lines += [f"| {r['version']}{' (champion)' if r['champion'] else ''} | {r['policy']} | {r['steps']:,} | "
-              f"{r['val_loss']:.4f} | {r['decision'] or '–'} |" for r in rows]
+    lines = [
+        f"# Model {code_span(name)}: val loss per version",
+        "",
+        f"![val loss per version]({svg_data_uri(chart)})",
+        "",
+        "Ringed: promoted to champion when registered. Val loss is each version's, on its own val split.",
+        "",
+        "| version | policy | steps | val loss | decision |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['version']}{' (champion)' if r['champion'] else ''} | {r['policy']} | {r['steps']:,} | "
+        f"{r['val_loss']:.4f} | {r['decision'] or '–'} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
 def champion_card_markdown(record: dict[str, Any], version_dir: str | os.PathLike, prompt: str, sample: str) -> str:
     """The card of a registry version (``version.json``) that has just become champion."""
     decision = record.get("decision") or {}
-    bits_text = (f"{record['bits_per_char']:.4f} bits/char" if record["bits_per_char"] is not None
-                 else f"{record['bits_per_token']:.4f} bits/token")
-    return "\n".join([
-        f"# Champion of {code_span(record['name'])}: {record['version']}", "",
-        "| | |", "|---|---|",
-        f"| decision | {decision.get('message', 'promoted by hand')} |",
-        f"| policy | {record['policy']['reason']} |",
-        f"| steps | {record['step']:,} |",
-        f"| val loss | {record['val_loss']:.4f} ({bits_text}) |",
-        f"| data | {code_span(record['data']['source'], in_table=True)}, "
-        f"{record['data'].get('revision_text') or 'revision not recorded'} |",
-        f"| directory | {code_span(str(version_dir), in_table=True)} |", "",
-        f"**Sample** (prompt {code_span(json.dumps(prompt, ensure_ascii=False))})", "", fence(sample), "",
-    ])
+    bits_text = (
+        f"{record['bits_per_char']:.4f} bits/char"
+        if record["bits_per_char"] is not None
+        else f"{record['bits_per_token']:.4f} bits/token"
+    )
+    return "\n".join(
+        [
+            f"# Champion of {code_span(record['name'])}: {record['version']}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| decision | {decision.get('message', 'promoted by hand')} |",
+            f"| policy | {record['policy']['reason']} |",
+            f"| steps | {record['step']:,} |",
+            f"| val loss | {record['val_loss']:.4f} ({bits_text}) |",
+            f"| data | {code_span(record['data']['source'], in_table=True)}, "
+            f"{record['data'].get('revision_text') or 'revision not recorded'} |",
+            f"| directory | {code_span(str(version_dir), in_table=True)} |",
+            "",
+            f"**Sample** (prompt {code_span(json.dumps(prompt, ensure_ascii=False))})",
+            "",
+            fence(sample),
+            "",
+        ]
+    )
 
 
 def svg_data_uri(svg: str) -> str:
@@ -137,10 +159,18 @@ def _best(history: list[dict[str, Any]], name: str) -> float | None:
     return min(values) if values else None
 
 
-def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[dict[str, Any]],
-                  samples: list[tuple[str, int, str]], parameters: int, vocab_size: int,
-                  run_dir: str | os.PathLike, checkpoint: str | os.PathLike,
-                  model: dict[str, Any] | None = None) -> str:
+def render_report(
+    *,
+    config: RunConfig,
+    summary: dict[str, Any],
+    history: list[dict[str, Any]],
+    samples: list[tuple[str, int, str]],
+    parameters: int,
+    vocab_size: int,
+    run_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    model: dict[str, Any] | None = None,
+) -> str:
     """The report as markdown: the registry's verdict, training outcome, loss curve, samples, config.
 
     Every text that comes from the corpus, the model or the user (samples, prompts, paths, the
@@ -152,13 +182,21 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
     lines = [f"# CortexCraft run report: {code_span(config.preset)}", ""]
     if model:
         policy = model["policy"]
-        start = f" from {policy['parent']} (step {policy['init_step']:,} to {model['step']:,})" if policy["parent"] else ""
-        lines += [f"**Model:** {code_span(model['name'])} {model['version']}, {policy['mode']}{start}; "
-                  f"{model['decision']['message']}.", "",
-                  f"**Retraining policy:** {policy['reason']}.", "",
-                  f"**Data:** {code_span(model['source'])}, revision {model['revision'] or 'not recorded'}.", ""]
+        start = (
+            f" from {policy['parent']} (step {policy['init_step']:,} to {model['step']:,})" if policy["parent"] else ""
+        )
+        lines += [
+            f"**Model:** {code_span(model['name'])} {model['version']}, {policy['mode']}{start}; "
+            f"{model['decision']['message']}.",
+            "",
+            f"**Retraining policy:** {policy['reason']}.",
+            "",
+            f"**Data:** {code_span(model['source'])}, revision {model['revision'] or 'not recorded'}.",
+            "",
+        ]
     lines += [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| parameters | {parameters:,} |",
         f"| vocab size | {vocab_size:,} ({config.tokenizer_kind}) |",
         f"| steps | {final.get('step', 0):,} |",
@@ -171,11 +209,15 @@ def render_report(*, config: RunConfig, summary: dict[str, Any], history: list[d
         f"| checkpoint | {code_span(str(checkpoint), in_table=True)} |",
         f"| run directory | {code_span(str(run_dir), in_table=True)} |",
         "",
-        "## Loss curve", "",
-        f"![loss curve]({svg_data_uri(loss_curve_svg(history))})", "",
-        "## Samples", "",
+        "## Loss curve",
+        "",
+        f"![loss curve]({svg_data_uri(loss_curve_svg(history))})",
+        "",
+        "## Samples",
+        "",
         f"temperature {config.sample.temperature}, top_k {config.sample.top_k}, top_p {config.sample.top_p}, "
-        f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed} + prompt index", "",
+        f"{config.sample.max_new_tokens} new tokens, seed {config.sample.seed} + prompt index",
+        "",
     ]
     for prompt, seed, text in samples:
         # json.dumps keeps the prompt on one line and shows its newlines as \n.

@@ -41,7 +41,9 @@ def _safe_pieces(chunks: Iterable[str]) -> Iterator[str]:
         text = carry + chunk
         cut = len(text)
         position = text.rfind("\n")
-        while position > 0 and (position + 1 >= len(text) or text[position + 1].isspace() or text[position - 1].isspace()):
+        while position > 0 and (
+            position + 1 >= len(text) or text[position + 1].isspace() or text[position - 1].isspace()
+        ):
             position = text.rfind("\n", 0, position)
         if position > 0:
             cut = position
@@ -53,7 +55,7 @@ def _safe_pieces(chunks: Iterable[str]) -> Iterator[str]:
 
 def _slices(chunks: Iterable[str], size: int) -> Iterator[str]:
     for chunk in chunks:
-        yield from (chunk[start:start + size] for start in range(0, len(chunk), size))
+        yield from (chunk[start : start + size] for start in range(0, len(chunk), size))
 
 
 def _encode_stream(tok: Tokenizer, chunks: Iterable[str]) -> Iterator[np.ndarray]:
@@ -139,7 +141,9 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise CortexCraftError(f"--out {out_dir} is a file; choose a directory path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise CortexCraftError(f"--out {out_dir} is a non-empty directory without a shard manifest; choose a new or empty directory")
+        raise CortexCraftError(
+            f"--out {out_dir} is a non-empty directory without a shard manifest; choose a new or empty directory"
+        )
 
 
 def shard_file_name(split: str, index: int) -> str:
@@ -160,8 +164,13 @@ def write_shards(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path)
     return build_shard_dir(corpus, vocab, data_cfg, out_dir, write_split)
 
 
-def _fill_shard_dir(tmp: Path, tok: Tokenizer, corpus: dict, data_cfg: DataConfig,
-                    write_split: Callable[[Path, str, Tokenizer, int, int], dict]) -> dict:
+def _fill_shard_dir(
+    tmp: Path,
+    tok: Tokenizer,
+    corpus: dict,
+    data_cfg: DataConfig,
+    write_split: Callable[[Path, str, Tokenizer, int, int], dict],
+) -> dict:
     """Write the tokenizer, both splits and the manifest into ``tmp``; returns the manifest."""
     section = tok.save(tmp)
     cut, ranges = split_ranges(corpus, data_cfg)
@@ -169,7 +178,9 @@ def _fill_shard_dir(tmp: Path, tok: Tokenizer, corpus: dict, data_cfg: DataConfi
     for split in SPLITS:
         splits[split] = write_split(tmp, split, tok, *ranges[split])
         if splits[split]["tokens"] < 2:
-            raise CortexCraftError(f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction")
+            raise CortexCraftError(
+                f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction"
+            )
     manifest = {
         "format": SHARDS_FORMAT,
         "tokenizer": section,
@@ -177,15 +188,22 @@ def _fill_shard_dir(tmp: Path, tok: Tokenizer, corpus: dict, data_cfg: DataConfi
         "dtype": tok.dtype.name,
         "splits": splits,
         "split_char": cut,
-        "source": {key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")},
+        "source": {
+            key: corpus.get(key) for key in ("spec", "origin", "fingerprint", "sha256", "documents", "chars", "bytes")
+        },
         "data_config": data_cfg.model_dump(mode="json"),
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
 
 
-def build_shard_dir(corpus: dict, vocab: dict, data_cfg: DataConfig, out_dir: Path,
-                    write_split: Callable[[Path, str, Tokenizer, int, int], dict]) -> dict:
+def build_shard_dir(
+    corpus: dict,
+    vocab: dict,
+    data_cfg: DataConfig,
+    out_dir: Path,
+    write_split: Callable[[Path, str, Tokenizer, int, int], dict],
+) -> dict:
     """Build ``out_dir`` in a temp dir: the tokenizer, each split's files from
     ``write_split(dir, split, tokenizer, start_byte, stop_byte)`` (-> ``{"tokens", "files"}``), the
     manifest; then rename it into place. Returns the manifest."""
@@ -208,7 +226,9 @@ def verify_shards(data_dir: Path, check_hashes: bool = False) -> dict:
     data_dir = Path(data_dir)
     fix = f"re-run `cortexcraft prepare --out {data_dir}`"
     if not data_dir.is_dir():
-        raise CortexCraftError(f"shard directory {data_dir} does not exist; run `cortexcraft prepare --out {data_dir}` first")
+        raise CortexCraftError(
+            f"shard directory {data_dir} does not exist; run `cortexcraft prepare --out {data_dir}` first"
+        )
     path = data_dir / MANIFEST
     if not path.is_file():
         raise CortexCraftError(f"{path} is missing (prepare did not finish); {fix}")

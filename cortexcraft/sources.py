@@ -88,7 +88,9 @@ def iter_text(path: Path, start: int = 0, stop: int | None = None) -> Iterator[s
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
-                raise CortexCraftError(f"{path} is not UTF-8 text ({exc.reason} near byte {handle.tell() - len(raw) + exc.start:,}); convert it to UTF-8") from None
+                raise CortexCraftError(
+                    f"{path} is not UTF-8 text ({exc.reason} near byte {handle.tell() - len(raw) + exc.start:,}); convert it to UTF-8"
+                ) from None
             lo, hi = max(start - position, 0), len(text) if stop is None else min(stop - position, len(text))
             if lo < hi:
                 yield text[lo:hi]
@@ -115,7 +117,9 @@ def corpus_byte_range_text(corpus: dict, start: int, stop: int) -> Iterator[str]
             try:
                 text = decoder.decode(raw, final=position + len(raw) >= stop)
             except UnicodeDecodeError as exc:
-                raise CortexCraftError(f"{path} is not UTF-8 text ({exc.reason} near byte {position + exc.start:,}); convert it to UTF-8") from None
+                raise CortexCraftError(
+                    f"{path} is not UTF-8 text ({exc.reason} near byte {position + exc.start:,}); convert it to UTF-8"
+                ) from None
             position += len(raw)
             if text:
                 yield text
@@ -237,9 +241,16 @@ class CorpusWriter:
             with atomic_open(self.tmp / "doc_starts.npy") as handle:
                 np.save(handle, starts)
             doc_starts_sha = hashlib.sha256(starts.tobytes()).hexdigest()
-        manifest = dict(self.info, format=CORPUS_FORMAT, sha256=sha, bytes=self.bytes, chars=self.chars,
-                        documents=len(self.starts), separator=self.separator,
-                        fingerprint=sha256_json({"corpus": sha, "doc_starts": doc_starts_sha}))
+        manifest = dict(
+            self.info,
+            format=CORPUS_FORMAT,
+            sha256=sha,
+            bytes=self.bytes,
+            chars=self.chars,
+            documents=len(self.starts),
+            separator=self.separator,
+            fingerprint=sha256_json({"corpus": sha, "doc_starts": doc_starts_sha}),
+        )
         shutil.rmtree(self.scratch, ignore_errors=True)
         atomic_write_json(self.tmp / "corpus.json", manifest)
         if self.entry.exists():
@@ -264,8 +275,11 @@ class CorpusWriter:
 
 def _with_paths(manifest: dict, entry: Path) -> dict:
     doc_starts = entry / "doc_starts.npy"
-    return dict(manifest, path=str((entry / "corpus.txt").resolve()),
-                doc_starts=str(doc_starts.resolve()) if manifest["documents"] > 1 else None)
+    return dict(
+        manifest,
+        path=str((entry / "corpus.txt").resolve()),
+        doc_starts=str(doc_starts.resolve()) if manifest["documents"] > 1 else None,
+    )
 
 
 def _cached(entry: Path) -> dict | None:
@@ -294,7 +308,9 @@ def _env_true(name: str) -> bool:
 def probe(url: str) -> tuple[int | None, str | None]:
     """(HTTP status, None) when a server answered ``url``, (None, reason) when none could be reached."""
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_SECONDS) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_SECONDS
+        ) as response:
             return response.status, None
     except urllib.error.HTTPError as exc:
         return exc.code, None
@@ -305,14 +321,18 @@ def probe(url: str) -> tuple[int | None, str | None]:
 def _require_online(spec: str) -> None:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if _env_true(name):
-            raise CortexCraftError(f"{name} is set, so source {spec!r} cannot be downloaded; unset it or {local_copy_hint(spec)}")
+            raise CortexCraftError(
+                f"{name} is set, so source {spec!r} cannot be downloaded; unset it or {local_copy_hint(spec)}"
+            )
 
 
 def _require_hub(spec: str) -> None:
     _require_online(spec)
     _, reason = probe(hub_endpoint())
     if reason is not None:
-        raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({reason}); {local_copy_hint(spec)}")
+        raise CortexCraftError(
+            f"cannot reach the Hugging Face hub for source {spec!r} ({reason}); {local_copy_hint(spec)}"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -331,11 +351,13 @@ def _load_dataset(*args, **kwargs):
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     """``hf:REPO[@REVISION][:SPLIT]`` -> (repo, revision, split)."""
-    body = spec[len("hf:"):]
+    body = spec[len("hf:") :]
     body, _, split = body.partition(":")
     repo, _, revision = body.partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise CortexCraftError(f"source {spec!r} is not hf:OWNER/NAME[@REVISION][:SPLIT]; write e.g. hf:sam2ai/openwebtext-10k:train")
+        raise CortexCraftError(
+            f"source {spec!r} is not hf:OWNER/NAME[@REVISION][:SPLIT]; write e.g. hf:sam2ai/openwebtext-10k:train"
+        )
     return repo, revision or None, split or "train"
 
 
@@ -352,10 +374,14 @@ def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path, revision: d
             try:
                 parts = _load_dataset(TINYSHAKESPEARE_REPO, revision=sha, cache_dir=writer.scratch, token=hub_token())
                 text = "".join("".join(parts[split]["text"]) for split in TINYSHAKESPEARE_SPLITS)
-                writer.info["origin"] = f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} ({sha[:12]}; train+validation+test)"
+                writer.info["origin"] = (
+                    f"hub {TINYSHAKESPEARE_REPO}@{TINYSHAKESPEARE_REVISION} ({sha[:12]}; train+validation+test)"
+                )
             except Exception as exc:  # noqa: BLE001 -- any hub failure falls back to the raw file
                 hub_error = _first_line(exc)
-                log.warning("hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL)
+                log.warning(
+                    "hub download of %s failed (%s); trying %s", TINYSHAKESPEARE_REPO, hub_error, TINYSHAKESPEARE_URL
+                )
         if text is None:
             status, reason = probe(TINYSHAKESPEARE_URL)
             if reason is not None or status >= 400:
@@ -366,8 +392,10 @@ def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path, revision: d
             text = "".join(_url_documents(TINYSHAKESPEARE_URL, writer.scratch, spec))
             writer.info["origin"] = TINYSHAKESPEARE_URL
         if len(text) != TINYSHAKESPEARE_CHARS:
-            raise CortexCraftError(f"source 'tinyshakespeare' from {writer.info['origin']} has {len(text):,} characters, "
-                                   f"expected {TINYSHAKESPEARE_CHARS:,}; {local_copy_hint(spec)}")
+            raise CortexCraftError(
+                f"source 'tinyshakespeare' from {writer.info['origin']} has {len(text):,} characters, "
+                f"expected {TINYSHAKESPEARE_CHARS:,}; {local_copy_hint(spec)}"
+            )
         writer.add(text)
         return writer.commit()
 
@@ -377,13 +405,17 @@ def _url_documents(url: str, scratch: str, spec: str) -> Iterator[str]:
     try:
         dataset = _load_dataset("text", data_files=url, sample_by="document", split="train", cache_dir=scratch)
     except Exception as exc:  # noqa: BLE001 -- report any datasets failure as one line
-        raise CortexCraftError(f"downloading source {spec!r} failed ({_first_line(exc)}); {local_copy_hint(spec)}") from None
+        raise CortexCraftError(
+            f"downloading source {spec!r} failed ({_first_line(exc)}); {local_copy_hint(spec)}"
+        ) from None
     yield from dataset["text"]
 
 
 def _download_url(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict:
     url = data_cfg.source
-    entry = _entry(cache_dir, "url", {"url": url, "revision": revision_id(revision), "separator": default_separator(data_cfg)})
+    entry = _entry(
+        cache_dir, "url", {"url": url, "revision": revision_id(revision), "separator": default_separator(data_cfg)}
+    )
     if (hit := _cached(entry)) is not None:
         return hit
     _require_online(url)
@@ -393,31 +425,45 @@ def _download_url(data_cfg: DataConfig, cache_dir: Path, revision: dict) -> dict
         return writer.commit()
 
 
-def _download_hub(spec: str, repo: str, split: str, data_cfg: DataConfig, cache_dir: Path, revision: dict,
-                  workers: int) -> dict:
+def _download_hub(
+    spec: str, repo: str, split: str, data_cfg: DataConfig, cache_dir: Path, revision: dict, workers: int
+) -> dict:
     limits = {"max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
     column = data_cfg.text_column
     sha = revision["identity"]["sha"]
-    key = {"repo": repo, "revision": sha, "split": split, "column": column,
-           "separator": default_separator(data_cfg), **limits}
+    key = {
+        "repo": repo,
+        "revision": sha,
+        "split": split,
+        "column": column,
+        "separator": default_separator(data_cfg),
+        **limits,
+    }
     entry = _entry(cache_dir, "hub-" + repo.replace("/", "--"), key)
     if (hit := _cached(entry)) is not None:
         return hit
     _require_hub(spec)
-    info = dict(_info(spec, "hub", revision), origin=f"hub {repo}@{revision['requested']} ({sha[:12]}):{split}",
-                text_column=column, **limits)
+    info = dict(
+        _info(spec, "hub", revision),
+        origin=f"hub {repo}@{revision['requested']} ({sha[:12]}):{split}",
+        text_column=column,
+        **limits,
+    )
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         stream = {"kind": "hub", "spec": spec, "repo": repo, "sha": sha, "split": split, "column": column}
         _collect(writer, _hub_segments(stream, writer.scratch, workers), data_cfg, workers)
         if not writer.starts:
-            raise CortexCraftError(f"source {spec!r} split {split!r} has no rows; choose another split with hf:{repo}:SPLIT")
+            raise CortexCraftError(
+                f"source {spec!r} split {split!r} has no rows; choose another split with hf:{repo}:SPLIT"
+            )
         return writer.commit()
 
 
 def _limit_reached(writer: CorpusWriter, data_cfg: DataConfig) -> bool:
     # max_bytes stops after the document that reaches it: documents are never cut.
-    return ((data_cfg.max_docs is not None and len(writer.starts) >= data_cfg.max_docs)
-            or (data_cfg.max_bytes is not None and writer.bytes >= data_cfg.max_bytes))
+    return (data_cfg.max_docs is not None and len(writer.starts) >= data_cfg.max_docs) or (
+        data_cfg.max_bytes is not None and writer.bytes >= data_cfg.max_bytes
+    )
 
 
 def _local_files(spec: str) -> list[Path]:
@@ -425,7 +471,11 @@ def _local_files(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise CortexCraftError(f"source directory {path} holds no files; put text files in it or pass a file")
         return files
@@ -445,10 +495,20 @@ def _describe_local_file(path: Path, spec: str) -> dict:
     if chars == 0:
         raise CortexCraftError(f"source file {path} is empty; pass a file with text")
     sha = sha256_file(path)
-    return {"format": CORPUS_FORMAT, "spec": spec, "kind": "file", "origin": str(path.resolve()),
-            "path": str(path.resolve()), "doc_starts": None, "sha256": sha, "bytes": path.stat().st_size,
-            "chars": chars, "documents": 1, "separator": None,
-            "fingerprint": sha256_json({"corpus": sha, "doc_starts": None})}
+    return {
+        "format": CORPUS_FORMAT,
+        "spec": spec,
+        "kind": "file",
+        "origin": str(path.resolve()),
+        "path": str(path.resolve()),
+        "doc_starts": None,
+        "sha256": sha,
+        "bytes": path.stat().st_size,
+        "chars": chars,
+        "documents": 1,
+        "separator": None,
+        "fingerprint": sha256_json({"corpus": sha, "doc_starts": None}),
+    }
 
 
 def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict, workers: int) -> dict:
@@ -456,14 +516,23 @@ def _download_local(data_cfg: DataConfig, cache_dir: Path, revision: dict, worke
     files = _local_files(spec)
     if len(files) == 1 and Path(spec).expanduser().is_file() and files[0].suffix != ".parquet":
         return _describe_local_file(files[0], spec)
-    key = {"files": revision["identity"]["files"], "separator": default_separator(data_cfg), "text_column": data_cfg.text_column,
-           "max_docs": data_cfg.max_docs, "max_bytes": data_cfg.max_bytes}
+    key = {
+        "files": revision["identity"]["files"],
+        "separator": default_separator(data_cfg),
+        "text_column": data_cfg.text_column,
+        "max_docs": data_cfg.max_docs,
+        "max_bytes": data_cfg.max_bytes,
+    }
     entry = _entry(cache_dir, "local", key)
     if (hit := _cached(entry)) is not None:
         return hit
     segments = _local_segments(files, data_cfg.text_column)
-    info = dict(_info(spec, "files", revision), origin=f"{len(files)} files from {spec}",
-                max_docs=data_cfg.max_docs, max_bytes=data_cfg.max_bytes)
+    info = dict(
+        _info(spec, "files", revision),
+        origin=f"{len(files)} files from {spec}",
+        max_docs=data_cfg.max_docs,
+        max_bytes=data_cfg.max_bytes,
+    )
     with CorpusWriter(entry, info, default_separator(data_cfg)) as writer:
         _collect(writer, segments, data_cfg, workers)
         return writer.commit()
@@ -487,7 +556,9 @@ def _open_parquet(path: Path, column: str):
     except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for a bad file
         raise CortexCraftError(f"{path} is not a readable parquet file ({_first_line(exc)}); check the file") from None
     if column not in parquet.schema_arrow.names:
-        raise CortexCraftError(f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME")
+        raise CortexCraftError(
+            f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME"
+        )
     return parquet
 
 
@@ -515,7 +586,9 @@ def _local_segments(files: list[Path], column: str) -> list[dict]:
         for group in range(metadata.num_row_groups):
             size += metadata.row_group(group).total_byte_size
             if size >= SEGMENT_BYTES or group == metadata.num_row_groups - 1:
-                segments.append({"kind": "parquet", "path": str(path), "column": column, "row_groups": [first, group + 1]})
+                segments.append(
+                    {"kind": "parquet", "path": str(path), "column": column, "row_groups": [first, group + 1]}
+                )
                 first, size = group + 1, 0
     if text_files:
         segments.append({"kind": "text", "files": text_files})
@@ -523,8 +596,14 @@ def _local_segments(files: list[Path], column: str) -> list[dict]:
 
 
 def _hub_stream(segment: dict, scratch: str):
-    stream = _load_dataset(segment["repo"], revision=segment["sha"], split=segment["split"], streaming=True,
-                           cache_dir=scratch, token=hub_token())
+    stream = _load_dataset(
+        segment["repo"],
+        revision=segment["sha"],
+        split=segment["split"],
+        streaming=True,
+        cache_dir=scratch,
+        token=hub_token(),
+    )
     if segment.get("reshard"):
         stream = stream.reshard()
     if segment.get("shard"):
@@ -536,8 +615,10 @@ def _hub_stream(segment: dict, scratch: str):
 def _hub_failure(segment: dict, exc: Exception, documents: int) -> CortexCraftError:
     spec = segment["spec"]
     where = f"shard {segment['shard'][0] + 1} of {segment['shard'][1]} " if segment.get("shard") else ""
-    return CortexCraftError(f"streaming source {spec!r} from the hub failed {where}after {documents:,} documents "
-                            f"({_first_line(exc)}); check the id, re-run to retry, or {local_copy_hint(spec)}")
+    return CortexCraftError(
+        f"streaming source {spec!r} from the hub failed {where}after {documents:,} documents "
+        f"({_first_line(exc)}); check the id, re-run to retry, or {local_copy_hint(spec)}"
+    )
 
 
 def _hub_segments(stream: dict, scratch: str, workers: int) -> list[dict]:
@@ -561,16 +642,19 @@ def _segment_documents(segment: dict, scratch: str) -> Iterator[str]:
             yield "".join(iter_text(Path(name)))
     elif segment["kind"] == "parquet":
         parquet = _open_parquet(Path(segment["path"]), segment["column"])
-        for batch in parquet.iter_batches(batch_size=STREAM_BATCH_ROWS, row_groups=range(*segment["row_groups"]),
-                                          columns=[segment["column"]]):
+        for batch in parquet.iter_batches(
+            batch_size=STREAM_BATCH_ROWS, row_groups=range(*segment["row_groups"]), columns=[segment["column"]]
+        ):
             yield from (text or "" for text in batch.column(0).to_pylist())
     else:
         column, documents = segment["column"], 0
         try:
             for batch in _hub_stream(segment, scratch).iter(batch_size=STREAM_BATCH_ROWS):
                 if column not in batch:
-                    raise CortexCraftError(f"source {segment['spec']!r} has no column {column!r} (columns: {', '.join(batch)}); "
-                                           f"pass --text-column NAME")
+                    raise CortexCraftError(
+                        f"source {segment['spec']!r} has no column {column!r} (columns: {', '.join(batch)}); "
+                        f"pass --text-column NAME"
+                    )
                 for text in batch[column]:
                     yield text or ""
                     documents += 1
@@ -613,7 +697,9 @@ def _collect(writer: CorpusWriter, segments: list[dict], data_cfg: DataConfig, w
     # spawn: the workers start clean (no inherited threads of pyarrow or datasets to deadlock on).
     pool = ProcessPoolExecutor(min(workers, len(segments)), mp_context=multiprocessing.get_context("spawn"))
     try:
-        for path, (chars, starts) in zip(paths, pool.map(write_segment, segments, [writer.separator] * len(segments), paths)):
+        for path, (chars, starts) in zip(
+            paths, pool.map(write_segment, segments, [writer.separator] * len(segments), paths)
+        ):
             writer.add_segment(path, chars, starts)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -625,9 +711,13 @@ def _collect(writer: CorpusWriter, segments: list[dict], data_cfg: DataConfig, w
 
 def revision_summary(revision: dict) -> dict:
     """What a manifest records of a revision: its id, what identifies it, how it was checked."""
-    return {"id": revision_id(revision), "kind": revision["kind"], "checked_by": revision["checked_by"],
-            **({"sha": revision["identity"]["sha"]} if revision["kind"] == "hub" else {}),
-            **({k: v for k, v in revision["identity"].items() if k != "files"} if revision["kind"] == "http" else {})}
+    return {
+        "id": revision_id(revision),
+        "kind": revision["kind"],
+        "checked_by": revision["checked_by"],
+        **({"sha": revision["identity"]["sha"]} if revision["kind"] == "hub" else {}),
+        **({k: v for k, v in revision["identity"].items() if k != "files"} if revision["kind"] == "http" else {}),
+    }
 
 
 def _info(spec: str, kind: str, revision: dict) -> dict:
@@ -648,10 +738,12 @@ def describe_revision(revision: dict | None) -> str:
     if revision["kind"] == "hub":
         text = f"hub commit {_shown(revision['sha'][:12])}"
     elif revision["kind"] == "http":
-        parts = [f"ETag {_shown(revision['etag'])}" if revision.get("etag") else None,
-                 f"Last-Modified {_shown(revision['last_modified'])}" if revision.get("last_modified") else None,
-                 f"{revision['content_length']:,} bytes" if revision.get("content_length") is not None else None,
-                 f"sha256 {revision['sha256'][:12]}" if revision.get("sha256") else None]
+        parts = [
+            f"ETag {_shown(revision['etag'])}" if revision.get("etag") else None,
+            f"Last-Modified {_shown(revision['last_modified'])}" if revision.get("last_modified") else None,
+            f"{revision['content_length']:,} bytes" if revision.get("content_length") is not None else None,
+            f"sha256 {revision['sha256'][:12]}" if revision.get("sha256") else None,
+        ]
         text = ", ".join(p for p in parts if p)
     else:
         text = f"content {revision['id']}"
@@ -683,10 +775,15 @@ def source_revision(data_cfg: DataConfig, cache_dir: Path) -> dict:
     if spec in HUB_ALIASES or spec.startswith("hf:"):
         repo, revision, _ = parse_hub_spec(spec) if spec.startswith("hf:") else (HUB_ALIASES[spec], None, "train")
         try:
-            return _checked(spec, lambda: hub_revision(repo, revision, cache_dir),
-                            state_file(cache_dir, "hub", [repo, revision or "main"]))
+            return _checked(
+                spec,
+                lambda: hub_revision(repo, revision, cache_dir),
+                state_file(cache_dir, "hub", [repo, revision or "main"]),
+            )
         except SourceUnreachable as exc:
-            raise CortexCraftError(f"cannot reach the Hugging Face hub for source {spec!r} ({exc}); {local_copy_hint(spec)}") from None
+            raise CortexCraftError(
+                f"cannot reach the Hugging Face hub for source {spec!r} ({exc}); {local_copy_hint(spec)}"
+            ) from None
     if spec.startswith(("http://", "https://")):
         try:
             return _checked(spec, lambda: http_revision(spec, cache_dir), state_file(cache_dir, "url", spec))
@@ -706,14 +803,18 @@ def _tinyshakespeare_revision(cache_dir: Path) -> dict:
     hub_state = state_file(cache_dir, "hub", [TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION])
     url_state = state_file(cache_dir, "url", TINYSHAKESPEARE_URL)
     try:
-        return _checked(spec, lambda: hub_revision(TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION, cache_dir), hub_state)
+        return _checked(
+            spec, lambda: hub_revision(TINYSHAKESPEARE_REPO, TINYSHAKESPEARE_REVISION, cache_dir), hub_state
+        )
     except CortexCraftError as exc:
         hub_error = str(exc)
     try:
         return _checked(spec, lambda: http_revision(TINYSHAKESPEARE_URL, cache_dir), url_state)
     except CortexCraftError as exc:
-        raise CortexCraftError(f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw "
-                               f"file URL ({exc}); {local_copy_hint(spec)}") from None
+        raise CortexCraftError(
+            f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw "
+            f"file URL ({exc}); {local_copy_hint(spec)}"
+        ) from None
 
 
 def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None, workers: int = 1) -> dict:
@@ -726,8 +827,11 @@ def download(data_cfg: DataConfig, cache_dir: Path, revision: dict | None = None
     (content hash). With ``workers`` > 1, a source of many documents (a directory, parquet files, a
     hub split) is collected by that many processes, into the same corpus."""
     spec = data_cfg.source.strip()
-    single_document = spec == "tinyshakespeare" or spec.startswith(("http://", "https://")) or (
-        Path(spec).expanduser().is_file() and Path(spec).suffix != ".parquet")
+    single_document = (
+        spec == "tinyshakespeare"
+        or spec.startswith(("http://", "https://"))
+        or (Path(spec).expanduser().is_file() and Path(spec).suffix != ".parquet")
+    )
     if single_document and (data_cfg.max_docs is not None or data_cfg.max_bytes is not None):
         raise CortexCraftError(
             f"--max-docs/--max-bytes pick whole documents from hub, directory and glob sources, but {spec!r} "

@@ -224,5 +224,8 @@ def choose_threads(configured: Optional[int], local_world_size: int = 1, sample_
     busy = busy_cores(usable_cpus(), sample_seconds) / max(1, local_world_size) if available > 1 else 0.0
     start = free_cores(available, busy)
     tuner = ThreadTuner(available, start) if available > 1 else None
-    return start, tuner, {"mode": "auto", "available_cores": available, "busy_cores_at_start": round(busy, 2),
-                          "threads": start}
+    return (
+        start,
+        tuner,
+        {"mode": "auto", "available_cores": available, "busy_cores_at_start": round(busy, 2), "threads": start},
+    )

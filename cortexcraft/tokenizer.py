@@ -109,12 +109,16 @@ def read_vocab_file(path: Path) -> tuple[list[str], str]:
         with open(path, encoding="utf-8", newline="") as handle:
             text = handle.read()
     except UnicodeDecodeError as exc:
-        raise CortexCraftError(f"vocab file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+        raise CortexCraftError(
+            f"vocab file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8"
+        ) from None
     if not text.startswith("#cortexcraft-vocab/"):
         return sorted(set(text)), "seed"
     header, *lines = text.split("\n")
     if not header.startswith("#cortexcraft-vocab/1 "):
-        raise CortexCraftError(f"vocab file {path} has unsupported header {header[:40]!r}; re-create it with `cortexcraft prepare`")
+        raise CortexCraftError(
+            f"vocab file {path} has unsupported header {header[:40]!r}; re-create it with `cortexcraft prepare`"
+        )
     if lines and lines[-1] == "":
         lines.pop()
     tokens = []
@@ -124,11 +128,15 @@ def read_vocab_file(path: Path) -> tuple[list[str], str]:
         except json.JSONDecodeError:
             token = None
         if not isinstance(token, str) or not token:
-            raise CortexCraftError(f"vocab file {path} line {number} is not a JSON string token: {line[:40]!r}; fix or re-create the file")
+            raise CortexCraftError(
+                f"vocab file {path} line {number} is not a JSON string token: {line[:40]!r}; fix or re-create the file"
+            )
         tokens.append(token)
     if len(set(tokens)) != len(tokens):
         duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
-        raise CortexCraftError(f"vocab file {path} lists tokens twice: {', '.join(map(escape_token, duplicates[:10]))}; remove the duplicates")
+        raise CortexCraftError(
+            f"vocab file {path} lists tokens twice: {', '.join(map(escape_token, duplicates[:10]))}; remove the duplicates"
+        )
     return tokens, "cortexcraft"
 
 
@@ -156,8 +164,8 @@ def count_chars(chunks: Iterable[str]) -> np.ndarray:
     counts = np.zeros(MAX_CODE_POINT + 1, dtype=np.int64)
     for chunk in chunks:
         for start in range(0, len(chunk), CHUNK_CHARS):
-            chunk_counts = np.bincount(code_points(chunk[start:start + CHUNK_CHARS]))
-            counts[:len(chunk_counts)] += chunk_counts
+            chunk_counts = np.bincount(code_points(chunk[start : start + CHUNK_CHARS]))
+            counts[: len(chunk_counts)] += chunk_counts
     return counts
 
 
@@ -170,10 +178,14 @@ class CharTokenizer:
             special_tokens.append(unk)
         bad = [c for c in chars if len(c) != 1]
         if bad:
-            raise CortexCraftError(f"character vocabulary holds multi-character entries {bad[:5]}; list them as --special-tokens instead")
+            raise CortexCraftError(
+                f"character vocabulary holds multi-character entries {bad[:5]}; list them as --special-tokens instead"
+            )
         clash = [t for t in special_tokens if len(t) < 2 or t in chars]
         if clash:
-            raise CortexCraftError(f"special tokens {clash} are single characters or already in the vocabulary; use names like <eos>")
+            raise CortexCraftError(
+                f"special tokens {clash} are single characters or already in the vocabulary; use names like <eos>"
+            )
         self.chars = list(chars)
         self.special_tokens = special_tokens
         self.unk = unk
@@ -191,7 +203,8 @@ class CharTokenizer:
             self._ascii_table = bytes(int(i) if i >= 0 else ASCII_UNKNOWN for i in self._table[:256])
         self._special_re = (
             re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
-            if special_tokens else None
+            if special_tokens
+            else None
         )
         self._itos = np.array(self.tokens, dtype=object)
 
@@ -203,7 +216,9 @@ class CharTokenizer:
         chars = [t for t in tokens if len(t) == 1]
         specials = [t for t in tokens if len(t) > 1]
         if tokens != chars + specials:
-            raise CortexCraftError(f"vocab file {path} mixes special tokens between characters; special tokens must come last")
+            raise CortexCraftError(
+                f"vocab file {path} mixes special tokens between characters; special tokens must come last"
+            )
         extra = [t for t in (special_tokens or []) if t not in specials]
         return cls(chars, specials + extra, unk)
 
@@ -219,12 +234,12 @@ class CharTokenizer:
 
     def _encode_plain(self, text: str, out: np.ndarray) -> None:
         for start in range(0, len(text), CHUNK_CHARS):
-            ids, unknown = self._ids(text[start:start + CHUNK_CHARS])
+            ids, unknown = self._ids(text[start : start + CHUNK_CHARS])
             if ids.size and (ids == unknown).any():
                 if self.unk is None:
                     raise self._unknown_error(text)
                 ids = np.where(ids == unknown, self.stoi[self.unk], ids)
-            out[start:start + len(ids)] = ids
+            out[start : start + len(ids)] = ids
 
     def _unknown_error(self, text: str) -> CortexCraftError:
         return CortexCraftError(
@@ -261,7 +276,7 @@ class CharTokenizer:
         position = 0
         for match in self._special_re.finditer(text):
             plain = np.empty(match.start() - position, dtype=self.dtype)
-            self._encode_plain(text[position:match.start()], plain)
+            self._encode_plain(text[position : match.start()], plain)
             pieces += [plain, np.array([self.stoi[match.group()]], dtype=self.dtype)]
             position = match.end()
         tail = np.empty(len(text) - position, dtype=self.dtype)
@@ -271,7 +286,9 @@ class CharTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise CortexCraftError(f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary")
+            raise CortexCraftError(
+                f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary"
+            )
         return "".join(self._itos[ids])
 
     def stream_decoder(self) -> Callable[[int], str]:
@@ -279,8 +296,14 @@ class CharTokenizer:
         return lambda token: self.decode([token])
 
     def section(self, sha256: str) -> dict:
-        return {"type": "char", "file": CHAR_FILE, "sha256": sha256, "vocab_size": self.vocab_size,
-                "special_tokens": self.special_tokens, "unk": self.unk}
+        return {
+            "type": "char",
+            "file": CHAR_FILE,
+            "sha256": sha256,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "unk": self.unk,
+        }
 
     def save(self, out_dir: Path) -> dict:
         out_dir = Path(out_dir)
@@ -322,7 +345,9 @@ class BPETokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+            vocab_size=vocab_size,
+            special_tokens=list(special_tokens),
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(texts, trainer=trainer)
@@ -341,16 +366,22 @@ class BPETokenizer:
 
         path = Path(path)
         if not path.is_file():
-            raise CortexCraftError(f"tokenizer file {path} does not exist; pass an existing tokenizer.json to --tokenizer-file")
+            raise CortexCraftError(
+                f"tokenizer file {path} does not exist; pass an existing tokenizer.json to --tokenizer-file"
+            )
         try:
             hf_tokenizer = HFTokenizer.from_file(str(path))
         except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception on bad JSON
-            raise CortexCraftError(f"tokenizer file {path} is not a Hugging Face tokenizer.json ({str(exc)[:120]}); "
-                                   f"pass the tokenizer.json of a tokenizers/transformers tokenizer") from None
+            raise CortexCraftError(
+                f"tokenizer file {path} is not a Hugging Face tokenizer.json ({str(exc)[:120]}); "
+                f"pass the tokenizer.json of a tokenizers/transformers tokenizer"
+            ) from None
         missing = [t for t in special_tokens if hf_tokenizer.token_to_id(t) is None]
         if missing:
-            raise CortexCraftError(f"tokenizer file {path} has no token for {', '.join(missing)} (special tokens and the "
-                                   f"document separator); pass --separator with a token it has, or another tokenizer file")
+            raise CortexCraftError(
+                f"tokenizer file {path} has no token for {', '.join(missing)} (special tokens and the "
+                f"document separator); pass --separator with a token it has, or another tokenizer file"
+            )
         return cls(hf_tokenizer, special_tokens)
 
     def encode(self, text: str) -> np.ndarray:
@@ -358,12 +389,16 @@ class BPETokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """``[encode(t) for t in texts]`` on all cores (the tokenizers batch API, without offsets)."""
-        return [np.asarray(e.ids, dtype=self.dtype) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+        return [
+            np.asarray(e.ids, dtype=self.dtype) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        ]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in np.asarray(ids).ravel()]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            raise CortexCraftError(f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary")
+            raise CortexCraftError(
+                f"token ids outside 0..{self.vocab_size - 1}; the ids come from a different vocabulary"
+            )
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def stream_decoder(self) -> Callable[[int], str | None]:
@@ -375,8 +410,14 @@ class BPETokenizer:
         return lambda token: stream.step(self._tok, token)
 
     def section(self, sha256: str) -> dict:
-        return {"type": "bpe", "file": BPE_FILE, "sha256": sha256, "vocab_size": self.vocab_size,
-                "special_tokens": self.special_tokens, "unk": None}
+        return {
+            "type": "bpe",
+            "file": BPE_FILE,
+            "sha256": sha256,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "unk": None,
+        }
 
     def save(self, out_dir: Path) -> dict:
         out_dir = Path(out_dir)
@@ -428,7 +469,9 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
             raise CortexCraftError("--tokenizer bpe needs a vocabulary size; pass --vocab-size N (e.g. 2048)")
         floor = 256 + len(bpe_special_tokens(data_cfg))
         if data_cfg.vocab_size < floor:
-            raise CortexCraftError(f"--vocab-size {data_cfg.vocab_size} is below the {floor} byte and special tokens BPE starts from; use at least {floor}")
+            raise CortexCraftError(
+                f"--vocab-size {data_cfg.vocab_size} is below the {floor} byte and special tokens BPE starts from; use at least {floor}"
+            )
         if data_cfg.vocab_file:
             raise CortexCraftError("--vocab applies to the char tokenizer only; drop it or use --tokenizer char")
     elif data_cfg.tokenizer_file is not None:
@@ -437,11 +480,18 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
         read_vocab_file(Path(data_cfg.vocab_file))
     bad = [t for t in data_cfg.special_tokens if len(t) < 2 or any(c.isspace() for c in t)]
     if bad:
-        raise CortexCraftError(f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>")
+        raise CortexCraftError(
+            f"special tokens {bad} must be at least 2 characters without whitespace; write them like <eos>"
+        )
 
 
-def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: np.ndarray | None = None,
-                tokenizer: Tokenizer | None = None) -> dict:
+def build_vocab(
+    corpus: dict,
+    data_cfg: DataConfig,
+    out_dir: Path,
+    char_counts: np.ndarray | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> dict:
     """Build the tokenizer of ``data_cfg`` from the corpus and save it into ``out_dir``.
 
     Char: the characters of the whole corpus (nanoGPT's 65 for Tiny Shakespeare; ``char_counts``
@@ -466,9 +516,15 @@ def build_vocab(corpus: dict, data_cfg: DataConfig, out_dir: Path, char_counts: 
         tok = BPETokenizer.train(sample, data_cfg.vocab_size, bpe_special_tokens(data_cfg))
     section = tok.save(out_dir)
     path = out_dir / section["file"]
-    return {"dir": str(out_dir.resolve()), "path": str(path.resolve()), "sha256": section["sha256"],
-            "vocab_size": tok.vocab_size, "tokenizer": section, "preview": tok.preview(),
-            "corpus_fingerprint": corpus["fingerprint"]}
+    return {
+        "dir": str(out_dir.resolve()),
+        "path": str(path.resolve()),
+        "sha256": section["sha256"],
+        "vocab_size": tok.vocab_size,
+        "tokenizer": section,
+        "preview": tok.preview(),
+        "corpus_fingerprint": corpus["fingerprint"],
+    }
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
@@ -481,20 +537,26 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     elif section_path.is_file():
         section = read_json(section_path)
     else:
-        raise CortexCraftError(f"no tokenizer in {directory} (neither manifest.json nor {SECTION_FILE}); run `cortexcraft prepare` first")
+        raise CortexCraftError(
+            f"no tokenizer in {directory} (neither manifest.json nor {SECTION_FILE}); run `cortexcraft prepare` first"
+        )
     if not isinstance(section, dict) or section.get("type") not in ("char", "bpe"):
         raise CortexCraftError(f"tokenizer section in {directory} is missing or unknown; re-run `cortexcraft prepare`")
     path = directory / section["file"]
     if not path.is_file():
         raise CortexCraftError(f"tokenizer file {path} is missing; re-run `cortexcraft prepare` (or copy it back)")
     if sha256_file(path) != section["sha256"]:
-        raise CortexCraftError(f"tokenizer file {path} does not match its recorded sha256; re-run `cortexcraft prepare`")
+        raise CortexCraftError(
+            f"tokenizer file {path} does not match its recorded sha256; re-run `cortexcraft prepare`"
+        )
     if section["type"] == "char":
         tok = CharTokenizer.from_file(path, section.get("special_tokens"), section.get("unk"))
     else:
         tok = BPETokenizer.from_file(path, section.get("special_tokens", []))
     if tok.vocab_size != section["vocab_size"]:
-        raise CortexCraftError(f"tokenizer file {path} has {tok.vocab_size} tokens, its section says {section['vocab_size']}; re-run `cortexcraft prepare`")
+        raise CortexCraftError(
+            f"tokenizer file {path} has {tok.vocab_size} tokens, its section says {section['vocab_size']}; re-run `cortexcraft prepare`"
+        )
     return tok
 
 
@@ -509,6 +571,9 @@ def preset_vocab_size(data_cfg: DataConfig) -> int:
     if data_cfg.vocab_file:
         tokens, _ = read_vocab_file(Path(data_cfg.vocab_file))
         return len(tokens) + extra
-    known = {"tinyshakespeare": TINYSHAKESPEARE_CHARS, "openwebtext": OPENWEBTEXT_CHARS_ESTIMATE,
-             "openwebtext-10k": OPENWEBTEXT_CHARS_ESTIMATE}
+    known = {
+        "tinyshakespeare": TINYSHAKESPEARE_CHARS,
+        "openwebtext": OPENWEBTEXT_CHARS_ESTIMATE,
+        "openwebtext-10k": OPENWEBTEXT_CHARS_ESTIMATE,
+    }
     return known.get(data_cfg.source, UNKNOWN_SOURCE_CHARS_ESTIMATE) + extra

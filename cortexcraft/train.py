@@ -38,8 +38,15 @@ from cortexcraft.checkpoint import (
     read_checkpoint_state, resolve_checkpoint, save_checkpoint, shape_changes,
 )
 from cortexcraft.config import RunConfig, TrainConfig
-from cortexcraft.device import (autocast, deterministic_algorithms, dtype_name, grad_scaler, select_device, select_dtype,
-                                vocab_multiple)
+from cortexcraft.device import (
+    autocast,
+    deterministic_algorithms,
+    dtype_name,
+    grad_scaler,
+    select_device,
+    select_dtype,
+    vocab_multiple,
+)
 from cortexcraft.distributed import Distributed
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.evaluate import Cadence, estimate_loss, eval_plan
@@ -107,7 +114,8 @@ class HealthMonitor:
         raise CortexCraftError(
             f"training diverged at step {first:,}: the loss or gradients are NaN or inf, so training stopped and "
             f"nothing after it was saved; {saved}; lower train.lr (was {self.lr:.3g}) or set train.grad_clip, "
-            f"then re-run to resume")
+            f"then re-run to resume"
+        )
 
 
 class StopRule:
@@ -117,8 +125,17 @@ class StopRule:
     every ``interval`` steps, never every step. The budget counts from ``t_start``, or from the end
     of the first step when that step compiles the model."""
 
-    def __init__(self, cfg: TrainConfig, max_steps: int, t_start: float, stop: StopRequest, ddp: Distributed,
-                 device: torch.device, interval: int, clock_after_first_step: bool):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        max_steps: int,
+        t_start: float,
+        stop: StopRequest,
+        ddp: Distributed,
+        device: torch.device,
+        interval: int,
+        clock_after_first_step: bool,
+    ):
         self.max_steps, self.minutes, self.stop, self.ddp, self.device = max_steps, cfg.max_minutes, stop, ddp, device
         self.interval = interval
         self.t_budget: Optional[float] = None if clock_after_first_step else t_start
@@ -156,7 +173,10 @@ class ProgressReport:
         now = time.monotonic()
         if self.bar is None and now - self.t_last < LOG_SECONDS:
             return
-        train_loss, rate = loss.item() * self.grad_accum, (tokens_seen - self.tokens_at_last) / max(now - self.t_last, 1e-9)
+        train_loss, rate = (
+            loss.item() * self.grad_accum,
+            (tokens_seen - self.tokens_at_last) / max(now - self.t_last, 1e-9),
+        )
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {train_loss:.4f}  {rate:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
@@ -186,8 +206,9 @@ def _check_resumable(state: dict[str, Any], config: RunConfig, vocab_size: int, 
     if changed := shape_changes(state["config"]["model"], config.model.model_dump(mode="json")):
         raise CortexCraftError(f"{where} holds a model with a different shape ({', '.join(changed)}); {fix}")
     if state["vocab_size"] != vocab_size:
-        raise CortexCraftError(f"{where} was trained with vocab_size {state['vocab_size']} but the data has "
-                               f"{vocab_size}; {fix}")
+        raise CortexCraftError(
+            f"{where} was trained with vocab_size {state['vocab_size']} but the data has {vocab_size}; {fix}"
+        )
 
 
 def _with_pretrained_architecture(config: RunConfig, manifest: dict[str, Any], data_dir: Path) -> RunConfig:
@@ -248,21 +269,29 @@ def train(
             lock = lock_run_dir(run_dir)
             remove_dead_temps(run_dir)
         if not resume and list_checkpoints(run_dir):
-            raise CortexCraftError(f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory")
+            raise CortexCraftError(
+                f"{run_dir} already has checkpoints; continue it (resume) or choose a new run directory"
+            )
         previous = latest_checkpoint(run_dir) if resume else None
         if previous is not None:
-            _check_resumable(previous[1], config, vocab_size, str(run_dir), "use a new --out or the run's original settings")
+            _check_resumable(
+                previous[1], config, vocab_size, str(run_dir), "use a new --out or the run's original settings"
+            )
             saved_optimizer = previous[1]["config"]["train"].get("optimizer", "adamw")
             if saved_optimizer != tcfg.optimizer:  # a new segment (start_from) may switch, a resume may not
-                raise CortexCraftError(f"{run_dir} was trained with optimizer={saved_optimizer}, not {tcfg.optimizer}; "
-                                       f"use a new --out or --set optimizer={saved_optimizer}")
+                raise CortexCraftError(
+                    f"{run_dir} was trained with optimizer={saved_optimizer}, not {tcfg.optimizer}; "
+                    f"use a new --out or --set optimizer={saved_optimizer}"
+                )
         init = None
         if start_from is not None and previous is None:
             init = (Path(start_from), read_checkpoint_state(start_from))
             _check_resumable(init[1], config, vocab_size, f"checkpoint {start_from}", "train from scratch instead")
             if tcfg.max_epochs is None and tcfg.max_iters <= init[1]["step"]:
-                raise CortexCraftError(f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of "
-                                       f"{start_from}; set max_iters to the step to train up to")
+                raise CortexCraftError(
+                    f"max_iters {tcfg.max_iters} is not beyond step {init[1]['step']} of "
+                    f"{start_from}; set max_iters to the step to train up to"
+                )
         with StopRequest() as stop, deterministic_algorithms(tcfg.deterministic):
             summary = _train(config, data_dir, run_dir, manifest, previous, init, ddp, on_eval, progress, t_start, stop)
         completed = True
@@ -274,8 +303,9 @@ def train(
         ddp.close(completed)
 
 
-def _setup_hardware(config: RunConfig, vocab_size: int,
-                    ddp: Distributed) -> tuple[torch.device, torch.dtype, Optional[ThreadTuner], dict]:
+def _setup_hardware(
+    config: RunConfig, vocab_size: int, ddp: Distributed
+) -> tuple[torch.device, torch.dtype, Optional[ThreadTuner], dict]:
     """Device, autocast dtype and CPU threads. All ranks train in one precision, whatever each
     rank's own calibration found."""
     tcfg, mcfg = config.train, config.model
@@ -291,9 +321,16 @@ def _setup_hardware(config: RunConfig, vocab_size: int,
     return device, dtype, tuner, thread_info
 
 
-def _restore(config: RunConfig, vocab_size: int, device: torch.device, dtype: torch.dtype, ddp: Distributed,
-             previous: Optional[tuple[Path, dict]], init: Optional[tuple[Path, dict]],
-             run_dir: Path) -> tuple[GPT, Optimizers, Position]:
+def _restore(
+    config: RunConfig,
+    vocab_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ddp: Distributed,
+    previous: Optional[tuple[Path, dict]],
+    init: Optional[tuple[Path, dict]],
+    run_dir: Path,
+) -> tuple[GPT, Optimizers, Position]:
     """The model, its optimizers and where the run stands: new (or from pretrained weights), from
     another run's checkpoint (weights, step and tokens; fresh optimizers), or resumed with every
     state including each rank's RNG, so that a resumed run ends bitwise identical to an
@@ -328,32 +365,57 @@ def _restore(config: RunConfig, vocab_size: int, device: torch.device, dtype: to
             _set_rng_state(rng_states[ddp.rank], device)
         else:
             log.warning("%s has no RNG state for rank %d (world size changed); dropout is reseeded", path, ddp.rank)
-        at = Position(state["step"], state["tokens_seen"],
-                      state["best_val_loss"] if state["best_val_loss"] is not None else math.inf,
-                      state["best_step"], state.get("segment_start", 0))
+        at = Position(
+            state["step"],
+            state["tokens_seen"],
+            state["best_val_loss"] if state["best_val_loss"] is not None else math.inf,
+            state["best_step"],
+            state.get("segment_start", 0),
+        )
         log.info("resuming %s from %s (step %d)", run_dir, path.name, at.step)
     return model, optimizers, at
 
 
-def _start_run_files(run_dir: Path, config: RunConfig, data_dir: Path, manifest: dict[str, Any], device: torch.device,
-                     dtype: torch.dtype, ddp: Distributed, params: int, init: Optional[tuple[Path, dict]],
-                     at: Position, resumed: bool) -> None:
+def _start_run_files(
+    run_dir: Path,
+    config: RunConfig,
+    data_dir: Path,
+    manifest: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    ddp: Distributed,
+    params: int,
+    init: Optional[tuple[Path, dict]],
+    at: Position,
+    resumed: bool,
+) -> None:
     """run.json, the tokenizer, and a metrics history that ends where the checkpoint does, so that a
     resumed run's history equals an uninterrupted one's."""
     run_dir.mkdir(parents=True, exist_ok=True)
     load_tokenizer(data_dir).save(run_dir)
-    atomic_write_json(run_dir / "run.json", {
-        "config": config.model_dump(mode="json"), "data_dir": str(data_dir.resolve()),
-        "data_manifest_sha256": sha256_json(manifest), "data_source": manifest.get("source"),
-        "vocab_size": manifest["vocab_size"], "params": params, "device": str(device), "dtype": dtype_name(dtype),
-        "world_size": ddp.world_size, "start_from": str(init[0]) if init else None, "segment_start": at.segment_start,
-    })
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            "config": config.model_dump(mode="json"),
+            "data_dir": str(data_dir.resolve()),
+            "data_manifest_sha256": sha256_json(manifest),
+            "data_source": manifest.get("source"),
+            "vocab_size": manifest["vocab_size"],
+            "params": params,
+            "device": str(device),
+            "dtype": dtype_name(dtype),
+            "world_size": ddp.world_size,
+            "start_from": str(init[0]) if init else None,
+            "segment_start": at.segment_start,
+        },
+    )
     write_metrics(run_dir, [r for r in read_metrics(run_dir) if r["step"] <= at.step] if resumed else [])
     prune_checkpoints(run_dir, config.train.keep_last)
 
 
-def _compiled_and_wrapped(model: GPT, cfg: TrainConfig, device: torch.device,
-                          ddp: Distributed) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
+def _compiled_and_wrapped(
+    model: GPT, cfg: TrainConfig, device: torch.device, ddp: Distributed
+) -> tuple[torch.nn.Module, torch.nn.Module, bool]:
     """(model that trains, model that evaluates, whether it is compiled). Compiling is the default
     on CUDA; shapes are static, so evaluation batches get a graph of their own instead of turning
     the training graph dynamic."""
@@ -362,13 +424,24 @@ def _compiled_and_wrapped(model: GPT, cfg: TrainConfig, device: torch.device,
         model = torch.compile(model, dynamic=False)
     eval_model = model
     if ddp.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return model, eval_model, compiled
 
 
-def _train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimizers: Optimizers,
-                windows: TokenWindows, step: int, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                ddp: Distributed, health: HealthMonitor) -> torch.Tensor:
+def _train_step(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    optimizers: Optimizers,
+    windows: TokenWindows,
+    step: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    ddp: Distributed,
+    health: HealthMonitor,
+) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns the last micro-batch's loss.
     Batches are a pure function of (step, rank), which bitwise resume relies on; nothing here reads
     a value back from the device, so a step never waits for it."""
@@ -395,41 +468,76 @@ def _train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], optimi
     return loss
 
 
-def _save(run_dir: Path, at: Position, model: GPT, optimizers: Optimizers, record: Optional[dict[str, Any]],
-          config: RunConfig, vocab_size: int, device: torch.device, ddp: Distributed) -> Optional[Path]:
+def _save(
+    run_dir: Path,
+    at: Position,
+    model: GPT,
+    optimizers: Optimizers,
+    record: Optional[dict[str, Any]],
+    config: RunConfig,
+    vocab_size: int,
+    device: torch.device,
+    ddp: Distributed,
+) -> Optional[Path]:
     """A checkpoint of this step, written by rank 0 with every rank's RNG state; ranks go on only
     when it is on disk, so that all of them resume from the same one."""
     rng_states = ddp.gather(_rng_state(device))
     path = None
     if ddp.is_main:
-        path = save_checkpoint(run_dir, at.step, model.state_dict(), optimizers.state_dict(), rng_states, {
-            "val_loss": record["val_loss"] if record else None,
-            "best_val_loss": at.best_val if at.best_step is not None else None, "best_step": at.best_step,
-            "tokens_seen": at.tokens_seen, "vocab_size": vocab_size, "config": config.model_dump(mode="json"),
-            "segment_start": at.segment_start, "grad_scaler": optimizers.scaler.state_dict() or None,
-        })
+        path = save_checkpoint(
+            run_dir,
+            at.step,
+            model.state_dict(),
+            optimizers.state_dict(),
+            rng_states,
+            {
+                "val_loss": record["val_loss"] if record else None,
+                "best_val_loss": at.best_val if at.best_step is not None else None,
+                "best_step": at.best_step,
+                "tokens_seen": at.tokens_seen,
+                "vocab_size": vocab_size,
+                "config": config.model_dump(mode="json"),
+                "segment_start": at.segment_start,
+                "grad_scaler": optimizers.scaler.state_dict() or None,
+            },
+        )
         prune_checkpoints(run_dir, config.train.keep_last)
     ddp.barrier()
     return path
 
 
-def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str, Any],
-           previous: Optional[tuple[Path, dict[str, Any]]], init: Optional[tuple[Path, dict[str, Any]]], ddp: Distributed,
-           on_eval: Optional[Callable[[dict], None]], progress: Optional[bool], t_start: float,
-           stop: StopRequest) -> dict[str, Any]:
+def _train(
+    config: RunConfig,
+    data_dir: Path,
+    run_dir: Path,
+    manifest: dict[str, Any],
+    previous: Optional[tuple[Path, dict[str, Any]]],
+    init: Optional[tuple[Path, dict[str, Any]]],
+    ddp: Distributed,
+    on_eval: Optional[Callable[[dict], None]],
+    progress: Optional[bool],
+    t_start: float,
+    stop: StopRequest,
+) -> dict[str, Any]:
     tcfg, mcfg, vocab_size = config.train, config.model, manifest["vocab_size"]
     device, dtype, tuner, thread_info = _setup_hardware(config, vocab_size, ddp)
-    windows = {split: TokenWindows(data_dir, split, mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
-               for split in ("train", "val")}
+    windows = {
+        split: TokenWindows(data_dir, split, mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
+        for split in ("train", "val")
+    }
     eval_batches, eval_batch_size = eval_plan(tcfg.eval_iters, tcfg.batch_size, mcfg.block_size, vocab_size)
-    eval_windows = {split: TokenWindows(data_dir, split, mcfg.block_size, eval_batch_size, tcfg.seed, device)
-                    for split in ("train", "val")}
+    eval_windows = {
+        split: TokenWindows(data_dir, split, mcfg.block_size, eval_batch_size, tcfg.seed, device)
+        for split in ("train", "val")
+    }
     tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum * ddp.world_size
     max_steps = max_steps_for(tcfg, windows["train"].tokens, tokens_per_step)
     raw_model, optimizers, at = _restore(config, vocab_size, device, dtype, ddp, previous, init, run_dir)
     start_step, params = at.step, parameter_count(mcfg, vocab_size)
     if ddp.is_main:
-        _start_run_files(run_dir, config, data_dir, manifest, device, dtype, ddp, params, init, at, previous is not None)
+        _start_run_files(
+            run_dir, config, data_dir, manifest, device, dtype, ddp, params, init, at, previous is not None
+        )
     ddp.barrier()
     model, eval_model, compiled = _compiled_and_wrapped(raw_model, tcfg, device, ddp)
     log_interval = max(1, min(10, tcfg.eval_interval))
@@ -441,15 +549,26 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     show_bar = ddp.is_main and (sys.stderr.isatty() if progress is None else progress)
     bar = progress_bar(max_steps, start_step) if show_bar else None
     report = ProgressReport(bar, max_steps, at.tokens_seen, tcfg.grad_accum)
-    log.info("training %s: %s params, %d steps from %d, %s/%s, world size %d", config.preset, f"{params:,}",
-             max_steps, start_step, device, dtype_name(dtype), ddp.world_size)
+    log.info(
+        "training %s: %s params, %d steps from %d, %s/%s, world size %d",
+        config.preset,
+        f"{params:,}",
+        max_steps,
+        start_step,
+        device,
+        dtype_name(dtype),
+        ddp.world_size,
+    )
 
     trainable = list(raw_model.parameters())
     t_loop, eval_seconds = time.monotonic(), 0.0
     with logging_redirect_tqdm() if bar is not None else nullcontext():
         while True:
             at_end = rule.done(at.step)
-            evaluates, checkpoints = cadence.evaluates(at.step, at_end, rule.signalled), cadence.checkpoints(at.step, at_end)
+            evaluates, checkpoints = (
+                cadence.evaluates(at.step, at_end, rule.signalled),
+                cadence.checkpoints(at.step, at_end),
+            )
             record, improved = None, False
             if evaluates or checkpoints:
                 health.check(last_ckpt)
@@ -460,18 +579,33 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
                 health.check(last_ckpt, losses, at.step)
                 lr = learning_rate(min(at.step, max_steps - 1), tcfg, max_steps, at.segment_start, rule.time_fraction)
                 record = last_record = {
-                    "step": at.step, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                    "tokens_seen": at.tokens_seen, "elapsed_seconds": round(time.monotonic() - t_start, 3),
-                    "max_steps": max_steps}
+                    "step": at.step,
+                    "train_loss": losses["train"],
+                    "val_loss": losses["val"],
+                    "lr": lr,
+                    "tokens_seen": at.tokens_seen,
+                    "elapsed_seconds": round(time.monotonic() - t_start, 3),
+                    "max_steps": max_steps,
+                }
                 improved = at.improves(record["val_loss"])
                 if ddp.is_main:
                     append_metrics(run_dir, record)
-                    log.info("step %d/%d: train loss %.4f, val loss %.4f, lr %.2e, %s tokens, %.1f s", at.step,
-                             max_steps, losses["train"], losses["val"], lr, f"{at.tokens_seen:,}", record["elapsed_seconds"])
+                    log.info(
+                        "step %d/%d: train loss %.4f, val loss %.4f, lr %.2e, %s tokens, %.1f s",
+                        at.step,
+                        max_steps,
+                        losses["train"],
+                        losses["val"],
+                        lr,
+                        f"{at.tokens_seen:,}",
+                        record["elapsed_seconds"],
+                    )
                     if on_eval is not None:
                         on_eval(dict(record))
             if checkpoints or improved:
-                last_ckpt = _save(run_dir, at, raw_model, optimizers, record, config, vocab_size, device, ddp) or last_ckpt
+                last_ckpt = (
+                    _save(run_dir, at, raw_model, optimizers, record, config, vocab_size, device, ddp) or last_ckpt
+                )
             if at_end:
                 break
 
@@ -480,7 +614,9 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
             if threads is not None and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
             t_step = time.perf_counter()
-            loss = _train_step(model, trainable, optimizers, windows["train"], at.step, tcfg, device, dtype, ddp, health)
+            loss = _train_step(
+                model, trainable, optimizers, windows["train"], at.step, tcfg, device, dtype, ddp, health
+            )
             if tuner is not None:
                 tuner.record(time.perf_counter() - t_step)
             at.step += 1
@@ -494,26 +630,39 @@ def _train(config: RunConfig, data_dir: Path, run_dir: Path, manifest: dict[str,
     if rule.signalled:
         signum = stop.signum or signal.SIGTERM
         saved = f"checkpoint {last_ckpt}" if ddp.is_main else "rank 0 saved the checkpoint"
-        raise Interrupted(signum, f"training stopped by {signal_name(signum)} at step {at.step}; {saved}; "
-                                  "run the same command again to resume")
+        raise Interrupted(
+            signum,
+            f"training stopped by {signal_name(signum)} at step {at.step}; {saved}; "
+            "run the same command again to resume",
+        )
 
     train_seconds, wall_seconds = time.monotonic() - t_loop, time.monotonic() - t_start
     trained_tokens = (at.step - start_step) * tokens_per_step
     best = resolve_checkpoint(run_dir, "best")[0] if last_ckpt is not None else None
     summary = {
-        "steps": at.step, "max_steps": max_steps,
+        "steps": at.step,
+        "max_steps": max_steps,
         "stopped_by": rule.reason if at.step > start_step or rule.out_of_time else "already_done",
-        "best_step": at.best_step, "best_val_loss": at.best_val if at.best_step is not None else None,
+        "best_step": at.best_step,
+        "best_val_loss": at.best_val if at.best_step is not None else None,
         "final_train_loss": last_record["train_loss"] if last_record else None,
         "final_val_loss": last_record["val_loss"] if last_record else None,
-        "tokens_seen": at.tokens_seen, "wall_seconds": round(wall_seconds, 3),
+        "tokens_seen": at.tokens_seen,
+        "wall_seconds": round(wall_seconds, 3),
         "tokens_per_second": round(trained_tokens / train_seconds, 1) if trained_tokens else None,
-        "params": params, "resumed_from_step": start_step if previous is not None else None,
-        "start_from": str(init[0]) if init else None, "segment_start": at.segment_start,
-        "checkpoint_best": str(best) if best else None, "checkpoint_last": str(last_ckpt) if last_ckpt else None,
-        "metrics_path": str(run_dir / METRICS_FILE), "run_dir": str(run_dir), "device": str(device),
-        "dtype": dtype_name(dtype), "world_size": ddp.world_size,
-        "eval_seconds": round(eval_seconds, 3), "eval_share": round(eval_seconds / max(wall_seconds, 1e-9), 4),
+        "params": params,
+        "resumed_from_step": start_step if previous is not None else None,
+        "start_from": str(init[0]) if init else None,
+        "segment_start": at.segment_start,
+        "checkpoint_best": str(best) if best else None,
+        "checkpoint_last": str(last_ckpt) if last_ckpt else None,
+        "metrics_path": str(run_dir / METRICS_FILE),
+        "run_dir": str(run_dir),
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "world_size": ddp.world_size,
+        "eval_seconds": round(eval_seconds, 3),
+        "eval_share": round(eval_seconds / max(wall_seconds, 1e-9), 4),
         "threads": {**thread_info, "final": torch.get_num_threads(), "switches": tuner.switches if tuner else 0},
     }
     if ddp.is_main:

@@ -24,31 +24,66 @@ def add_pipeline_command(subparsers: Any) -> None:
     p.add_argument("--data-dir", type=Path, help="where stage outputs and the cache live (default ./data)")
     p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE",
                    help="force these stages to re-run: download vocab shards train report, or all")
-    p.add_argument("--model", help="register the trained model under this name in DATA_DIR/models (default: the preset's name)")
-    p.add_argument("--retrain", choices=["fresh", "continue", "finetune", "auto"],
-                   help="fresh (default): from scratch; continue/finetune: from the champion's weights for "
-                        "--retrain-iters more steps; auto: continue on unchanged data, finetune on changed data")
-    p.add_argument("--retrain-iters", type=int, metavar="N", help="steps continue/finetune train beyond the champion (default 500)")
-    p.add_argument("--promote-margin", type=float, metavar="NATS",
-                   help="promote a challenger only when its val loss beats the champion's by more than this (default 0)")
+    p.add_argument(
+        "--model", help="register the trained model under this name in DATA_DIR/models (default: the preset's name)"
+    )
+    p.add_argument(
+        "--retrain",
+        choices=["fresh", "continue", "finetune", "auto"],
+        help="fresh (default): from scratch; continue/finetune: from the champion's weights for "
+        "--retrain-iters more steps; auto: continue on unchanged data, finetune on changed data",
+    )
+    p.add_argument(
+        "--retrain-iters", type=int, metavar="N", help="steps continue/finetune train beyond the champion (default 500)"
+    )
+    p.add_argument(
+        "--promote-margin",
+        type=float,
+        metavar="NATS",
+        help="promote a challenger only when its val loss beats the champion's by more than this (default 0)",
+    )
     p.add_argument("--nproc", type=int, default=1, help="training processes; > 1 trains under torchrun")
-    p.add_argument("--nnodes", type=int, default=1, help="machines training together; this is node 0 (the log says what to run on the others)")
-    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes")
+    p.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        help="machines training together; this is node 0 (the log says what to run on the others)",
+    )
+    p.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="this machine's address and a free port, for the other nodes"
+    )
     add_parts_options(p)
-    p.add_argument("--task-runner", choices=["process", "dask"], default="process",
-                   help="what runs the part tasks: local processes (default) or a Dask cluster")
-    p.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)")
+    p.add_argument(
+        "--task-runner",
+        choices=["process", "dask"],
+        default="process",
+        help="what runs the part tasks: local processes (default) or a Dask cluster",
+    )
+    p.add_argument(
+        "--dask-address", metavar="tcp://HOST:PORT", help="an existing Dask scheduler (implies --task-runner dask)"
+    )
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline_from_cli
 
     return run_pipeline_from_cli(
-        preset=args.preset, overrides=args.overrides, source=args.source,
-        data_dir=args.data_dir or default_data_dir(), refresh=args.refresh, nproc=args.nproc,
-        model=args.model, retrain=args.retrain, retrain_iters=args.retrain_iters, promote_margin=args.promote_margin,
-        workers=args.workers, task_runner=args.task_runner, dask_address=args.dask_address, part_mb=args.part_mb,
-        nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+        preset=args.preset,
+        overrides=args.overrides,
+        source=args.source,
+        data_dir=args.data_dir or default_data_dir(),
+        refresh=args.refresh,
+        nproc=args.nproc,
+        model=args.model,
+        retrain=args.retrain,
+        retrain_iters=args.retrain_iters,
+        promote_margin=args.promote_margin,
+        workers=args.workers,
+        task_runner=args.task_runner,
+        dask_address=args.dask_address,
+        part_mb=args.part_mb,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
     )
 
 
@@ -78,5 +113,8 @@ class HidePrefectReportsOfUserErrors(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return library_main(argv, {"pipeline": (add_pipeline_command, run_pipeline_command)},
-                        console_filter=HidePrefectReportsOfUserErrors())
+    return library_main(
+        argv,
+        {"pipeline": (add_pipeline_command, run_pipeline_command)},
+        console_filter=HidePrefectReportsOfUserErrors(),
+    )

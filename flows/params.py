@@ -19,28 +19,56 @@ class PipelineParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = Field("cpu", description="named preset, see `cortexcraft presets`")
-    overrides: list[str] = Field(default_factory=list, description="config overrides as key=value, like --set: n_layer=8, train.lr=1e-3")
-    source: Optional[str] = Field(None, description="corpus spec (tinyshakespeare, hf:REPO, a URL, a local file); default: the preset's")
+    overrides: list[str] = Field(
+        default_factory=list, description="config overrides as key=value, like --set: n_layer=8, train.lr=1e-3"
+    )
+    source: Optional[str] = Field(
+        None, description="corpus spec (tinyshakespeare, hf:REPO, a URL, a local file); default: the preset's"
+    )
     data_dir: str = Field("data", description="where stage outputs and Prefect's result cache live")
-    refresh: list[Stage] = Field(default_factory=list, description="stages to re-run even if cached (train then starts from scratch), or all")
-    model: Optional[str] = Field(None, description="register the trained model under this name in DATA_DIR/models; default: the preset's name")
+    refresh: list[Stage] = Field(
+        default_factory=list, description="stages to re-run even if cached (train then starts from scratch), or all"
+    )
+    model: Optional[str] = Field(
+        None, description="register the trained model under this name in DATA_DIR/models; default: the preset's name"
+    )
     retrain: Literal["fresh", "continue", "finetune", "auto"] = Field(
-        "fresh", description="fresh: train from scratch; continue/finetune: from the champion's weights for retrain_iters "
-                             "more iterations (finetune falls back to fresh when the vocabulary changed); auto: continue "
-                             "on unchanged data, finetune on changed data (scheduled retraining)")
+        "fresh",
+        description="fresh: train from scratch; continue/finetune: from the champion's weights for retrain_iters "
+        "more iterations (finetune falls back to fresh when the vocabulary changed); auto: continue "
+        "on unchanged data, finetune on changed data (scheduled retraining)",
+    )
     retrain_iters: int = Field(500, gt=0, description="iterations continue/finetune train beyond the champion's step")
-    promote_margin: float = Field(0.0, ge=0.0, description="a challenger is promoted when its val loss beats the champion's by more than this (nats)")
+    promote_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="a challenger is promoted when its val loss beats the champion's by more than this (nats)",
+    )
 
     nproc: int = Field(1, ge=1, description="training processes on this machine; > 1 trains under torchrun")
-    nnodes: int = Field(1, ge=1, description="machines training together; this one is node 0, the train stage logs the command for the others")
-    rdzv_endpoint: Optional[str] = Field(None, description="HOST:PORT of this machine for the other nodes (c10d rendezvous), with nnodes > 1")
-    workers: int = Field(1, ge=1, description="parallel tasks preparing the corpus in parts; > 1 (or dask) maps tasks over parts")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="machines training together; this one is node 0, the train stage logs the command for the others",
+    )
+    rdzv_endpoint: Optional[str] = Field(
+        None, description="HOST:PORT of this machine for the other nodes (c10d rendezvous), with nnodes > 1"
+    )
+    workers: int = Field(
+        1, ge=1, description="parallel tasks preparing the corpus in parts; > 1 (or dask) maps tasks over parts"
+    )
     task_runner: Literal["process", "dask"] = Field(
-        "process", description="runs the part tasks: local processes, or Dask (a LocalCluster, or dask_address)")
-    dask_address: Optional[str] = Field(None, description="an existing Dask scheduler, tcp://HOST:PORT (implies task_runner dask)")
+        "process", description="runs the part tasks: local processes, or Dask (a LocalCluster, or dask_address)"
+    )
+    dask_address: Optional[str] = Field(
+        None, description="an existing Dask scheduler, tcp://HOST:PORT (implies task_runner dask)"
+    )
     part_mb: float = Field(64.0, gt=0, description="size of a corpus part in MB")
     crash_retries: int = Field(
-        2, ge=0, description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, resuming from the last checkpoint")
+        2,
+        ge=0,
+        description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, resuming from the last checkpoint",
+    )
 
     _config: RunConfig = PrivateAttr()
 
@@ -55,8 +83,10 @@ class PipelineParams(BaseModel):
         except CortexCraftError as exc:
             raise ValueError(str(exc)) from None
         if self._config.train.init_from and self.in_parts():
-            raise ValueError(f"init_from={self._config.train.init_from} with workers={self.workers} or a Dask task runner: "
-                             f"a pretrained tokenizer is applied in one process only; use workers=1 and the default task runner")
+            raise ValueError(
+                f"init_from={self._config.train.init_from} with workers={self.workers} or a Dask task runner: "
+                f"a pretrained tokenizer is applied in one process only; use workers=1 and the default task runner"
+            )
         return self
 
     def run_config(self) -> RunConfig:

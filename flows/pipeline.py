@@ -76,7 +76,8 @@ def run_pipeline_from_cli(preset: str, overrides: list[str], source: str | None,
         f"best val loss {best:.4f} ({bits(best):.3f} bits/{unit}) at step {summary['best_step']:,}")
     model = records["register"]
     print(records["report"]["report"])
-    print(f"{best_text}; {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s")
+    print(
+        f"{best_text}; {summary['steps']:,} steps, {summary['tokens_seen']:,} tokens in {summary['wall_seconds']:.1f} s"
+    )
     print(f"model {model['name']} {model['version']} ({model['policy']['mode']}): {model['decision']['message']}")
     return 0
-

@@ -28,12 +28,29 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     corpus = run_stage(download_task, download_key(data_cfg, revision), refresh,
                        data_cfg=data_cfg, revision=revision, data_dir=data_dir, workers=params.workers)
     if params.in_parts() and not _prepared(corpus, data_cfg, data_dir, refresh):
-        return {"download": corpus, **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params)}
+        return {
+            "download": corpus,
+            **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params),
+        }
     init_from = config.train.init_from
-    vocab = run_stage(build_vocab_task, vocab_key(corpus, data_cfg, init_from), refresh,
-                      corpus=corpus, data_cfg=data_cfg, data_dir=data_dir, init_from=init_from)
-    shards = run_stage(write_shards_task, shards_key(corpus, vocab, data_cfg), refresh,
-                       corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir)
+    vocab = run_stage(
+        build_vocab_task,
+        vocab_key(corpus, data_cfg, init_from),
+        refresh,
+        corpus=corpus,
+        data_cfg=data_cfg,
+        data_dir=data_dir,
+        init_from=init_from,
+    )
+    shards = run_stage(
+        write_shards_task,
+        shards_key(corpus, vocab, data_cfg),
+        refresh,
+        corpus=corpus,
+        vocab=vocab,
+        data_cfg=data_cfg,
+        data_dir=data_dir,
+    )
     return {"download": corpus, "vocab": vocab, "shards": shards}
 
 
@@ -45,8 +62,9 @@ def parts_task_runner(params: PipelineParams) -> TaskRunner:
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise CortexCraftError("--task-runner dask needs prefect-dask; install it with "
-                               "`pip install -c constraints.txt -e '.[dask]'`") from None
+        raise CortexCraftError(
+            "--task-runner dask needs prefect-dask; install it with `pip install -c constraints.txt -e '.[dask]'`"
+        ) from None
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1, "processes": True})
@@ -74,22 +92,28 @@ def prepare_in_parts(corpus: dict[str, Any], params: PipelineParams) -> dict[str
     def planned() -> list[dict[str, Any]]:  # only when a stage has to run: planning reads the corpus
         if not parts:
             parts.extend(plan_parts(corpus["manifest"], config.data, int(params.part_mb * 1e6)))
-            get_run_logger().info("%d parts of about %s MB; task runner %s", len(parts), params.part_mb,
-                                  type(FlowRunContext.get().task_runner).__name__)
+            get_run_logger().info(
+                "%d parts of about %s MB; task runner %s",
+                len(parts),
+                params.part_mb,
+                type(FlowRunContext.get().task_runner).__name__,
+            )
         return parts
 
     key = vocab_key(corpus, data_cfg)
     counts = None
     if data_cfg["tokenizer"] == "char" and _needed(data_dir, refresh, "vocab", key):
         counts = map_parts(count_part_task, planned(), data_dir, corpus=corpus)
-    vocab = run_stage(build_vocab_task, key, refresh, corpus=corpus, data_cfg=data_cfg, data_dir=data_dir,
-                      part_counts=counts)
+    vocab = run_stage(
+        build_vocab_task, key, refresh, corpus=corpus, data_cfg=data_cfg, data_dir=data_dir, part_counts=counts
+    )
     key = shards_key(corpus, vocab, data_cfg)
     encoded = None
     if _needed(data_dir, refresh, "shards", key):
         encoded = map_parts(encode_part_task, planned(), data_dir, corpus=corpus, vocab=vocab)
-    shards = run_stage(write_shards_task, key, refresh, corpus=corpus, vocab=vocab, data_cfg=data_cfg,
-                       data_dir=data_dir, parts=encoded)
+    shards = run_stage(
+        write_shards_task, key, refresh, corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir, parts=encoded
+    )
     return {"vocab": vocab, "shards": shards}
 
 

@@ -40,7 +40,9 @@ def revalidate_task(data_cfg: dict[str, Any], data_dir: str) -> dict[str, Any]:
 @task(name=STAGE, persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str, workers: int = 1) -> dict[str, Any]:
+def download_task(
+    data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: str, workers: int = 1
+) -> dict[str, Any]:
     from cortexcraft.sources import describe_revision, download
 
     key = download_key(data_cfg, revision)
@@ -48,14 +50,21 @@ def download_task(data_cfg: dict[str, Any], revision: dict[str, Any], data_dir: 
     files = [Path(manifest["path"])] + ([Path(manifest["doc_starts"])] if manifest.get("doc_starts") else [])
     record = write_record(data_dir, STAGE, key, files, manifest=manifest)
     revision_text = describe_revision(manifest.get("revision"))
-    get_run_logger().info("corpus %s: %s documents, %s characters, revision %s", data_cfg["source"],
-                          manifest["documents"], manifest["chars"], revision_text)
+    get_run_logger().info(
+        "corpus %s: %s documents, %s characters, revision %s",
+        data_cfg["source"],
+        manifest["documents"],
+        manifest["chars"],
+        revision_text,
+    )
     create_markdown_artifact(
         key=f"corpus-{key}",
         description="Corpus read by the download stage",
-        markdown=(f"### Corpus\n\n| | |\n|---|---|\n| source | {code_span(data_cfg['source'], in_table=True)} |\n"
-                  f"| revision | {revision_text} |\n"
-                  f"| documents | {manifest['documents']:,} |\n| characters | {manifest['chars']:,} |\n"
-                  f"| files | {', '.join(code_span(f, in_table=True) for f in record['files'])} |\n"),
+        markdown=(
+            f"### Corpus\n\n| | |\n|---|---|\n| source | {code_span(data_cfg['source'], in_table=True)} |\n"
+            f"| revision | {revision_text} |\n"
+            f"| documents | {manifest['documents']:,} |\n| characters | {manifest['chars']:,} |\n"
+            f"| files | {', '.join(code_span(f, in_table=True) for f in record['files'])} |\n"
+        ),
     )
     return record

@@ -44,7 +44,9 @@ def count_part_task(corpus: dict[str, Any], part: dict[str, Any], data_dir: str)
 @task(name=ENCODE, task_run_name="encode-part-{part[index]}", persist_result=True, result_serializer="json",
       retries=1, retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # map_parts gives it its key, lock and result storage
-def encode_part_task(corpus: dict[str, Any], vocab: dict[str, Any], part: dict[str, Any], data_dir: str) -> dict[str, Any]:
+def encode_part_task(
+    corpus: dict[str, Any], vocab: dict[str, Any], part: dict[str, Any], data_dir: str
+) -> dict[str, Any]:
     from cortexcraft.parts import encode_part
 
     key = part_key(ENCODE, corpus, part, vocab)
@@ -61,8 +63,9 @@ def map_parts(part_task: Task, parts: list[dict[str, Any]], data_dir: str, **sha
     name = part_task.name
     for part in parts:
         discard_stale_outputs(data_dir, name, part_key(name, shared["corpus"], part, shared.get("vocab")))
-    policy = locked_cache_policy(data_dir, lambda _, p: cache_key(name, part_key(name, p["corpus"], p["part"],
-                                                                                 p.get("vocab"))))
+    policy = locked_cache_policy(
+        data_dir, lambda _, p: cache_key(name, part_key(name, p["corpus"], p["part"], p.get("vocab")))
+    )
     configured = part_task.with_options(cache_policy=policy, result_storage=results_dir(data_dir))
     fixed = {key: unmapped(value) for key, value in shared.items()}
     return configured.map(part=parts, data_dir=unmapped(data_dir), **fixed).result()

@@ -48,6 +48,9 @@ def write_shards_task(corpus: dict[str, Any], vocab: dict[str, Any], data_cfg: d
             for split, info in manifest["splits"].items() for f in info["files"]]
     get_run_logger().info("shards in %s: %s", out_dir, ", ".join(
         f"{split} {info['tokens']:,} tokens" for split, info in manifest["splits"].items()))
-    create_table_artifact(key=f"shards-{key}", table=rows,
-                          description=f"Token shards in {out_dir} (vocab size {manifest['vocab_size']}, dtype {manifest['dtype']})")
+    create_table_artifact(
+        key=f"shards-{key}",
+        table=rows,
+        description=f"Token shards in {out_dir} (vocab size {manifest['vocab_size']}, dtype {manifest['dtype']})",
+    )
     return record

@@ -13,6 +13,7 @@ key, locked by ``StageLockManager`` (``DATA_DIR/.locks/<key>.lock``, released by
 its holder dies, see ``cortexcraft.locks``). Pipelines that need the same output wait for the
 one computing it and come out Cached; pipelines that need different outputs run side by side.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,8 +36,15 @@ from cortexcraft.locks import FileLock, describe_holder, lock_holder
 
 STAGES = ("download", "vocab", "shards", "train", "report")
 # Directory under DATA_DIR holding each stage's keyed outputs.
-STAGE_DIRS = {"download": "corpus", "vocab": "vocab", "shards": "shards", "train": "runs", "report": "reports",
-              "count-part": "parts", "encode-part": "parts"}
+STAGE_DIRS = {
+    "download": "corpus",
+    "vocab": "vocab",
+    "shards": "shards",
+    "train": "runs",
+    "report": "reports",
+    "count-part": "parts",
+    "encode-part": "parts",
+}
 RECORD_NAME = "stage.json"
 KEY_CHARS = 20
 _OWN_PACKAGES = ("cortexcraft", "tasks")
@@ -132,8 +140,7 @@ def pretrained_digest(init_from: str | None, weights: bool = True) -> list[str]:
 
 def stage_key(stage: str, inputs: Iterable[str], config: Any) -> str:
     """The content address of a stage: what it reads, how it is configured, and its code."""
-    payload = {"stage": stage, "inputs": list(inputs), "config": config,
-               "code": code_version(f"tasks.{stage}")}
+    payload = {"stage": stage, "inputs": list(inputs), "config": config, "code": code_version(f"tasks.{stage}")}
     return sha256_json(payload)[:KEY_CHARS]
 
 
@@ -151,8 +158,9 @@ def _relative(path: Path, data_dir: Path) -> str:
     return path.relative_to(data_dir).as_posix() if path.is_relative_to(data_dir) else str(path)
 
 
-def write_record(data_dir: str | os.PathLike, stage: str, key: str, files: Iterable[Path],
-                 **extra: Any) -> dict[str, Any]:
+def write_record(
+    data_dir: str | os.PathLike, stage: str, key: str, files: Iterable[Path], **extra: Any
+) -> dict[str, Any]:
     """Hash ``files`` and save the stage record; its ``content`` hash is what later stages key on."""
     data_dir = Path(data_dir).resolve()
     entries = {_relative(Path(f), data_dir): _file_entry(Path(f)) for f in sorted(set(files))}
@@ -224,8 +232,9 @@ class StageLockManager(LockManager):
         # Keys are "<stage>-<hex key>": safe file names, and never suffix-mangled.
         return FileLock(self.directory / f"{key}.lock")
 
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                     hold_timeout: float | None = None) -> bool:
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         if key in self._held and self._held[key][0] == holder:
             return True
         lock = self._lock(key)  # another holder in this process too: flock makes it wait its turn
@@ -234,8 +243,9 @@ class StageLockManager(LockManager):
         self._held[key] = (holder, lock)
         return True
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
-                            hold_timeout: float | None = None) -> bool:
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
         return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
@@ -310,8 +320,9 @@ def run_stage(task: Task, key: str, refresh: Iterable[str], **parameters: Any) -
 def locked_cache_policy(data_dir: str | os.PathLike, key_fn: Callable[[Any, dict[str, Any]], str]) -> CachePolicy:
     """Caching on ``key_fn``'s key as a SERIALIZABLE transaction under the stage locks of
     ``data_dir``: of two runs with one key, the second waits for the first and comes out Cached."""
-    return CachePolicy.from_cache_key_fn(key_fn).configure(isolation_level=IsolationLevel.SERIALIZABLE,
-                                                           lock_manager=stage_lock_manager(data_dir))
+    return CachePolicy.from_cache_key_fn(key_fn).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=stage_lock_manager(data_dir)
+    )
 
 
 def retry_unless_user_error(task: Task, task_run: Any, state: State) -> bool:

@@ -69,7 +69,9 @@ def _new_records(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]
     return records, offset + len(complete)
 
 
-def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: Callable[[dict], None]) -> dict[str, Any]:
+def _train_in_children(
+    command: list[str], run_dir: Path, logger: Any, on_eval: Callable[[dict], None]
+) -> dict[str, Any]:
     """Run the trainer processes, logging every line they print and passing each new
     metrics.jsonl record to ``on_eval`` (the children cannot call back into this process)."""
     metrics = run_dir / "metrics.jsonl"
@@ -79,9 +81,15 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
     # reach it twice), and SIGTERM to it if this process dies (even by SIGKILL): the child arranges
     # that itself (exit_with_parent_env), since no code may run between fork and exec in a process
     # with threads.
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1", **exit_with_parent_env()),
-                          start_new_session=True) as child:
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **exit_with_parent_env()),
+        start_new_session=True,
+    ) as child:
         # The first SIGINT/SIGTERM here is passed on: torchrun stops the trainers, which checkpoint.
         with StopRequest(on_request=lambda signum: child.send_signal(signal.SIGTERM)) as stop:
             try:
@@ -102,8 +110,11 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
         from cortexcraft.checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(run_dir)
-        raise Interrupted(stop.signum, f"training stopped by {signal_name(stop.signum)}; "
-                                       f"checkpoint {latest[0] if latest else None}; re-run to resume")
+        raise Interrupted(
+            stop.signum,
+            f"training stopped by {signal_name(stop.signum)}; "
+            f"checkpoint {latest[0] if latest else None}; re-run to resume",
+        )
     if child.returncode and error:  # a CortexCraftError in the children: retrying cannot help
         raise CortexCraftError(error)
     if child.returncode:
@@ -111,11 +122,25 @@ def _train_in_children(command: list[str], run_dir: Path, logger: Any, on_eval: 
     return read_json(run_dir / "summary.json")
 
 
-@task(name=STAGE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=retry_unless_user_error,
-      cache_policy=NO_CACHE)  # run_stage gives it its key, lock and result storage
-def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, Any], data_dir: str,
-               fresh: bool = False, nproc: int = 1, nnodes: int = 1, rdzv_endpoint: str | None = None) -> dict[str, Any]:
+@task(
+    name=STAGE,
+    persist_result=True,
+    result_serializer="json",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)  # run_stage gives it its key, lock and result storage
+def train_task(
+    shards: dict[str, Any],
+    config: dict[str, Any],
+    plan: dict[str, Any],
+    data_dir: str,
+    fresh: bool = False,
+    nproc: int = 1,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+) -> dict[str, Any]:
     """Train (or resume) the run. ``plan`` (``cortexcraft.registry.plan_retrain``) says whether it
     starts from a champion's checkpoint; ``fresh`` starts over (``--refresh train``) except on a
     retry, which resumes what the first attempt checkpointed; ``nproc`` > 1 trains with that many
@@ -132,8 +157,7 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
         logger.info("refresh requested: removing %s to train from scratch", run_dir)
         shutil.rmtree(run_dir)
 
-    progress = create_progress_artifact(0.0, key=f"train-progress-{key}",
-                                        description=f"Training progress of {run_dir}")
+    progress = create_progress_artifact(0.0, key=f"train-progress-{key}", description=f"Training progress of {run_dir}")
 
     def on_eval(m: dict[str, Any]) -> None:  # the library logs the evaluation itself, once
         update_progress_artifact(progress, 100.0 * m["step"] / max(m["max_steps"], 1))
@@ -142,18 +166,44 @@ def train_task(shards: dict[str, Any], config: dict[str, Any], plan: dict[str, A
     if nproc > 1 or nnodes > 1:
         args = train_args(run_config.model_dump(mode="json"), shards_dir, run_dir, plan["init_checkpoint"])
         # `cortexcraft train` execs torchrun after setting its own parent-death signal.
-        launch = [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", "--node-rank=0",
-                  *([f"--rdzv-endpoint={rdzv_endpoint}"] if rdzv_endpoint else [])]
+        launch = [
+            f"--nproc-per-node={nproc}",
+            f"--nnodes={nnodes}",
+            "--node-rank=0",
+            *([f"--rdzv-endpoint={rdzv_endpoint}"] if rdzv_endpoint else []),
+        ]
         command = [sys.executable, "-m", "cortexcraft", "train", *args, *launch]
         for node in range(1, nnodes):
-            others = " ".join(shlex.quote(a) for a in ["cortexcraft", "train", *args, f"--nproc-per-node={nproc}",
-                                                       f"--nnodes={nnodes}", f"--node-rank={node}", f"--rdzv-endpoint={rdzv_endpoint}"])
+            others = " ".join(
+                shlex.quote(a)
+                for a in [
+                    "cortexcraft",
+                    "train",
+                    *args,
+                    f"--nproc-per-node={nproc}",
+                    f"--nnodes={nnodes}",
+                    f"--node-rank={node}",
+                    f"--rdzv-endpoint={rdzv_endpoint}",
+                ]
+            )
             logger.info("node %d of %d: run on that machine (same paths, shared filesystem): %s", node, nnodes, others)
         summary = _train_in_children(command, run_dir, logger, on_eval)
     else:
-        summary = train(run_config, shards_dir, run_dir, resume=True, on_eval=on_eval, progress=False,
-                        start_from=plan["init_checkpoint"])
+        summary = train(
+            run_config,
+            shards_dir,
+            run_dir,
+            resume=True,
+            on_eval=on_eval,
+            progress=False,
+            start_from=plan["init_checkpoint"],
+        )
     update_progress_artifact(progress, 100.0)
-    logger.info("trained %s to step %s: best val loss %s at step %s", run_dir, summary["steps"],
-                summary["best_val_loss"], summary["best_step"])
+    logger.info(
+        "trained %s to step %s: best val loss %s at step %s",
+        run_dir,
+        summary["steps"],
+        summary["best_val_loss"],
+        summary["best_step"],
+    )
     return write_record(data_dir, STAGE, key, files_under(run_dir), summary=summary, plan=plan)

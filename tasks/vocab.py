@@ -49,16 +49,20 @@ def build_vocab_task(corpus: dict[str, Any], data_cfg: dict[str, Any], data_dir:
         from cortexcraft.pretrained import pretrained_tokenizer
 
         pretrained = pretrained_tokenizer(init_from)
-    manifest = build_vocab(corpus["manifest"], DataConfig(**data_cfg), out_dir, char_counts=counts, tokenizer=pretrained)
+    manifest = build_vocab(
+        corpus["manifest"], DataConfig(**data_cfg), out_dir, char_counts=counts, tokenizer=pretrained
+    )
     record = write_record(data_dir, STAGE, key, files_under(out_dir), manifest=manifest)
     preview = manifest.get("preview", "")
     get_run_logger().info("vocab: %s tokens (%s) in %s", manifest["vocab_size"], manifest["tokenizer"]["type"], out_dir)
     create_markdown_artifact(
         key=f"vocab-{key}",
         description="Tokenizer of the corpus",
-        markdown=(f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['tokenizer']['type']} |\n"
-                  f"| vocab size | {manifest['vocab_size']:,} |\n"
-                  f"| directory | {code_span(str(out_dir), in_table=True)} |\n\n"
-                  f"Preview:\n\n{fence(preview)}\n"),
+        markdown=(
+            f"### Vocabulary\n\n| | |\n|---|---|\n| tokenizer | {manifest['tokenizer']['type']} |\n"
+            f"| vocab size | {manifest['vocab_size']:,} |\n"
+            f"| directory | {code_span(str(out_dir), in_table=True)} |\n\n"
+            f"Preview:\n\n{fence(preview)}\n"
+        ),
     )
     return record

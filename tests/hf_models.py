@@ -135,10 +135,16 @@ class LoopbackHub:
                 elif not authorised:  # what the hub answers for a private repo without a valid token
                     self._error(401, "RepoNotFound", "Invalid username or password.")
                 elif path.startswith(api + "/revision/"):
-                    self._json({"id": hub.repo, "sha": self._revision(path[len(api + "/revision/"):]),
-                                "siblings": [{"rfilename": name} for name in hub.files], "private": hub.token is not None})
+                    self._json(
+                        {
+                            "id": hub.repo,
+                            "sha": self._revision(path[len(api + "/revision/") :]),
+                            "siblings": [{"rfilename": name} for name in hub.files],
+                            "private": hub.token is not None,
+                        }
+                    )
                 elif path.startswith(api + "/tree/"):
-                    rest = path[len(api + "/tree/"):]
+                    rest = path[len(api + "/tree/") :]
                     recursive = urllib.parse.parse_qs(url.query).get("recursive") == ["true"]
                     self._json(hub._entries(rest.split("/", 1)[1] if "/" in rest else "", recursive))
                 elif path.startswith(api + "/paths-info/"):
@@ -146,8 +152,8 @@ class LoopbackHub:
                     form = urllib.parse.parse_qs(self.rfile.read(length).decode())
                     wanted = set(form.get("paths", []))
                     self._json([e for e in hub._entries() if e["path"] in wanted])
-                elif path.startswith(resolve) and "/" in path[len(resolve):]:
-                    name = urllib.parse.unquote(path[len(resolve):].split("/", 1)[1])
+                elif path.startswith(resolve) and "/" in path[len(resolve) :]:
+                    name = urllib.parse.unquote(path[len(resolve) :].split("/", 1)[1])
                     if name not in hub.files:
                         self._error(404, "EntryNotFound", f"{name} does not exist on this revision")
                         return
@@ -157,7 +163,7 @@ class LoopbackHub:
                         first = int(match[1])
                         last = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
                         headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
-                        self._reply(206, data[first:last + 1], headers)
+                        self._reply(206, data[first : last + 1], headers)
                     else:
                         self._reply(200, data, headers)
                 else:

@@ -175,12 +175,16 @@ def wait_for_flow_run(api: str, run_id: str, log: Path, timeout: float = 150, au
     def finished():
         run = api_get(api, f"/flow_runs/{run_id}", auth)
         return run if run and run["state_type"] in TERMINAL else None
+
     return wait_until("the flow run to finish", finished, timeout, log)
 
 
 def report_artifact(api: str, run_id: str) -> dict:
-    response = httpx.post(f"{api}/artifacts/filter", timeout=5,
-                          json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}})
+    response = httpx.post(
+        f"{api}/artifacts/filter",
+        timeout=5,
+        json={"artifacts": {"flow_run_id": {"any_": [run_id]}, "type": {"any_": ["markdown"]}}},
+    )
     (report,) = [a for a in response.json() if a["key"].startswith("report-")]
     return report
 
@@ -211,6 +215,8 @@ def stage_states(api: str, since: str) -> dict[str, dict[str, str]]:
     out = {}
     for run in runs:
         task_runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-        out[run["id"]] = {"overrides": run["parameters"]["params"]["overrides"],
-                          **{t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in task_runs}}
+        out[run["id"]] = {
+            "overrides": run["parameters"]["params"]["overrides"],
+            **{t["name"].rsplit("-", 1)[0]: t["state"]["name"] for t in task_runs},
+        }
     return out

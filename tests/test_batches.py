@@ -18,8 +18,12 @@ TEXT = "".join(chr(0x4E00 + int(c)) for c in np.random.default_rng(0).integers(0
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("batches")
     (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    manifest = prepare(DataConfig(source=str(tmp / "corpus.txt"), shard_tokens=700), tmp / "out", cache_dir=tmp / "cache")
-    split = np.concatenate([np.fromfile(tmp / "out" / f["name"], dtype="<u2") for f in manifest["splits"]["train"]["files"]])
+    manifest = prepare(
+        DataConfig(source=str(tmp / "corpus.txt"), shard_tokens=700), tmp / "out", cache_dir=tmp / "cache"
+    )
+    split = np.concatenate(
+        [np.fromfile(tmp / "out" / f["name"], dtype="<u2") for f in manifest["splits"]["train"]["files"]]
+    )
     return tmp / "out", split, manifest
 
 
@@ -63,7 +67,10 @@ def test_sequential_scores_every_target_of_the_split_once(data):
 def test_a_split_shorter_than_a_window_is_an_error(data):
     directory = data[0]
     val_tokens = 600
-    with pytest.raises(CortexCraftError, match=f"val split .* has {val_tokens} tokens, fewer than block_size\\+1 = 601; lower block_size"):
+    with pytest.raises(
+        CortexCraftError,
+        match=f"val split .* has {val_tokens} tokens, fewer than block_size\\+1 = 601; lower block_size",
+    ):
         TokenWindows(directory, "val", block_size=600, batch_size=2, seed=0)
     TokenWindows(directory, "val", block_size=599, batch_size=2, seed=0).batch(0)
 

@@ -164,8 +164,9 @@ def test_a_gpu_padded_vocabulary_checkpoints_the_true_vocabulary_and_resumes_bit
     import cortexcraft.train as train_module
     from safetensors.torch import load_file
 
-    config = tiny_config("cpu", "max_iters=30", "keep_last=10", "dropout=0.1", "zero_init=false", "dtype=float32",
-                         f"tie_weights={tied}")
+    config = tiny_config(
+        "cpu", "max_iters=30", "keep_last=10", "dropout=0.1", "zero_init=false", "dtype=float32", f"tie_weights={tied}"
+    )
     unpadded = tmp_path / "unpadded"
     train(config, data_dir, unpadded)
     monkeypatch.setattr(train_module, "vocab_multiple", lambda device: 128)  # as on CUDA
@@ -198,6 +199,10 @@ def test_a_gpu_padded_vocabulary_checkpoints_the_true_vocabulary_and_resumes_bit
 
 def test_deterministic_mode_is_on_while_training_and_off_afterwards(data_dir, tmp_path):
     seen = []
-    train(tiny_config("cpu", "max_iters=10", "deterministic=true"), data_dir, tmp_path / "run",
-          on_eval=lambda record: seen.append(torch.are_deterministic_algorithms_enabled()))
+    train(
+        tiny_config("cpu", "max_iters=10", "deterministic=true"),
+        data_dir,
+        tmp_path / "run",
+        on_eval=lambda record: seen.append(torch.are_deterministic_algorithms_enabled()),
+    )
     assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()

@@ -96,7 +96,9 @@ def params_for(tinyshakespeare_path: Path, data_dir: Path, **extra) -> dict:
     return {"source": str(tinyshakespeare_path), "data_dir": str(data_dir), "overrides": OVERRIDES, **extra}
 
 
-def test_a_sigkilled_run_is_crashed_and_flow_run_retry_resumes_it_bitwise(worker, tmp_path, tinyshakespeare_path, one_thread):
+def test_a_sigkilled_run_is_crashed_and_flow_run_retry_resumes_it_bitwise(
+    worker, tmp_path, tinyshakespeare_path, one_thread
+):
     data_dir = tmp_path / "data"
     params = params_for(tinyshakespeare_path, data_dir, crash_retries=0)
     run_id = deployment_run(worker, params)
@@ -113,15 +115,20 @@ def test_a_sigkilled_run_is_crashed_and_flow_run_retry_resumes_it_bitwise(worker
 
 
 def test_crashed_runs_rerun_automatically_at_most_crash_retries_times_then_a_new_run_resumes(
-        worker, tmp_path, tinyshakespeare_path, one_thread):
+    worker, tmp_path, tinyshakespeare_path, one_thread
+):
     data_dir = tmp_path / "data"
     params = params_for(tinyshakespeare_path, data_dir, crash_retries=1)
     run_id = deployment_run(worker, params)
     first = signal_flow_run_process(run_id, 20, data_dir, signal.SIGKILL, worker["worker_log"])
     first_kill_step = newest_step(data_dir)
     # The on_crashed hook schedules the run again; the worker starts a new attempt that resumes.
-    wait_until("the automatic re-run", lambda: [p for p in processes_with_env("PREFECT__FLOW_RUN_ID", run_id)
-                                                 if p != first], 180, worker["worker_log"])
+    wait_until(
+        "the automatic re-run",
+        lambda: [p for p in processes_with_env("PREFECT__FLOW_RUN_ID", run_id) if p != first],
+        180,
+        worker["worker_log"],
+    )
     signal_flow_run_process(run_id, first_kill_step, data_dir, signal.SIGKILL, worker["worker_log"])
     crashed = wait_for_state(worker, run_id, {"CRASHED"})
     time.sleep(8)  # a third attempt would be scheduled by now
@@ -131,8 +138,10 @@ def test_crashed_runs_rerun_automatically_at_most_crash_retries_times_then_a_new
     assert second_kill_step > first_kill_step
 
     assert_resumed_bitwise(worker, deployment_run(worker, params), params, second_kill_step, tmp_path)
-    print(f"\nkilled at steps {first_kill_step} and {second_kill_step}: one automatic re-run, then left Crashed; "
-          f"a new deployment run resumed it to 240, bitwise equal")
+    print(
+        f"\nkilled at steps {first_kill_step} and {second_kill_step}: one automatic re-run, then left Crashed; "
+        f"a new deployment run resumed it to 240, bitwise equal"
+    )
 
 
 def test_sigterm_to_the_flow_run_process_checkpoints_and_cancels_the_run(worker, tmp_path, tinyshakespeare_path):
@@ -141,8 +150,13 @@ def test_sigterm_to_the_flow_run_process_checkpoints_and_cancels_the_run(worker,
     run_id = deployment_run(worker, params)
     pid = signal_flow_run_process(run_id, 20, data_dir, signal.SIGTERM, worker["worker_log"])
     t0 = time.monotonic()
-    wait_until("the flow-run process to exit", lambda: pid not in processes_with_env("PREFECT__FLOW_RUN_ID", run_id),
-               60, worker["worker_log"], 0.1)
+    wait_until(
+        "the flow-run process to exit",
+        lambda: pid not in processes_with_env("PREFECT__FLOW_RUN_ID", run_id),
+        60,
+        worker["worker_log"],
+        0.1,
+    )
     took = time.monotonic() - t0
     cancelled = wait_for_state(worker, run_id, TERMINAL)
     assert cancelled["state_type"] == "CANCELLED", cancelled["state"]

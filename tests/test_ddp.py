@@ -160,8 +160,17 @@ def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run
                         tmp_path / "data" / shards["dir"], config["model"])
     run_dir = stage_dir(params.data_path(), "train", train_key(shards, config, plan))
     # What the train stage logs for node 1.
-    node1 = [sys.executable, "-m", "cortexcraft", "train", *train_args(config, tmp_path / "data" / shards["dir"], run_dir),
-             "--nproc-per-node=1", "--nnodes=2", "--node-rank=1", f"--rdzv-endpoint={endpoint}"]
+    node1 = [
+        sys.executable,
+        "-m",
+        "cortexcraft",
+        "train",
+        *train_args(config, tmp_path / "data" / shards["dir"], run_dir),
+        "--nproc-per-node=1",
+        "--nnodes=2",
+        "--node-rank=1",
+        f"--rdzv-endpoint={endpoint}",
+    ]
     node = start(node1, ONE_THREAD_ENV, tmp_path / "node1.log")
     try:
         record = train(shards, params)
@@ -173,7 +182,9 @@ def test_the_train_stage_is_node_0_and_the_logged_command_is_node_1(one_node_run
 
 
 # Two threads multiplying matrices for as long as the test runs: what a loaded CI machine has beside it.
-BUSY_TORCH_JOB = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()"
+BUSY_TORCH_JOB = (
+    "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a = (a @ a).tanh()"
+)
 STRESS_ITERS = 20
 
 
@@ -220,8 +231,12 @@ def test_the_pipeline_train_stage_with_two_processes_ends_cleanly_beside_a_busy_
     from flows.train import train
 
     data_dir = make_data_dir(tmp_path / "corpus")
-    settings = dict(source=str(data_dir.parent / "corpus.txt"), data_dir=str(tmp_path / "data"), nproc=2,
-                    overrides=TINY + ["dropout=0.1", "device=cpu", f"max_iters={STRESS_ITERS}"])
+    settings = dict(
+        source=str(data_dir.parent / "corpus.txt"),
+        data_dir=str(tmp_path / "data"),
+        nproc=2,
+        overrides=TINY + ["dropout=0.1", "device=cpu", f"max_iters={STRESS_ITERS}"],
+    )
     shards = prepare(PipelineParams(**settings))["shards"]
     weights = []
     with busy_torch_job():

@@ -22,8 +22,10 @@ from tiny_runs import make_data_dir, repetitive_text, tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DISK_BYTES = 4 << 20
-ONE_LINE = re.compile(r"no space left on the device to write (\S+): (?:about )?([\d,]+) bytes needed, ([\d,]+) bytes free; "
-                      r"free some space \(or write elsewhere\) and re-run")
+ONE_LINE = re.compile(
+    r"no space left on the device to write (\S+): (?:about )?([\d,]+) bytes needed, ([\d,]+) bytes free; "
+    r"free some space \(or write elsewhere\) and re-run"
+)
 
 
 @pytest.fixture
@@ -31,8 +33,9 @@ def disk(tmp_path) -> Path:
     """A 4 MiB tmpfs of its own, unmounted afterwards."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for the disk-full tests (needs root): {mounted.stderr.strip()}")
     yield mount_point
@@ -55,7 +58,9 @@ def no_temp_files(root: Path) -> bool:
     return not [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
 
 
-def test_shards_on_a_full_disk_fail_in_one_line_keep_the_old_output_and_succeed_once_space_is_freed(disk, tmp_path, capsys):
+def test_shards_on_a_full_disk_fail_in_one_line_keep_the_old_output_and_succeed_once_space_is_freed(
+    disk, tmp_path, capsys
+):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(repetitive_text(200_000), encoding="utf-8")
     common = ["prepare", "--source", str(corpus), "--cache-dir", str(tmp_path / "downloads")]
@@ -111,8 +116,10 @@ def test_a_checkpoint_that_cannot_fit_is_refused_and_the_rerun_resumes_to_the_sa
     uninterrupted = train(config, data_dir, tmp_path / "uninterrupted")
     ours, theirs = (load_model_state(resolve_checkpoint(r, "last")[0]) for r in (run, tmp_path / "uninterrupted"))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert read_metrics(run) == [dict(r, elapsed_seconds=m["elapsed_seconds"]) for r, m in
-                                 zip(read_metrics(tmp_path / "uninterrupted"), read_metrics(run))]
+    assert read_metrics(run) == [
+        dict(r, elapsed_seconds=m["elapsed_seconds"])
+        for r, m in zip(read_metrics(tmp_path / "uninterrupted"), read_metrics(run))
+    ]
     assert summary["best_val_loss"] == uninterrupted["best_val_loss"]
     assert [p.name for p in list_checkpoints(run)] == [p.name for p in list_checkpoints(tmp_path / "uninterrupted")]
 

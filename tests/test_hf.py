@@ -35,9 +35,9 @@ GPT2_SHAPE = ["pos_encoding=learned", "normalization=layernorm", "qk_norm=false"
 VARIANTS = {
     "bias-free, untied, gelu_tanh": GPT2_SHAPE + ["bias=false", "tie_weights=false", "activation=gelu_tanh"],
     "relu2": GPT2_SHAPE + ["activation=relu2"],
-    "special tokens": GPT2_SHAPE + ["special_tokens=[\"<pad>\",\"<eos>\"]"],
-    "apertus: rope rmsnorm qk_norm relu2, tied": GPT2_SHAPE + ["pos_encoding=rope", "normalization=rmsnorm", "qk_norm=true",
-                                                               "activation=relu2", "bias=false"],
+    "special tokens": GPT2_SHAPE + ['special_tokens=["<pad>","<eos>"]'],
+    "apertus: rope rmsnorm qk_norm relu2, tied": GPT2_SHAPE
+    + ["pos_encoding=rope", "normalization=rmsnorm", "qk_norm=true", "activation=relu2", "bias=false"],
     "arcee: rope rmsnorm, biases": GPT2_SHAPE + ["pos_encoding=rope", "normalization=rmsnorm", "bias=true"],
 }
 PROMPT = "ROMEO:\nO"
@@ -63,8 +63,22 @@ def _export(run: Path, out: Path, capsys) -> None:
 
 def _cortexcraft_greedy(run: Path, prompt: str, new_tokens: int, capsys) -> str:
     capsys.readouterr()
-    assert main(["generate", "--run", str(run), "--prompt", prompt, "--temperature", "0",
-                 "--max-new-tokens", str(new_tokens)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--run",
+                str(run),
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                str(new_tokens),
+            ]
+        )
+        == 0
+    )
     return capsys.readouterr().out.removesuffix("\n")
 
 
@@ -84,9 +98,10 @@ def _check_export(transformers, run: Path, out: Path, capsys) -> float:
 
     new_tokens = BLOCK - len(PROMPT)
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    generated = model.generate(prompt_ids, max_new_tokens=new_tokens, do_sample=False,
-                               attention_mask=torch.ones_like(prompt_ids))
-    hf_text = tokenizer.decode(generated[0, prompt_ids.shape[1]:])
+    generated = model.generate(
+        prompt_ids, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(prompt_ids)
+    )
+    hf_text = tokenizer.decode(generated[0, prompt_ids.shape[1] :])
     assert hf_text == _cortexcraft_greedy(run, PROMPT, new_tokens, capsys)
     return gap
 
@@ -110,7 +125,9 @@ def test_exported_model_option_gives_our_logits_and_greedy_text(transformers, va
     gap = _check_export(transformers, run, tmp_path / "hf", capsys)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     architecture = config["architectures"][0]
-    expected = {"apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM"}.get(variant.split(":")[0], "GPT2LMHeadModel")
+    expected = {"apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM"}.get(
+        variant.split(":")[0], "GPT2LMHeadModel"
+    )
     assert architecture == expected
     if architecture != "GPT2LMHeadModel":  # what transformers 4.x reads instead of rope_parameters
         assert config["rope_theta"] == 10000.0 and config["rope_scaling"]["rope_type"] == "default"
@@ -120,7 +137,7 @@ def test_exported_model_option_gives_our_logits_and_greedy_text(transformers, va
 
 
 def test_export_runs_in_the_text_generation_pipeline_with_a_model_card(transformers, tmp_path, capsys, one_thread):
-    run = _trained_run(tmp_path, "cpu", GPT2_SHAPE + ["special_tokens=[\"<eos>\"]"])
+    run = _trained_run(tmp_path, "cpu", GPT2_SHAPE + ['special_tokens=["<eos>"]'])
     out = tmp_path / "shakespeare-tiny"
     _export(run, out, capsys)
     generator = transformers.pipeline("text-generation", model=str(out))
@@ -155,15 +172,22 @@ def test_export_of_best_last_and_a_path(transformers, tmp_path, capsys, one_thre
         assert torch.equal(exported["transformer.wte.weight"], ours.state_dict()["tok_emb.weight"])
 
 
-@pytest.mark.parametrize("preset, setting, field", [
-    *((name, [], field) for name, field in UNEXPORTABLE_PRESETS.items()),
-    ("gpt2-small", ["norm=pre"], "model.pos_encoding=sinusoidal"),
-    ("gpt1-lecture", ["logit_softcap=30"], "model.logit_softcap=30.0"),
-    ("gpt1-lecture", ["normalization=rmsnorm"], "model.normalization=rmsnorm"),
-    ("gpt1-lecture", ["qk_norm=true"], "model.qk_norm=true"),
-    ("gpt1-lecture", ["pos_encoding=rope"], "model.normalization=layernorm"),
-    ("gpt1-lecture", ["pos_encoding=rope", "normalization=rmsnorm", "qk_norm=true", "bias=true"], "model.bias=true"),
-])
+@pytest.mark.parametrize(
+    "preset, setting, field",
+    [
+        *((name, [], field) for name, field in UNEXPORTABLE_PRESETS.items()),
+        ("gpt2-small", ["norm=pre"], "model.pos_encoding=sinusoidal"),
+        ("gpt1-lecture", ["logit_softcap=30"], "model.logit_softcap=30.0"),
+        ("gpt1-lecture", ["normalization=rmsnorm"], "model.normalization=rmsnorm"),
+        ("gpt1-lecture", ["qk_norm=true"], "model.qk_norm=true"),
+        ("gpt1-lecture", ["pos_encoding=rope"], "model.normalization=layernorm"),
+        (
+            "gpt1-lecture",
+            ["pos_encoding=rope", "normalization=rmsnorm", "qk_norm=true", "bias=true"],
+            "model.bias=true",
+        ),
+    ],
+)
 def test_unexportable_model_fails_naming_the_field(transformers, preset, setting, field, tmp_path, capsys):
     config = tiny_config(preset, "max_iters=1", "device=cpu", "block_size=16", "max_positions=16", *setting)
     data = make_data_dir(tmp_path, DataConfig(special_tokens=config.data.special_tokens), chars=5_000)
@@ -181,7 +205,10 @@ def test_export_refuses_a_foreign_directory_and_replaces_an_earlier_export(trans
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
     assert main(["export", "--run", str(run), "--out", str(foreign)]) == 2
-    assert "is a non-empty directory that is not a CortexCraft export; choose a new or empty directory" in capsys.readouterr().err
+    assert (
+        "is a non-empty directory that is not a CortexCraft export; choose a new or empty directory"
+        in capsys.readouterr().err
+    )
     assert (foreign / "todo.txt").read_text() == "keep me"
     out = tmp_path / "hf"
     _export(run, out, capsys)
@@ -193,12 +220,16 @@ def test_export_refuses_a_foreign_directory_and_replaces_an_earlier_export(trans
 
 def test_base_install_without_transformers_says_how_to_install_it(tmp_path):
     # A None entry in sys.modules makes `import transformers` raise ImportError, as when it is absent.
-    code = ("import sys; sys.modules['transformers'] = None; from cortexcraft.cli import main; "
-            f"sys.exit(main(['export', '--run', {str(tmp_path)!r}, '--out', {str(tmp_path / 'hf')!r}]))")
+    code = (
+        "import sys; sys.modules['transformers'] = None; from cortexcraft.cli import main; "
+        f"sys.exit(main(['export', '--run', {str(tmp_path)!r}, '--out', {str(tmp_path / 'hf')!r}]))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ONE_THREAD_ENV, cwd=REPO)
     assert result.returncode == 2
-    assert result.stderr.strip() == ('cortexcraft export: error: Hugging Face interop needs transformers, which is not '
-                                     'installed; install the Hugging Face extra: pip install -e ".[hf]"')
+    assert result.stderr.strip() == (
+        "cortexcraft export: error: Hugging Face interop needs transformers, which is not "
+        'installed; install the Hugging Face extra: pip install -e ".[hf]"'
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +254,9 @@ def test_imported_gpt2_gives_its_logits_and_exports_back_to_equal_weights(transf
         gap = (original(ids).logits - ours(ids, targets=ids)[0]).abs().max().item()
     assert gap < 1e-5
 
-    exported = hf_model_from(ours, export_plan(model_cfg, original.config.vocab_size, {"bos": None, "eos": None, "pad": None}))
+    exported = hf_model_from(
+        ours, export_plan(model_cfg, original.config.vocab_size, {"bos": None, "eos": None, "pad": None})
+    )
     before, after = original.state_dict(), exported.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -239,15 +272,47 @@ def test_finetune_from_pretrained_uses_its_tokenizer_and_weights(transformers, t
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
     assert manifest["vocab_size"] == len(tokenizer) and manifest["dtype"] == "uint16"
-    first = torch.from_numpy(__import__("numpy").fromfile(tmp_path / "data" / "train_000.bin", dtype="<u2")[:50].astype("int64"))
+    first = torch.from_numpy(
+        __import__("numpy").fromfile(tmp_path / "data" / "train_000.bin", dtype="<u2")[:50].astype("int64")
+    )
     assert first.tolist() == tokenizer(corpus.read_text()[:400]).input_ids[:50]
 
     # One step at a negligible learning rate: the checkpoint still holds the pretrained weights.
     run = tmp_path / "run"
-    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(run), "--set", f"init_from={spec}",
-                 "--set", "block_size=32", "--set", "lr=1e-12", "--set", "warmup_iters=0", "--set", "weight_decay=0",
-                 "--set", "optimizer=adamw", "--set", "max_iters=1", "--set", "eval_iters=2", "--set", "dtype=float32",
-                 "--set", "device=cpu", "--set", "threads=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(run),
+                "--set",
+                f"init_from={spec}",
+                "--set",
+                "block_size=32",
+                "--set",
+                "lr=1e-12",
+                "--set",
+                "warmup_iters=0",
+                "--set",
+                "weight_decay=0",
+                "--set",
+                "optimizer=adamw",
+                "--set",
+                "max_iters=1",
+                "--set",
+                "eval_iters=2",
+                "--set",
+                "dtype=float32",
+                "--set",
+                "device=cpu",
+                "--set",
+                "threads=1",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "hf"
     _export(run, out, capsys)
     original = transformers.GPT2LMHeadModel.from_pretrained(str(directory)).state_dict()
@@ -261,11 +326,27 @@ def test_finetune_from_pretrained_uses_its_tokenizer_and_weights(transformers, t
 def test_init_from_data_of_another_tokenizer_fails_naming_the_fix(transformers, tmp_path, capsys):
     directory = make_pretrained(transformers, tmp_path / "gpt2")
     data = make_data_dir(tmp_path, chars=5_000)
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--set", f"init_from=hf:{directory}",
-                 "--set", "block_size=32"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"init_from=hf:{directory}",
+                "--set",
+                "block_size=32",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert ("was tokenized with a char vocabulary of 39 tokens, but init_from=hf:" in err
-            and f"(cortexcraft prepare --init-from hf:{directory})" in err)
+    assert (
+        "was tokenized with a char vocabulary of 39 tokens, but init_from=hf:" in err
+        and f"(cortexcraft prepare --init-from hf:{directory})" in err
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -274,14 +355,21 @@ def test_init_from_errors_name_the_problem(transformers, tmp_path, capsys):
 
     directory = make_pretrained(transformers, tmp_path / "gpt2", n_positions=32)
     model_cfg = build_config("cpu", ["block_size=64"]).model
-    with pytest.raises(CortexCraftError, match=r"^block_size=64 exceeds the 32 positions of init_from=hf:.*; "
-                                               r"set block_size to at most 32$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"^block_size=64 exceeds the 32 positions of init_from=hf:.*; "
+        r"set block_size to at most 32$",
+    ):
         pretrained_model_config(f"hf:{directory}", model_cfg)
-    with pytest.raises(CortexCraftError, match=r"is not a directory; pass hf:DIR of a model saved with save_pretrained"):
+    with pytest.raises(
+        CortexCraftError, match=r"is not a directory; pass hf:DIR of a model saved with save_pretrained"
+    ):
         pretrained_tokenizer(f"hf:{tmp_path / 'missing'}")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "init_from=gpt2"]) == 2
-    assert ("train.init_from: init_from='gpt2' is not supported; use hf:DIR (a saved transformers model) or "
-            "hf:OWNER/NAME[@REV] (a Hugging Face hub model)") in capsys.readouterr().err
+    assert (
+        "train.init_from: init_from='gpt2' is not supported; use hf:DIR (a saved transformers model) or "
+        "hf:OWNER/NAME[@REV] (a Hugging Face hub model)"
+    ) in capsys.readouterr().err
 
 
 def test_init_from_another_architecture_is_refused(transformers, tmp_path, capsys, one_thread):
@@ -289,20 +377,28 @@ def test_init_from_another_architecture_is_refused(transformers, tmp_path, capsy
 
     run = _trained_run(tmp_path, "cpu", VARIANTS["apertus: rope rmsnorm qk_norm relu2, tied"])
     _export(run, tmp_path / "hf", capsys)
-    with pytest.raises(CortexCraftError, match=r"is a apertus model; only GPT-2-style models \(model_type gpt2\) can be imported"):
+    with pytest.raises(
+        CortexCraftError, match=r"is a apertus model; only GPT-2-style models \(model_type gpt2\) can be imported"
+    ):
         pretrained_model_config(f"hf:{tmp_path / 'hf'}", build_config("cpu").model)
 
 
 def test_hub_id_without_network_fails_saying_how_to_pass_a_directory(transformers, tmp_path):
     # Offline mode is how the hub client behaves with no network: the request never leaves.
-    code = ("import sys; from cortexcraft.pretrained import pretrained_dir\n"
-            "try:\n    pretrained_dir('hf:openai-community/gpt2')\n"
-            "except Exception as exc:\n    print(type(exc).__name__, exc)")
+    code = (
+        "import sys; from cortexcraft.pretrained import pretrained_dir\n"
+        "try:\n    pretrained_dir('hf:openai-community/gpt2')\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc)"
+    )
     env = {**ONE_THREAD_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
-    assert result.stdout.startswith("CortexCraftError init_from=hf:openai-community/gpt2: cannot fetch "
-                                    "openai-community/gpt2 from the Hugging Face hub (")
-    assert result.stdout.strip().endswith("save it with save_pretrained where the hub is reachable and pass hf:/path/to/dir")
+    assert result.stdout.startswith(
+        "CortexCraftError init_from=hf:openai-community/gpt2: cannot fetch "
+        "openai-community/gpt2 from the Hugging Face hub ("
+    )
+    assert result.stdout.strip().endswith(
+        "save it with save_pretrained where the hub is reachable and pass hf:/path/to/dir"
+    )
 
 
 def test_every_activation_maps_to_the_same_function_in_transformers(transformers):
@@ -338,16 +434,24 @@ def test_hub_id_is_fetched_from_the_hub_endpoint(transformers, tmp_path):
                           "wte": state["tok_emb.weight"].flatten()[:5].tolist()}))
     """
     with LoopbackHub(directory, "someone/tiny-gpt2") as hub:
-        env = {**ONE_THREAD_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        env = {
+            **ONE_THREAD_ENV,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+        )
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     local = transformers.GPT2LMHeadModel.from_pretrained(str(directory)).state_dict()["transformer.wte.weight"]
     assert out["n_layer"] == 2 and out["vocab"] == len(transformers.AutoTokenizer.from_pretrained(str(directory)))
     assert out["wte"] == local.flatten()[:5].tolist()
     assert ("GET", "/someone/tiny-gpt2/resolve/" + "a" * 40 + "/model.safetensors", True) in hub.requests
-    assert out["missing"].startswith("init_from=hf:someone/missing: the hub has no model someone/missing at revision 'main' "
-                                     "(HTTP 404); check the id")
+    assert out["missing"].startswith(
+        "init_from=hf:someone/missing: the hub has no model someone/missing at revision 'main' (HTTP 404); check the id"
+    )
     assert (tmp_path / "hf-home" / "hub" / "models--someone--tiny-gpt2").is_dir()
 
 
@@ -357,39 +461,68 @@ def test_unusable_pretrained_directories_fail_naming_the_problem(transformers, t
     model_cfg = build_config("cpu", ["block_size=32"]).model
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CortexCraftError, match=r"holds no transformers model config .*; pass a directory written by save_pretrained$"):
+    with pytest.raises(
+        CortexCraftError, match=r"holds no transformers model config .*; pass a directory written by save_pretrained$"
+    ):
         pretrained_model_config(f"hf:{empty}", model_cfg)
 
     scaled = make_pretrained(transformers, tmp_path / "scaled")
     config = json.loads((scaled / "config.json").read_text())
     (scaled / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
-    with pytest.raises(CortexCraftError, match=r"uses scale_attn_by_inverse_layer_idx=True, which our GPT does not compute; "
-                                               r"import a standard GPT-2 checkpoint$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"uses scale_attn_by_inverse_layer_idx=True, which our GPT does not compute; "
+        r"import a standard GPT-2 checkpoint$",
+    ):
         pretrained_model_config(f"hf:{scaled}", model_cfg)
 
     no_weights = make_pretrained(transformers, tmp_path / "no-weights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(CortexCraftError, match=r"cannot load safetensors weights from .*\(safetensors; pickled \.bin files are not read\)$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"cannot load safetensors weights from .*\(safetensors; pickled \.bin files are not read\)$",
+    ):
         pretrained_state(f"hf:{no_weights}", pretrained_model_config(f"hf:{no_weights}", model_cfg))
     no_tokenizer = make_pretrained(transformers, tmp_path / "no-tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tokenizer / name).unlink()
     model_vocab = json.loads((no_tokenizer / "config.json").read_text())["vocab_size"]
-    with pytest.raises(CortexCraftError, match=rf"its tokenizer has 1 tokens but the model {model_vocab}; save the model's own "
-                                               r"tokenizer beside it with save_pretrained$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=rf"its tokenizer has 1 tokens but the model {model_vocab}; save the model's own "
+        r"tokenizer beside it with save_pretrained$",
+    ):
         pretrained_tokenizer(f"hf:{no_tokenizer}")
 
     (no_tokenizer / "tokenizer.json").write_text("{not json")
-    with pytest.raises(CortexCraftError, match=r"cannot load a tokenizer from .*; save the tokenizer beside the model with save_pretrained$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"cannot load a tokenizer from .*; save the tokenizer beside the model with save_pretrained$",
+    ):
         pretrained_tokenizer(f"hf:{no_tokenizer}")
 
     run = _trained_run(tmp_path / "char", "cpu", GPT2_SHAPE)
     _export(run, tmp_path / "char-export", capsys)
-    with pytest.raises(CortexCraftError, match=r"has a WordLevel tokenizer; only byte-level BPE tokenizers \(as GPT-2's\) can be imported$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"has a WordLevel tokenizer; only byte-level BPE tokenizers \(as GPT-2's\) can be imported$",
+    ):
         pretrained_tokenizer(f"hf:{tmp_path / 'char-export'}")
 
-    assert main(["prepare", "--source", str(tmp_path / "char" / "corpus.txt"), "--out", str(tmp_path / "d"),
-                 "--init-from", "gpt2"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                str(tmp_path / "char" / "corpus.txt"),
+                "--out",
+                str(tmp_path / "d"),
+                "--init-from",
+                "gpt2",
+            ]
+        )
+        == 2
+    )
     assert "error: init_from='gpt2' is not supported; use hf:DIR" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("x")
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "a-file")]) == 2
@@ -400,15 +533,34 @@ def test_init_from_with_parts_is_refused_before_any_work(transformers, tmp_path,
     directory = make_pretrained(transformers, tmp_path / "gpt2")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(repetitive_text(5_000))
-    assert main(["prepare", "--source", str(corpus), "--out", str(tmp_path / "data"), "--init-from", f"hf:{directory}",
-                 "--workers", "2"]) == 2
-    assert ("error: --init-from with --workers 2: a pretrained tokenizer is applied in one process only; drop --workers"
-            in capsys.readouterr().err)
+    assert (
+        main(
+            [
+                "prepare",
+                "--source",
+                str(corpus),
+                "--out",
+                str(tmp_path / "data"),
+                "--init-from",
+                f"hf:{directory}",
+                "--workers",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "error: --init-from with --workers 2: a pretrained tokenizer is applied in one process only; drop --workers"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "data").exists()
     from flows.params import params_from_cli
 
-    with pytest.raises(CortexCraftError, match=r"init_from=hf:.* with workers=2 or a Dask task runner: a pretrained tokenizer "
-                                               r"is applied in one process only; use workers=1 and the default task runner"):
+    with pytest.raises(
+        CortexCraftError,
+        match=r"init_from=hf:.* with workers=2 or a Dask task runner: a pretrained tokenizer "
+        r"is applied in one process only; use workers=1 and the default task runner",
+    ):
         params_from_cli(source=str(corpus), overrides=[f"init_from=hf:{directory}"], workers=2)
 
 
@@ -419,13 +571,21 @@ def test_export_of_a_registered_model_by_name(transformers, tmp_path, capsys, on
     data = tmp_path / "data"
     summary = json.loads((run / "summary.json").read_text())
     models = registry.models_dir_of(tmp_path / "root")
-    record, _ = registry.register(models, "tiny", run, data=registry.data_identity(data), code_version="test",
-                                  policy=registry.plan_retrain(models, "tiny", "fresh", None, None), summary=summary)
+    record, _ = registry.register(
+        models,
+        "tiny",
+        run,
+        data=registry.data_identity(data),
+        code_version="test",
+        policy=registry.plan_retrain(models, "tiny", "fresh", None, None),
+        summary=summary,
+    )
     registry.decide(models, "tiny", record["version"], 0.0)
 
     out = tmp_path / "hf"
-    assert main(["export", "--model", "tiny@champion", "--data-dir", str(tmp_path / "root"), "--out", str(out)]) == 0, \
+    assert main(["export", "--model", "tiny@champion", "--data-dir", str(tmp_path / "root"), "--out", str(out)]) == 0, (
         capsys.readouterr().err
+    )
     exported = json.loads((out / "cortexcraft-export.json").read_text())
     assert exported["step"] == record["step"] and exported["architecture"] == "ApertusForCausalLM"
     _check_export(transformers, run, out, capsys)

@@ -133,12 +133,17 @@ def table_cells(markdown: str) -> dict[str, list]:
 
 def code_spans(cells: list) -> list[str]:
     """The text of each cell's code spans; anything else in a cell (a span broken open) is kept as is."""
-    return [child.content if child.type == "code_inline" else f"<{child.type} {child.content!r}>"
-            for cell in cells for child in cell.children if child.content.strip(", ")]
+    return [
+        child.content if child.type == "code_inline" else f"<{child.type} {child.content!r}>"
+        for cell in cells
+        for child in cell.children
+        if child.content.strip(", ")
+    ]
 
 
-def test_the_corpus_and_vocabulary_artifacts_show_hostile_paths_and_the_preview_verbatim(tmp_path,
-                                                                                        temporary_prefect_server):
+def test_the_corpus_and_vocabulary_artifacts_show_hostile_paths_and_the_preview_verbatim(
+    tmp_path, temporary_prefect_server
+):
     from prefect.client.orchestration import get_client
 
     source = tmp_path / "src `|` ``x``" / "corpus | `a`.txt"

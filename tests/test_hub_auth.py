@@ -38,9 +38,25 @@ def dataset_repo(tmp_path) -> tuple[Path, list[str]]:
 
 
 def prepare(hub: LoopbackHub, tmp_path: Path, token: str | None, name: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cortexcraft", "prepare", "--source", f"hf:{hub.repo}",
-                           "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / f"{name}-cache")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=hub_env(hub, tmp_path / "hf-home", token))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cortexcraft",
+            "prepare",
+            "--source",
+            f"hf:{hub.repo}",
+            "--out",
+            str(tmp_path / name),
+            "--cache-dir",
+            str(tmp_path / f"{name}-cache"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=hub_env(hub, tmp_path / "hf-home", token),
+    )
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -54,12 +70,14 @@ def test_a_private_dataset_is_refused_without_the_token_naming_hf_token_and_down
         assert refused.returncode == 2
         assert last_line(refused) == (
             "cortexcraft prepare: error: the hub has no dataset me/private-corpus at revision 'main' (HTTP 401); check the "
-            "id and revision, or, if it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)")
+            "id and revision, or, if it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)"
+        )
         assert not (tmp_path / "without").exists()
 
         wrong = prepare(hub, tmp_path, "hf_not_this_one", "wrong")
         assert wrong.returncode == 2 and last_line(wrong).endswith(
-            "(HTTP 401); check the id and revision, and that your token (HF_TOKEN or `hf auth login`) can read it")
+            "(HTTP 401); check the id and revision, and that your token (HF_TOKEN or `hf auth login`) can read it"
+        )
 
         hub.requests.clear()
         done = prepare(hub, tmp_path, TOKEN, "with")
@@ -80,10 +98,12 @@ def test_a_gated_dataset_names_hf_token_and_the_page_to_ask_for_access(tmp_path,
     assert refused.returncode == 2 and last_line(refused) == (
         "cortexcraft prepare: error: the hub's dataset org/gated-corpus is gated and no token is set (HTTP 401); set "
         "HF_TOKEN to a token that can read it (or run `hf auth login`), for an account that was granted access on "
-        f"{hub.endpoint}/datasets/org/gated-corpus")
+        f"{hub.endpoint}/datasets/org/gated-corpus"
+    )
     assert denied.returncode == 2 and last_line(denied) == (
         "cortexcraft prepare: error: the hub's dataset org/gated-corpus is gated and your token (HF_TOKEN or `hf auth "
-        f"login`) has no access (HTTP 403); request it on {hub.endpoint}/datasets/org/gated-corpus")
+        f"login`) has no access (HTTP 403); request it on {hub.endpoint}/datasets/org/gated-corpus"
+    )
 
 
 PRETRAINED = """if True:
@@ -102,8 +122,14 @@ PRETRAINED = """if True:
 
 
 def pretrained(hub: LoopbackHub, home: Path, token: str | None, spec: str = "hf:someone/private-gpt2") -> dict:
-    result = subprocess.run([sys.executable, "-c", PRETRAINED, spec], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=hub_env(hub, home, token))
+    result = subprocess.run(
+        [sys.executable, "-c", PRETRAINED, spec],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=hub_env(hub, home, token),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -117,9 +143,12 @@ def test_a_pretrained_hub_model_is_keyed_by_its_commit_and_fetched_with_the_toke
     home = tmp_path / "hf-home"
     with LoopbackHub(directory, "someone/private-gpt2", token=TOKEN, commit="1" * 40) as hub:
         refused = pretrained(hub, home, None)
-        assert refused == {"error": (
-            "the hub has no model someone/private-gpt2 at revision 'main' (HTTP 401); check the id and revision, or, if "
-            "it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)")}
+        assert refused == {
+            "error": (
+                "the hub has no model someone/private-gpt2 at revision 'main' (HTTP 401); check the id and revision, or, if "
+                "it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)"
+            )
+        }
         first = pretrained(hub, home, TOKEN)
         assert first["digest"] == ["hf:someone/private-gpt2@" + "1" * 40]
         assert Path(first["dir"]).name == "1" * 40 and (Path(first["dir"]) / "model.safetensors").is_file()
@@ -127,6 +156,8 @@ def test_a_pretrained_hub_model_is_keyed_by_its_commit_and_fetched_with_the_toke
         second = pretrained(hub, home, TOKEN)
         assert second["digest"] == ["hf:someone/private-gpt2@" + "2" * 40] and Path(second["dir"]).name == "2" * 40
         # A pinned revision resolves through the hub too.
-        assert pretrained(hub, home, TOKEN, "hf:someone/private-gpt2@v1")["digest"] == ["hf:someone/private-gpt2@" + "2" * 40]
+        assert pretrained(hub, home, TOKEN, "hf:someone/private-gpt2@v1")["digest"] == [
+            "hf:someone/private-gpt2@" + "2" * 40
+        ]
     # No hub at all: the commit of the copy downloaded before keys it.
     assert pretrained(hub, home, TOKEN)["digest"] == ["hf:someone/private-gpt2@" + "2" * 40]

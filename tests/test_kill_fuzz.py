@@ -9,6 +9,7 @@ uninterrupted run gives the stage lengths; a kill that came too late is made aga
 data-stage or report kill re-runs its stage with --refresh so that it computes. CORTEXCRAFT_FUZZ_SEED (default 0) and CORTEXCRAFT_FUZZ_KILLS
 (default 8) pick another schedule.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,20 @@ pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("CORTEXCRAFT_FUZZ_SEED", "0"))
 KILLS = int(os.environ.get("CORTEXCRAFT_FUZZ_KILLS", "8"))
-OVERRIDES = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "max_iters=160",
-             "warmup_iters=0", "eval_interval=20", "eval_iters=2", "checkpoint_interval=20", "max_new_tokens=40",
-             "device=cpu"]
+OVERRIDES = [
+    "n_layer=1",
+    "n_head=2",
+    "n_embd=32",
+    "block_size=32",
+    "batch_size=8",
+    "max_iters=160",
+    "warmup_iters=0",
+    "eval_interval=20",
+    "eval_iters=2",
+    "checkpoint_interval=20",
+    "max_new_tokens=40",
+    "device=cpu",
+]
 STAGE_END = "prefect.task_runs: Finished in state"
 FLOW_START = "Beginning flow run"
 # The pipeline's tasks in order: the five stages, and the always-run revalidate and register.
@@ -48,8 +60,15 @@ class Pipeline:
     """A `cortexcraft pipeline` in a process group of its own; its output lines, timestamped on arrival."""
 
     def __init__(self, command: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[tuple[float, str]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -61,8 +80,7 @@ class Pipeline:
     def stage_starts(self) -> list[float]:
         """When each stage began so far: the flow's start, then the end of each stage before it."""
         lines = list(self.lines)
-        return ([t for t, line in lines if FLOW_START in line][:1]
-                + [t for t, line in lines if STAGE_END in line])
+        return [t for t, line in lines if FLOW_START in line][:1] + [t for t, line in lines if STAGE_END in line]
 
     def finish(self, timeout: float = 240) -> int:
         try:
@@ -125,10 +143,21 @@ def metrics_without_times(run: Path) -> list[dict]:
 
 
 def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterrupted_run(
-        api_server, tmp_path, tinyshakespeare_path):
+    api_server, tmp_path, tinyshakespeare_path
+):
     def command(data: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
-                "--data-dir", str(data), *(f"--set={o}" for o in OVERRIDES), *extra]
+        return [
+            sys.executable,
+            "-m",
+            "flows",
+            "pipeline",
+            "--source",
+            str(tinyshakespeare_path),
+            "--data-dir",
+            str(data),
+            *(f"--set={o}" for o in OVERRIDES),
+            *extra,
+        ]
 
     env = api_server["env"]
     reference_dir = tmp_path / "uninterrupted"
@@ -147,9 +176,12 @@ def test_sigkill_at_seeded_moments_in_every_stage_then_rerun_matches_an_uninterr
         # Stage lengths vary on a busy machine: a kill that came after its stage ended is made
         # again, earlier (every attempt is a real kill and counts).
         for attempt in range(3):
-            stage = kill_during(Pipeline(command(data, *([] if target == "train" else ["--refresh", target])), env),
-                                TASKS.index(target), fraction / 2 ** attempt * lengths[target])
-            landed.append((target, round(fraction / 2 ** attempt, 3), stage))
+            stage = kill_during(
+                Pipeline(command(data, *([] if target == "train" else ["--refresh", target])), env),
+                TASKS.index(target),
+                fraction / 2**attempt * lengths[target],
+            )
+            landed.append((target, round(fraction / 2**attempt, 3), stage))
             check_outputs(data)
             if stage == target:
                 break

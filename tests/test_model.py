@@ -24,7 +24,9 @@ VARIANTS = [
     dict(pos_encoding="learned", norm="post", activation="gelu", tie_weights=True, bias=False),
     dict(pos_encoding="sinusoidal", norm="pre", activation="relu", d_ff=24),
     # The speedrun options: rotary positions, RMSNorm, ReLU², QK-norm, soft-capped logits.
-    dict(pos_encoding="rope", normalization="rmsnorm", activation="relu2", qk_norm=True, logit_softcap=15.0, bias=False),
+    dict(
+        pos_encoding="rope", normalization="rmsnorm", activation="relu2", qk_norm=True, logit_softcap=15.0, bias=False
+    ),
     dict(pos_encoding="rope", norm="post", normalization="rmsnorm", activation="gelu", norm_eps=1e-6),
 ]
 
@@ -202,11 +204,14 @@ def test_rope_with_an_odd_head_size_is_refused_with_the_fix():
         build_config("cpu", ["pos_encoding=rope", "n_embd=132", "n_head=44"])
 
 
-@pytest.mark.parametrize("fields, attention_p", [
-    (dict(dropout=0.2), 0.2),  # nanoGPT's: one rate everywhere
-    (dict(dropout=0.2, attn_dropout=0.0), 0.0),  # the fused CPU attention kernel stays usable
-    (dict(dropout=0.0, attn_dropout=0.3), 0.3),
-])
+@pytest.mark.parametrize(
+    "fields, attention_p",
+    [
+        (dict(dropout=0.2), 0.2),  # nanoGPT's: one rate everywhere
+        (dict(dropout=0.2, attn_dropout=0.0), 0.0),  # the fused CPU attention kernel stays usable
+        (dict(dropout=0.0, attn_dropout=0.3), 0.3),
+    ],
+)
 def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(fields, attention_p, monkeypatch):
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -271,8 +276,9 @@ def test_padding_rows_get_no_gradient_and_the_optimizer_state_dict_holds_the_tru
             optimizer.zero_grad()
     assert not padded.tok_emb.weight[VOCAB:].any() and not padded.lm_head.weight[VOCAB:].any()
     saved = optimizers[1].state_dict()
-    assert {tuple(s["exp_avg"].shape) for s in saved["state"].values()} == \
-        {tuple(s["exp_avg"].shape) for s in optimizers[0].state_dict()["state"].values()}
+    assert {tuple(s["exp_avg"].shape) for s in saved["state"].values()} == {
+        tuple(s["exp_avg"].shape) for s in optimizers[0].state_dict()["state"].values()
+    }
     # Either way round: a padded run's state resumes unpadded (on CPU) and an unpadded one padded (on GPU).
     fresh = torch.optim.AdamW(plain.parameters(), lr=0.1)
     fresh.load_state_dict(saved)

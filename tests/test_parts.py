@@ -35,7 +35,9 @@ def write_mixed_docs(directory, count: int, min_words: int, max_words: int, seed
     directory.mkdir()
     rng = random.Random(seed)
     for i in range(count):
-        (directory / f"{i:03d}.txt").write_text(_mixed_text(rng, rng.randint(min_words, max_words)), encoding="utf-8", newline="")
+        (directory / f"{i:03d}.txt").write_text(
+            _mixed_text(rng, rng.randint(min_words, max_words)), encoding="utf-8", newline=""
+        )
     return directory
 
 
@@ -61,9 +63,11 @@ def test_parts_and_workers_give_the_serial_shards_byte_for_byte(name, docs, tmp_
     serial = tmp_path / "serial"
     prepare(config, serial, cache_dir=tmp_path / "cache")
     corpus = download(config, tmp_path / "cache")
-    runs = {"2 workers, 600-byte parts": dict(workers=2, part_bytes=600),
-            "2 workers, 40-byte parts": dict(workers=2, part_bytes=40),
-            "2 workers, 1 part per split": dict(workers=2, part_bytes=10**9)}
+    runs = {
+        "2 workers, 600-byte parts": dict(workers=2, part_bytes=600),
+        "2 workers, 40-byte parts": dict(workers=2, part_bytes=40),
+        "2 workers, 1 part per split": dict(workers=2, part_bytes=10**9),
+    }
     for label, options in runs.items():
         out = tmp_path / label.replace(" ", "-").replace(",", "")
         prepare(config, out, cache_dir=tmp_path / "cache", **options)
@@ -87,7 +91,7 @@ def test_parts_cover_each_split_and_cut_before_a_newline_after_a_visible_charact
         assert all(a["stop"] == b["start"] for a, b in zip(mine, mine[1:]))
         for part in mine[:-1]:
             assert part["stop"] - part["start"] >= 500
-            assert data[part["stop"]:part["stop"] + 1] == b"\n" and 0x21 <= data[part["stop"] - 1] <= 0x7E
+            assert data[part["stop"] : part["stop"] + 1] == b"\n" and 0x21 <= data[part["stop"] - 1] <= 0x7E
     assert parts[0]["start"] == 0 and parts[-1]["stop"] == corpus["bytes"]
     train_stop = max(p["stop"] for p in parts if p["split"] == "train")
     cut_char = prepare(config, tmp_path / "out", cache_dir=tmp_path / "cache")["split_char"]
@@ -105,8 +109,11 @@ def test_char_counts_of_the_parts_add_up_to_the_whole_corpus(docs, tmp_path):
 def test_bpe_is_trained_on_a_bounded_sample_from_the_start_of_train(tmp_path):
     source = tmp_path / "corpus.txt"
     source.write_text("aaaa bbbb\n" * 300 + "zzzz yyyy\n" * 300, encoding="utf-8")
-    prepare(DataConfig(source=str(source), tokenizer="bpe", vocab_size=270, bpe_train_chars=1000), tmp_path / "out",
-            cache_dir=tmp_path / "cache")
+    prepare(
+        DataConfig(source=str(source), tokenizer="bpe", vocab_size=270, bpe_train_chars=1000),
+        tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+    )
     tok = load_tokenizer(tmp_path / "out")
     assert len(tok.encode("aaaa bbbb")) < len("aaaa bbbb") / 2  # merged: it was in the sample
     assert len(tok.encode("zzzz")) == 4  # never merged: only after the first 1000 characters
@@ -124,19 +131,41 @@ def tokenizer_json(tmp_path_factory):
 
 def test_an_existing_tokenizer_file_encodes_the_shards_like_nanogpt_owt(docs, tokenizer_json, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["prepare", "--source", str(docs), "--tokenizer-file", str(tokenizer_json), "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "prepare",
+        "--source",
+        str(docs),
+        "--tokenizer-file",
+        str(tokenizer_json),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(args) == 0
     manifest = read_json(out / "manifest.json")
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 400 and manifest["tokenizer"]["type"] == "bpe"
     tok = load_tokenizer(out)
-    assert tok.encode("<|endoftext|>").tolist() == [BPETokenizer.from_file(tokenizer_json, []).encode("<|endoftext|>")[0]]
+    assert tok.encode("<|endoftext|>").tolist() == [
+        BPETokenizer.from_file(tokenizer_json, []).encode("<|endoftext|>")[0]
+    ]
     texts = [p.read_bytes().decode("utf-8") for p in sorted(docs.iterdir())]
-    ids = np.concatenate([np.fromfile(out / f["name"], dtype=np.uint16)
-                          for split in ("train", "val") for f in manifest["splits"][split]["files"]])
+    ids = np.concatenate(
+        [
+            np.fromfile(out / f["name"], dtype=np.uint16)
+            for split in ("train", "val")
+            for f in manifest["splits"][split]["files"]
+        ]
+    )
     assert tok.decode(ids) == "<|endoftext|>".join(texts)
     parallel = tmp_path / "parallel"
-    assert main(args[:-4] + ["--out", str(parallel), "--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--part-mb", "0.001"]) == 0
+    assert (
+        main(
+            args[:-4]
+            + ["--out", str(parallel), "--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--part-mb", "0.001"]
+        )
+        == 0
+    )
     assert _files(parallel) == _files(out)
 
 
@@ -147,20 +176,44 @@ def _write_json(tmp_path, name, text):
 
 
 BAD_TOKENIZER_INPUTS = {
-    "missing file": (lambda t, j: ["--tokenizer-file", str(t / "none.json")], "does not exist; pass an existing tokenizer.json"),
-    "not a tokenizer": (lambda t, j: ["--tokenizer-file", _write_json(t, "x.json", '{"a": 1}')], "is not a Hugging Face tokenizer.json"),
-    "no separator token": (lambda t, j: ["--tokenizer-file", str(j), "--special-tokens", "<pad>"], "has no token for <pad>"),
-    "char tokenizer": (lambda t, j: ["--tokenizer-file", str(j), "--tokenizer", "char"], "--tokenizer-file loads a BPE tokenizer; add --tokenizer bpe"),
+    "missing file": (
+        lambda t, j: ["--tokenizer-file", str(t / "none.json")],
+        "does not exist; pass an existing tokenizer.json",
+    ),
+    "not a tokenizer": (
+        lambda t, j: ["--tokenizer-file", _write_json(t, "x.json", '{"a": 1}')],
+        "is not a Hugging Face tokenizer.json",
+    ),
+    "no separator token": (
+        lambda t, j: ["--tokenizer-file", str(j), "--special-tokens", "<pad>"],
+        "has no token for <pad>",
+    ),
+    "char tokenizer": (
+        lambda t, j: ["--tokenizer-file", str(j), "--tokenizer", "char"],
+        "--tokenizer-file loads a BPE tokenizer; add --tokenizer bpe",
+    ),
     "zero workers": (lambda t, j: ["--workers", "0"], "--workers 0 must be at least 1"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENIZER_INPUTS))
-def test_bad_tokenizer_and_worker_options_are_one_line_errors_before_any_work(case, docs, tokenizer_json, tmp_path, capsys):
+def test_bad_tokenizer_and_worker_options_are_one_line_errors_before_any_work(
+    case, docs, tokenizer_json, tmp_path, capsys
+):
     args, message = BAD_TOKENIZER_INPUTS[case]
     out = tmp_path / "out"
-    code = main(["prepare", "--source", str(docs), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 *args(tmp_path, tokenizer_json)])
+    code = main(
+        [
+            "prepare",
+            "--source",
+            str(docs),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *args(tmp_path, tokenizer_json),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("cortexcraft prepare: error: ") and message in err[0], err
     assert not out.exists() and not (tmp_path / "cache").exists()
@@ -171,7 +224,9 @@ def test_local_parquet_rows_are_documents(tmp_path, monkeypatch):
     directory = tmp_path / "owt"
     directory.mkdir()
     texts = [f"document {i} — ünïcode 😀\nsecond line" for i in range(20)]
-    pq.write_table(pa.table({"text": texts[:12], "id": list(range(12))}), directory / "part-0.parquet", row_group_size=5)
+    pq.write_table(
+        pa.table({"text": texts[:12], "id": list(range(12))}), directory / "part-0.parquet", row_group_size=5
+    )
     pq.write_table(pa.table({"text": texts[12:], "id": list(range(12, 20))}), directory / "part-1.parquet")
     corpus = download(DataConfig(source=str(directory), separator="|"), tmp_path / "cache")
     assert corpus["documents"] == 20 and open(corpus["path"], encoding="utf-8").read() == "|".join(texts)
@@ -208,9 +263,15 @@ def test_a_part_that_does_not_fill_its_promised_place_is_a_one_line_error(docs, 
     shard = tmp_path / "shard.bin"
     shard.write_bytes(bytes(4 * tokens))
     assert encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens)]) == tokens
-    with pytest.raises(CortexCraftError, match=rf"^part 0 encodes to more than the {tokens - 1:,} tokens its characters "
-                                               r"promised; prepare again with --workers 1$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=rf"^part 0 encodes to more than the {tokens - 1:,} tokens its characters "
+        r"promised; prepare again with --workers 1$",
+    ):
         encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens - 1)])
-    with pytest.raises(CortexCraftError, match=rf"^part 0 encoded to {tokens:,} tokens, not the {tokens + 1:,} its "
-                                               r"characters promised; prepare again with --workers 1$"):
+    with pytest.raises(
+        CortexCraftError,
+        match=rf"^part 0 encoded to {tokens:,} tokens, not the {tokens + 1:,} its "
+        r"characters promised; prepare again with --workers 1$",
+    ):
         encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens + 1)])

@@ -245,37 +245,48 @@ def test_url_source_is_revalidated_each_run_and_downloaded_only_when_it_changed(
 
 
 def test_bad_parameter_fails_before_any_stage_naming_it(project):
-    state = pipeline(params={"source": str(project["source"]), "overrides": TINY + ["n_layer=0"]},
-                     return_state=True)
+    state = pipeline(params={"source": str(project["source"]), "overrides": TINY + ["n_layer=0"]}, return_state=True)
     assert state.is_failed() and "n_layer" in state.message
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert task_runs == []
 
     with pytest.raises(CortexCraftError, match="n_embd=30 is not divisible by n_head=4"):
-        run_pipeline_from_cli(preset="cpu", overrides=["n_embd=30"], source=str(project["source"]),
-                              data_dir=project["data_dir"], refresh=[])
+        run_pipeline_from_cli(
+            preset="cpu",
+            overrides=["n_embd=30"],
+            source=str(project["source"]),
+            data_dir=project["data_dir"],
+            refresh=[],
+        )
     with pytest.raises(CortexCraftError, match="refresh"):
-        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
-                              refresh=["everything"])
+        run_pipeline_from_cli(
+            preset="cpu", overrides=[], source=None, data_dir=project["data_dir"], refresh=["everything"]
+        )
     with pytest.raises(CortexCraftError, match="retrain_iters: Input should be greater than 0"):
-        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
-                              refresh=[], retrain_iters=0)
+        run_pipeline_from_cli(
+            preset="cpu", overrides=[], source=None, data_dir=project["data_dir"], refresh=[], retrain_iters=0
+        )
     with pytest.raises(CortexCraftError, match="model name 'no/slash' is not valid"):
-        run_pipeline_from_cli(preset="cpu", overrides=[], source=None, data_dir=project["data_dir"],
-                              refresh=[], model="no/slash")
+        run_pipeline_from_cli(
+            preset="cpu", overrides=[], source=None, data_dir=project["data_dir"], refresh=[], model="no/slash"
+        )
 
 
 def test_diverging_training_fails_the_train_stage_and_no_report_is_written(project):
     reports_before = sorted((project["data_dir"] / "reports").iterdir())
-    params = PipelineParams(source=str(project["source"]), data_dir=str(project["data_dir"]), overrides=TINY + ["lr=1e4"])
+    params = PipelineParams(
+        source=str(project["source"]), data_dir=str(project["data_dir"]), overrides=TINY + ["lr=1e4"]
+    )
     state = pipeline(params, return_state=True)
     assert state.is_failed()
     assert "training diverged at step" in state.message and "no checkpoint was written" in state.message
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     states = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
     assert states["train"] == "Failed" and "report" not in states
     assert sorted((project["data_dir"] / "reports").iterdir()) == reports_before

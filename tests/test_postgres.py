@@ -92,15 +92,24 @@ def test_two_workers_run_two_deployment_runs_at_once_on_a_postgres_backed_server
         runs = wait_until("both flow runs to finish", finished, 240, tmp_path / "worker-a.log")
         logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("worker-a", "worker-b")}
 
-    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], tail(tmp_path / "worker-a.log") + tail(tmp_path / "worker-b.log")
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], tail(tmp_path / "worker-a.log") + tail(
+        tmp_path / "worker-b.log"
+    )
     # Each worker ran one of them, and the runs overlapped.
     # (Both workers may try to submit a run; the server lets one of them start it.)
-    started = {name: [r["name"] for r in runs if f"Flow run '{r['name']}' submitted to infrastructure" in log]
-               for name, log in logs.items()}
+    started = {
+        name: [r["name"] for r in runs if f"Flow run '{r['name']}' submitted to infrastructure" in log]
+        for name, log in logs.items()
+    }
     assert sorted(len(names) for names in started.values()) == [1, 1], started
     starts, ends = [r["start_time"] for r in runs], [r["end_time"] for r in runs]
     assert max(starts) < min(ends)
     # The server kept them in PostgreSQL, and both reports landed in the shared data directory.
-    assert psql(postgres, f"select count(*) from flow_run where id in ('{run_ids[0]}', '{run_ids[1]}') "
-                          f"and state_type = 'COMPLETED'") == "2"
+    assert (
+        psql(
+            postgres,
+            f"select count(*) from flow_run where id in ('{run_ids[0]}', '{run_ids[1]}') and state_type = 'COMPLETED'",
+        )
+        == "2"
+    )
     assert len(list(data_dir.glob("reports/*/report.md"))) == 2

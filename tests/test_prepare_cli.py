@@ -54,15 +54,39 @@ def _write(tmp_path, name, data: bytes) -> str:
 BAD_INPUTS = {
     "missing source": (lambda t: ["--source", str(t / "nope.txt")], "is not a known name"),
     "not utf-8": (lambda t: ["--source", _write(t, "latin1.txt", "café".encode("latin-1"))], "is not UTF-8 text"),
-    "unreachable url": (lambda t: ["--source", f"http://127.0.0.1:{_closed_port()}/input.txt"], "cannot reach http://127.0.0.1"),
+    "unreachable url": (
+        lambda t: ["--source", f"http://127.0.0.1:{_closed_port()}/input.txt"],
+        "cannot reach http://127.0.0.1",
+    ),
     "bpe without size": (lambda t: ["--source", str(t / "corpus.txt"), "--tokenizer", "bpe"], "pass --vocab-size N"),
-    "bpe size too small": (lambda t: ["--source", str(t / "corpus.txt"), "--tokenizer", "bpe", "--vocab-size", "100"], "use at least 257"),
-    "missing vocab file": (lambda t: ["--source", str(t / "corpus.txt"), "--vocab", str(t / "none.txt")], "does not exist; pass an existing vocab.txt"),
-    "vocab lacks chars": (lambda t: ["--source", str(t / "corpus.txt"), "--vocab", _write(t, "v.txt", b"Tobe ")], "characters missing from --vocab"),
-    "split too small": (lambda t: ["--source", _write(t, "tiny.txt", b"abcdefghij"), "--val-fraction", "0.95"], "leaves the train split with 0 characters"),
-    "bad special token": (lambda t: ["--source", str(t / "corpus.txt"), "--special-tokens", "x"], "must be at least 2 characters"),
-    "limits on one document": (lambda t: ["--source", str(t / "corpus.txt"), "--max-bytes", "100"], "is one document; drop them"),
-    "bad val fraction": (lambda t: ["--source", str(t / "corpus.txt"), "--val-fraction", "1.5"], "invalid config: data.val_fraction"),
+    "bpe size too small": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--tokenizer", "bpe", "--vocab-size", "100"],
+        "use at least 257",
+    ),
+    "missing vocab file": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--vocab", str(t / "none.txt")],
+        "does not exist; pass an existing vocab.txt",
+    ),
+    "vocab lacks chars": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--vocab", _write(t, "v.txt", b"Tobe ")],
+        "characters missing from --vocab",
+    ),
+    "split too small": (
+        lambda t: ["--source", _write(t, "tiny.txt", b"abcdefghij"), "--val-fraction", "0.95"],
+        "leaves the train split with 0 characters",
+    ),
+    "bad special token": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--special-tokens", "x"],
+        "must be at least 2 characters",
+    ),
+    "limits on one document": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--max-bytes", "100"],
+        "is one document; drop them",
+    ),
+    "bad val fraction": (
+        lambda t: ["--source", str(t / "corpus.txt"), "--val-fraction", "1.5"],
+        "invalid config: data.val_fraction",
+    ),
 }
 
 
@@ -93,7 +117,13 @@ def test_rerun_replaces_the_directory_with_the_new_corpus(tmp_path, previous):
     assert main(["prepare", "--source", corpus, "--out", str(out), "--special-tokens", "<eos>"]) == 0
     manifest = read_json(out / "manifest.json")
     assert manifest["source"]["sha256"] == sha256_file(corpus) and manifest["tokenizer"]["special_tokens"] == ["<eos>"]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.section.json", "train_000.bin", "val_000.bin", "vocab.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "tokenizer.section.json",
+        "train_000.bin",
+        "val_000.bin",
+        "vocab.txt",
+    ]
 
 
 def test_a_killed_prepare_leaves_the_previous_output_as_it_was(tmp_path, previous):
@@ -102,11 +132,15 @@ def test_a_killed_prepare_leaves_the_previous_output_as_it_was(tmp_path, previou
     with open(big, "wb") as handle:
         for _ in range(60):
             handle.write(b"All the world's a stage, and all the men and women merely players.\n" * 15_000)
-    child = subprocess.Popen([sys.executable, "-m", "cortexcraft", "prepare", "--source", str(big), "--out", str(out)],
-                             stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cortexcraft", "prepare", "--source", str(big), "--out", str(out)],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         # Kill it once it is writing train shards into its temp directory.
-        while child.poll() is None and not any(p.stat().st_size for p in out.parent.glob(f".{out.name}.*.tmp/train_*.bin")):
+        while child.poll() is None and not any(
+            p.stat().st_size for p in out.parent.glob(f".{out.name}.*.tmp/train_*.bin")
+        ):
             time.sleep(0.002)
         assert child.poll() is None, "prepare finished before it could be killed; use a larger corpus"
         child.send_signal(signal.SIGKILL)

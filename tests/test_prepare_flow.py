@@ -62,7 +62,9 @@ def test_process_workers_give_the_serial_char_shards(docs, tmp_path, temporary_p
     assert re.search(r"collecting \d+ segments of .* with 2 processes", caplog.text)
     assert _shards(records["shards"], data_dir) == _serial(params, tmp_path)
     # Encoded parts are deleted once assembled; the (small) char counts stay.
-    assert sorted(p.name for p in (data_dir / "parts").glob("*/*") if p.name != "stage.json") == ["counts.npy"] * len(list((data_dir / "parts").iterdir()))
+    assert sorted(p.name for p in (data_dir / "parts").glob("*/*") if p.name != "stage.json") == ["counts.npy"] * len(
+        list((data_dir / "parts").iterdir())
+    )
     since = datetime.now(timezone.utc)
     again = prepare(params)
     assert again["shards"] == records["shards"] and _task_run_states("", since) == ["Cached"] * 3
@@ -78,14 +80,44 @@ def test_a_dask_cluster_at_an_address_gives_the_serial_bpe_shards(docs, tmp_path
     data_dir = tmp_path / "data"
     params = _params(docs, data_dir, ["tokenizer=bpe", "vocab_size=400"], dask_address=address, part_mb=0.2)
     with ExitStack() as cleanup:
-        scheduler = start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                           "--dashboard-address", ":0"], env, tmp_path / "scheduler.log")
+        scheduler = start(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            env,
+            tmp_path / "scheduler.log",
+        )
         cleanup.callback(stop, scheduler)
-        worker = start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2", "--nthreads", "1",
-                        "--no-dashboard"], env, tmp_path / "worker.log")
+        worker = start(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+            ],
+            env,
+            tmp_path / "worker.log",
+        )
         cleanup.callback(stop, worker)
-        wait_until("two Dask workers", lambda: tail(tmp_path / "scheduler.log", 200).count("Register worker") >= 2,
-                   90, tmp_path / "scheduler.log")
+        wait_until(
+            "two Dask workers",
+            lambda: tail(tmp_path / "scheduler.log", 200).count("Register worker") >= 2,
+            90,
+            tmp_path / "scheduler.log",
+        )
         since = datetime.now(timezone.utc)
         records = prepare(params)
         states = _task_run_states("encode-part", since)
@@ -99,15 +131,25 @@ def test_a_killed_preparation_resumes_with_the_parts_it_finished(docs, tmp_path,
 
     data_dir = tmp_path / "data"
     params = _params(docs, data_dir, ["tokenizer=bpe", "vocab_size=400"], workers=2, part_mb=0.1)
-    code = ("import json, sys; from flows.params import PipelineParams; from flows.prepare import prepare; "
-            "prepare(PipelineParams(**json.loads(sys.argv[1])))")
+    code = (
+        "import json, sys; from flows.params import PipelineParams; from flows.prepare import prepare; "
+        "prepare(PipelineParams(**json.loads(sys.argv[1])))"
+    )
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), OMP_NUM_THREADS="1")
     child = start([sys.executable, "-c", code, params.model_dump_json()], env, tmp_path / "killed.log")
     try:
+
         def encoded():
-            return [p for p in data_dir.glob("parts/*/stage.json") if json.loads(p.read_text())["stage"] == "encode-part"]
-        wait_until("three encoded parts", lambda: len(encoded()) >= 3 or child.poll() is not None, 120, tmp_path / "killed.log")
-        assert child.poll() is None, "the preparation finished before it could be killed; use a larger corpus\n" + tail(tmp_path / "killed.log")
+            return [
+                p for p in data_dir.glob("parts/*/stage.json") if json.loads(p.read_text())["stage"] == "encode-part"
+            ]
+
+        wait_until(
+            "three encoded parts", lambda: len(encoded()) >= 3 or child.poll() is not None, 120, tmp_path / "killed.log"
+        )
+        assert child.poll() is None, "the preparation finished before it could be killed; use a larger corpus\n" + tail(
+            tmp_path / "killed.log"
+        )
     finally:
         stop(child, terms=0)  # SIGKILL to the whole group: the flow process and its task processes
     finished_before = len(encoded())

@@ -23,7 +23,12 @@ def test_preset_features_match_their_seed_projects():
     assert models["cortexcraft"].norm == "post"
     assert models["shakespeare-char"].norm == "pre" and models["shakespeare-char"].dropout == 0.2
     gpt2 = build_config("gpt2-small")
-    assert (gpt2.model.pos_encoding, gpt2.model.activation, gpt2.model.norm, gpt2.model.ff_width) == ("sinusoidal", "gelu", "post", 3072)
+    assert (gpt2.model.pos_encoding, gpt2.model.activation, gpt2.model.norm, gpt2.model.ff_width) == (
+        "sinusoidal",
+        "gelu",
+        "post",
+        3072,
+    )
     assert gpt2.train.max_epochs == 10 and gpt2.train.lr_schedule == "cosine" and gpt2.train.grad_clip == 1.0
     assert gpt2.data.special_tokens == ["<pad>", "<unk>", "<bos>", "<eos>"]
     assert build_config("micro").data.val_fraction == 0.2 and build_config("gpt1-lecture").train.eval_interval == 500

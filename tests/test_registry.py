@@ -86,24 +86,51 @@ def test_a_run_started_from_a_checkpoint_has_its_own_segment_and_best(root, data
     assert history[0]["lr"] == pytest.approx(3e-3 / 3)
     assert cont["best_step"] in (40, 50) and cont["tokens_seen"] == 50 * 8 * 16
 
-    with pytest.raises(CortexCraftError, match=r"max_iters 30 is not beyond step 30 of .*; set max_iters to the step to train up to"):
+    with pytest.raises(
+        CortexCraftError, match=r"max_iters 30 is not beyond step 30 of .*; set max_iters to the step to train up to"
+    ):
         trained(root, "nowhere", data, "max_iters=30", start_from=base["checkpoint_best"])
-    with pytest.raises(CortexCraftError, match=r"holds a model with a different shape \(n_embd 32 -> 64\); train from scratch instead"):
+    with pytest.raises(
+        CortexCraftError, match=r"holds a model with a different shape \(n_embd 32 -> 64\); train from scratch instead"
+    ):
         trained(root, "wider", data, "max_iters=40", "n_embd=64", start_from=base["checkpoint_best"])
 
 
 def test_cli_train_init_from_a_checkpoint(root, data, capsys):
     base = trained(root, "cli-base", data, "max_iters=20")
     out = root / "runs" / "cli-init"
-    argv = ["train", "--data", str(data), "--out", str(out), "--start-from", base["checkpoint_best"], "--max-iters", "30",
-            *[f"--set={o}" for o in ("n_layer=1", "n_embd=32", "n_head=2", "block_size=16", "batch_size=8",
-                                     "eval_iters=4", "eval_interval=10", "checkpoint_interval=10")]]
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--start-from",
+        base["checkpoint_best"],
+        "--max-iters",
+        "30",
+        *[
+            f"--set={o}"
+            for o in (
+                "n_layer=1",
+                "n_embd=32",
+                "n_head=2",
+                "block_size=16",
+                "batch_size=8",
+                "eval_iters=4",
+                "eval_interval=10",
+                "checkpoint_interval=10",
+            )
+        ],
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["segment_start"] == 20 and summary["steps"] == 30
     wider = [str(root / "runs" / "cli-wider") if a == str(out) else a for a in argv] + ["--set=n_embd=64"]
     assert main(wider) == 2
-    assert "holds a model with a different shape (n_embd 32 -> 64); train from scratch instead" in capsys.readouterr().err
+    assert (
+        "holds a model with a different shape (n_embd 32 -> 64); train from scratch instead" in capsys.readouterr().err
+    )
 
 
 def test_promotion_on_the_same_held_out_set_with_a_margin(root, data, more_data):
@@ -120,12 +147,18 @@ def test_promotion_on_the_same_held_out_set_with_a_margin(root, data, more_data)
     assert decision["rule"].startswith("same held-out set: v2's val split, champion v1 re-evaluated on it")
     # The champion was scored on the challenger's val split, not its own.
     assert decision["champion_val_loss"] != v1["val_loss"]
-    assert decision["message"] == f"promoted v2: val {v2['val_loss']:.4f} vs champion v1 {decision['champion_val_loss']:.4f}"
+    assert (
+        decision["message"]
+        == f"promoted v2: val {v2['val_loss']:.4f} vs champion v1 {decision['champion_val_loss']:.4f}"
+    )
 
     worse = trained(root, "worse", more_data, "max_iters=20")
     v3, _, rejected = add(models, "m", worse, more_data)
     assert not rejected["promoted"] and rejected["champion_after"] == "v2"
-    assert rejected["message"] == f"not promoted: val {v3['val_loss']:.4f} vs champion v2 {rejected['champion_val_loss']:.4f}"
+    assert (
+        rejected["message"]
+        == f"not promoted: val {v3['val_loss']:.4f} vs champion v2 {rejected['champion_val_loss']:.4f}"
+    )
     assert registry.read_json(registry.version_dir(models, "m", "v3") / "version.json")["decision"] == rejected
 
     better = trained(root, "better", more_data, "max_iters=80")
@@ -134,25 +167,35 @@ def test_promotion_on_the_same_held_out_set_with_a_margin(root, data, more_data)
     assert blocked["message"].endswith("(margin 10)")
     rows = registry.history_rows(models, "m")
     assert [(r["version"], r["champion"], r["promoted"]) for r in rows] == [
-        ("v1", False, True), ("v2", True, True), ("v3", False, False), ("v4", False, False)]
+        ("v1", False, True),
+        ("v2", True, True),
+        ("v3", False, False),
+        ("v4", False, False),
+    ]
 
 
 def test_different_vocabularies_are_compared_by_the_stated_rule(root, data, other_vocab):
     models = root / "vocab-models"
     add(models, "m", trained(root, "va", data, "max_iters=20"), data)
     record, _, decision = add(models, "m", trained(root, "vb", other_vocab, "max_iters=40"), other_vocab)
-    assert decision["rule"] == ("vocabularies differ (34 vs 37 tokens): bits/char of each model on its own val split"
-                                .replace("34", str(registry.resolve(models, "m@v1")[1]["vocab_size"]))
-                                .replace("37", str(record["vocab_size"])))
+    assert decision["rule"] == (
+        "vocabularies differ (34 vs 37 tokens): bits/char of each model on its own val split".replace(
+            "34", str(registry.resolve(models, "m@v1")[1]["vocab_size"])
+        ).replace("37", str(record["vocab_size"]))
+    )
     assert decision["message"].startswith(("promoted v2: bits/char ", "not promoted: bits/char "))
 
 
 def test_plans_of_the_retraining_policies(root, data, more_data, other_vocab):
     models = root / "plan-models"
     model = tiny_config().model.model_dump(mode="json")
-    assert registry.plan_retrain(models, "p", "auto", data, model)["reason"] == \
-        "auto: model 'p' has no champion yet, so trained from scratch"
-    with pytest.raises(CortexCraftError, match="--retrain continue: model 'p' has no champion to continue; train one first"):
+    assert (
+        registry.plan_retrain(models, "p", "auto", data, model)["reason"]
+        == "auto: model 'p' has no champion yet, so trained from scratch"
+    )
+    with pytest.raises(
+        CortexCraftError, match="--retrain continue: model 'p' has no champion to continue; train one first"
+    ):
         registry.plan_retrain(models, "p", "continue", data, model)
     summary = trained(root, "planned", data, "max_iters=20")
     add(models, "p", summary, data)
@@ -166,7 +209,9 @@ def test_plans_of_the_retraining_policies(root, data, more_data, other_vocab):
     changed = registry.plan_retrain(models, "p", "finetune", other_vocab, model)
     assert changed["mode"] == "fresh" and changed["init_checkpoint"] is None
     assert changed["reason"].startswith("finetune: champion v1 is not compatible (vocabulary changed (")
-    with pytest.raises(CortexCraftError, match=r"--retrain continue: champion v1 of 'p' cannot be continued \(n_layer 1 -> 2\)"):
+    with pytest.raises(
+        CortexCraftError, match=r"--retrain continue: champion v1 of 'p' cannot be continued \(n_layer 1 -> 2\)"
+    ):
         registry.plan_retrain(models, "p", "continue", data, dict(model, n_layer=2))
 
 
@@ -191,7 +236,11 @@ def test_models_command_line_and_generate_by_model(root, data, capsys):
 
     main(["generate", "--model", "shake@champion", *dd, "--prompt", "ROMEO:", "--max-new-tokens", "30", "--seed", "4"])
     by_model = capsys.readouterr().out
-    assert by_model == generate_from_run(registry.version_dir(models, "shake", "v2"), prompt="ROMEO:", max_new_tokens=30, seed=4) + "\n"
+    assert (
+        by_model
+        == generate_from_run(registry.version_dir(models, "shake", "v2"), prompt="ROMEO:", max_new_tokens=30, seed=4)
+        + "\n"
+    )
     assert by_model == generate_from_run(second["run_dir"], prompt="ROMEO:", max_new_tokens=30, seed=4) + "\n"
 
     assert main(["models", *dd, "rollback", "shake"]) == 0
@@ -199,15 +248,25 @@ def test_models_command_line_and_generate_by_model(root, data, capsys):
     assert main(["evaluate", "--model", "shake", *dd, "--data", str(data)]) == 0
     assert f"val loss {registry.resolve(models, 'shake@v1')[1]['val_loss']:.4f}" in capsys.readouterr().out
     assert main(["models", *dd, "promote", "shake@v2"]) == 0
-    assert registry.read_champion(models, "shake") == {**registry.read_champion(models, "shake"), "version": "v2",
-                                                       "previous": ["v1"], "reason": "promoted by hand"}
+    assert registry.read_champion(models, "shake") == {
+        **registry.read_champion(models, "shake"),
+        "version": "v2",
+        "previous": ["v1"],
+        "reason": "promoted by hand",
+    }
 
     errors = [
-        (["models", *dd, "rollback", "shake@v2"], "v2 was never a champion of 'shake' before v2 (earlier champions: v1)"),
+        (
+            ["models", *dd, "rollback", "shake@v2"],
+            "v2 was never a champion of 'shake' before v2 (earlier champions: v1)",
+        ),
         (["models", *dd, "promote", "shake"], "say which version to promote: shake@vN"),
         (["models", *dd, "show", "shake@v9"], "model 'shake' has no version v9; see `cortexcraft models list shake`"),
         (["models", *dd, "list", "nope"], "no model 'nope' in "),
-        (["generate", "--model", "shake@latest", *dd], "'shake@latest': the part after @ must be champion or a version like v3"),
+        (
+            ["generate", "--model", "shake@latest", *dd],
+            "'shake@latest': the part after @ must be champion or a version like v3",
+        ),
     ]
     for argv, message in errors:
         assert main(argv) == 2
@@ -225,6 +284,7 @@ def test_a_version_survives_its_run_directory_moving_on(root, data):
     version = registry.version_dir(models, "s", "v1")
     expected = generate_from_run(version, prompt="\n", max_new_tokens=20, seed=1)
     import shutil
+
     shutil.rmtree(summary["run_dir"])  # the run pruned or deleted: the version holds its own links
     assert generate_from_run(version, prompt="\n", max_new_tokens=20, seed=1) == expected
     ckpt = next((version / "checkpoints").iterdir())

@@ -21,9 +21,16 @@ SUMMARY = {"tokens_seen": 6400, "wall_seconds": 20.5, "params": 123456}
 
 
 def render(**changes):
-    values = dict(config=build_config("cpu"), summary=SUMMARY, history=HISTORY,
-                  samples=[("ROMEO:", 1337, "Is this a dagger"), ("\n", 1338, "```not a fence```")],
-                  parameters=123456, vocab_size=65, run_dir="/runs/abc", checkpoint="/runs/abc/checkpoints/step_00000200")
+    values = dict(
+        config=build_config("cpu"),
+        summary=SUMMARY,
+        history=HISTORY,
+        samples=[("ROMEO:", 1337, "Is this a dagger"), ("\n", 1338, "```not a fence```")],
+        parameters=123456,
+        vocab_size=65,
+        run_dir="/runs/abc",
+        checkpoint="/runs/abc/checkpoints/step_00000200",
+    )
     values.update(changes)
     return render_report(**values)
 
@@ -66,29 +73,66 @@ def test_sample_with_backticks_cannot_close_its_fence():
     assert "````text\n```not a fence```\n````" in text
 
 
-MODEL = {"name": "cpu", "version": "v3", "step": 2000, "source": "/data/input.txt",
-         "revision": "content 0123456789abcdef (stat, 0 of 1 files hashed)",
-         "policy": {"mode": "finetune", "parent": "v2", "init_step": 1500,
-                    "reason": "auto: finetune from champion v2 (step 1,500; data changed)"},
-         "decision": {"message": "not promoted: val 1.7000 vs champion v2 1.6500"}}
+MODEL = {
+    "name": "cpu",
+    "version": "v3",
+    "step": 2000,
+    "source": "/data/input.txt",
+    "revision": "content 0123456789abcdef (stat, 0 of 1 files hashed)",
+    "policy": {
+        "mode": "finetune",
+        "parent": "v2",
+        "init_step": 1500,
+        "reason": "auto: finetune from champion v2 (step 1,500; data changed)",
+    },
+    "decision": {"message": "not promoted: val 1.7000 vs champion v2 1.6500"},
+}
 
 
 def test_registry_verdict_policy_and_data_revision_are_visible():
     text = render(model=MODEL)
-    assert "**Model:** `cpu` v3, finetune from v2 (step 1,500 to 2,000); not promoted: val 1.7000 vs champion v2 1.6500." in text
+    assert (
+        "**Model:** `cpu` v3, finetune from v2 (step 1,500 to 2,000); not promoted: val 1.7000 vs champion v2 1.6500."
+        in text
+    )
     assert "**Retraining policy:** auto: finetune from champion v2 (step 1,500; data changed)." in text
     assert "**Data:** `/data/input.txt`, revision content 0123456789abcdef (stat, 0 of 1 files hashed)." in text
-    fresh = dict(MODEL, policy={"mode": "fresh", "parent": None, "init_step": None, "reason": "fresh: trained from scratch"})
+    fresh = dict(
+        MODEL, policy={"mode": "fresh", "parent": None, "init_step": None, "reason": "fresh: trained from scratch"}
+    )
     assert "**Model:** `cpu` v3, fresh; " in render(model=fresh)
 
 
 def test_model_history_chart_rings_promoted_versions():
-    rows = [{"version": "v1", "champion": False, "policy": "fresh", "steps": 40, "val_loss": 2.5, "promoted": True,
-             "decision": "promoted v1: first version of m (val 2.5000)"},
-            {"version": "v2", "champion": True, "policy": "finetune", "steps": 60, "val_loss": 2.1, "promoted": True,
-             "decision": "promoted v2: val 2.1000 vs champion v1 2.4000"},
-            {"version": "v3", "champion": False, "policy": "continue", "steps": 80, "val_loss": 3.0, "promoted": False,
-             "decision": "not promoted: val 3.0000 vs champion v2 2.1000"}]
+    rows = [
+        {
+            "version": "v1",
+            "champion": False,
+            "policy": "fresh",
+            "steps": 40,
+            "val_loss": 2.5,
+            "promoted": True,
+            "decision": "promoted v1: first version of m (val 2.5000)",
+        },
+        {
+            "version": "v2",
+            "champion": True,
+            "policy": "finetune",
+            "steps": 60,
+            "val_loss": 2.1,
+            "promoted": True,
+            "decision": "promoted v2: val 2.1000 vs champion v1 2.4000",
+        },
+        {
+            "version": "v3",
+            "champion": False,
+            "policy": "continue",
+            "steps": 80,
+            "val_loss": 3.0,
+            "promoted": False,
+            "decision": "not promoted: val 3.0000 vs champion v2 2.1000",
+        },
+    ]
     text = model_history_markdown("m", rows)
     svg = base64.b64decode(text.split("](data:image/svg+xml;base64,", 1)[1].split(")", 1)[0]).decode()
     root = ET.fromstring(svg)
@@ -133,8 +177,11 @@ def rendered_html(markdown: str) -> str:
 
 @pytest.mark.parametrize("hostile", HOSTILE)
 def test_hostile_samples_prompts_and_paths_render_as_text(hostile):
-    markdown = render(samples=[(hostile, 1, hostile), ("`" + hostile, 2, hostile + "`")],
-                      run_dir=f"/runs/{hostile[:40]}|`x`", config=build_config("cpu", [f"source={hostile[:60]}"]))
+    markdown = render(
+        samples=[(hostile, 1, hostile), ("`" + hostile, 2, hostile + "`")],
+        run_dir=f"/runs/{hostile[:40]}|`x`",
+        config=build_config("cpu", [f"source={hostile[:60]}"]),
+    )
     html = rendered_html(markdown)
     assert "<script" not in html and "<a " not in html and "<h1>closed" not in html
     assert html.count("<img") == 1  # the loss curve only
@@ -144,7 +191,7 @@ def test_hostile_samples_prompts_and_paths_render_as_text(hostile):
 def test_fenced_samples_read_back_exactly():
     tokens = MarkdownIt("commonmark").parse(render(samples=[(h, i, h) for i, h in enumerate(HOSTILE)]))
     fences = [t.content for t in tokens if t.type == "fence" and t.info == "text"]
-    assert fences[:len(HOSTILE)] == [h + "\n" for h in HOSTILE]
+    assert fences[: len(HOSTILE)] == [h + "\n" for h in HOSTILE]
 
 
 def test_inline_code_spans_read_back_exactly():

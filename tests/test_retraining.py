@@ -74,27 +74,37 @@ def test_three_nights_of_retraining_through_server_worker_and_deployment(tmp_pat
         # Each run's best checkpoint lies in its own segment: 20 or 40 steps past its parent's.
         assert v1["step"] in (40, 60) and v2["step"] - v1["step"] in (20, 40) and v3["step"] - v2["step"] in (20, 40)
         assert [v["decision"]["promoted"] for v in (v1, v2, v3)] == [True, True, False]
-        assert v3["decision"]["message"].startswith("not promoted: val ") and "vs champion v2" in v3["decision"]["message"]
+        assert (
+            v3["decision"]["message"].startswith("not promoted: val ") and "vs champion v2" in v3["decision"]["message"]
+        )
         assert registry.read_champion(models, "cpu")["version"] == "v2"
 
         history = latest_artifact(api, "model-history-cpu")
         rows = json.loads(history["data"])
         assert [(r["version"], r["promoted"], r["champion"]) for r in rows] == [
-            ("v1", True, False), ("v2", True, True), ("v3", False, False)]
+            ("v1", True, False),
+            ("v2", True, True),
+            ("v3", False, False),
+        ]
         chart = latest_artifact(api, "model-losses-cpu")
         assert "data:image/svg+xml;base64," in chart["data"]
 
         # The events, and the automation that reacts to promotions (it ran for v1 and v2 only).
-        events = wait_until("the three model events", lambda: (
-            e if len(e := model_events(api)) == 3 else None), 30, server_log)
+        events = wait_until(
+            "the three model events", lambda: e if len(e := model_events(api)) == 3 else None, 30, server_log
+        )
         assert [(e["event"], e["payload"]["version"]) for e in events] == [
-            ("cortexcraft.model.promoted", "v1"), ("cortexcraft.model.promoted", "v2"), ("cortexcraft.model.rejected", "v3")]
+            ("cortexcraft.model.promoted", "v1"),
+            ("cortexcraft.model.promoted", "v2"),
+            ("cortexcraft.model.rejected", "v3"),
+        ]
         assert events[2]["payload"]["val_loss"] == v3["val_loss"] and events[2]["payload"]["champion"] == "v2"
         card = api_get(api, "/deployments/name/champion-card/champion-card")
 
         def cards_done():
-            runs = httpx.post(f"{api}/flow_runs/filter", timeout=5, json={"flow_runs": {
-                "deployment_id": {"any_": [card["id"]]}}}).json()
+            runs = httpx.post(
+                f"{api}/flow_runs/filter", timeout=5, json={"flow_runs": {"deployment_id": {"any_": [card["id"]]}}}
+            ).json()
             return runs if len(runs) == 2 and all(r["state_type"] in TERMINAL for r in runs) else None
 
         card_runs = wait_until("champion-card runs for v1 and v2", cards_done, 120, worker_log)
@@ -102,19 +112,41 @@ def test_three_nights_of_retraining_through_server_worker_and_deployment(tmp_pat
         assert all(r["state_type"] == "COMPLETED" for r in card_runs), tail(worker_log, 80)
         assert "# Champion of `cpu`: v2" in latest_artifact(api, "champion-cpu")["data"]
 
-    generated = subprocess.run([sys.executable, "-m", "cortexcraft", "generate", "--model", "cpu@champion",
-                                "--data-dir", str(data_dir), "--prompt", "ROMEO:", "--max-new-tokens", "60"],
-                               cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    generated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cortexcraft",
+            "generate",
+            "--model",
+            "cpu@champion",
+            "--data-dir",
+            str(data_dir),
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "60",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert generated.returncode == 0, generated.stderr
     assert "model cpu@champion is cpu v2" in generated.stderr
-    assert generated.stdout == generate_from_run(registry.version_dir(models, "cpu", "v2"), prompt="ROMEO:",
-                                                 max_new_tokens=60) + "\n"
+    assert (
+        generated.stdout
+        == generate_from_run(registry.version_dir(models, "cpu", "v2"), prompt="ROMEO:", max_new_tokens=60) + "\n"
+    )
 
     table = ["| version | data | policy | steps | val loss | promoted |", "|---|---|---|---|---|---|"]
-    table += [f"| {v['version']} | {v['data']['fingerprint'][:12]} ({'night 1 file' if v is v1 else 'changed file'}) | "
-              f"{v['policy']['mode']}{' from ' + v['policy']['parent'] if v['policy']['parent'] else ''} | {v['step']} | "
-              f"{v['val_loss']:.4f} | {'yes' if v['decision']['promoted'] else 'no'} ({v['decision']['message']}) |"
-              for v in (v1, v2, v3)]
+    table += [
+        f"| {v['version']} | {v['data']['fingerprint'][:12]} ({'night 1 file' if v is v1 else 'changed file'}) | "
+        f"{v['policy']['mode']}{' from ' + v['policy']['parent'] if v['policy']['parent'] else ''} | {v['step']} | "
+        f"{v['val_loss']:.4f} | {'yes' if v['decision']['promoted'] else 'no'} ({v['decision']['message']}) |"
+        for v in (v1, v2, v3)
+    ]
     print("\nthree nights:\n" + "\n".join(table))
 
 
@@ -125,7 +157,15 @@ def latest_artifact(api: str, key: str) -> dict:
 
 
 def model_events(api: str) -> list[dict]:
-    response = httpx.post(f"{api}/events/filter", timeout=5, json={"filter": {
-        "event": {"prefix": ["cortexcraft.model."]}, "order": "ASC",
-        "occurred": {"since": "2000-01-01T00:00:00Z"}}})
+    response = httpx.post(
+        f"{api}/events/filter",
+        timeout=5,
+        json={
+            "filter": {
+                "event": {"prefix": ["cortexcraft.model."]},
+                "order": "ASC",
+                "occurred": {"since": "2000-01-01T00:00:00Z"},
+            }
+        },
+    )
     return response.json()["events"] if response.status_code == 200 else []

@@ -79,13 +79,31 @@ def test_non_finite_weights_are_never_checkpointed_and_never_best(healthy_run):
     broken = {name: t.clone() for name, t in weights.items()}
     name = next(iter(broken))
     broken[name][0] = float("nan")
-    with pytest.raises(CheckpointError, match=rf"refusing to write the checkpoint of step 30 .* weight {name} holds NaN or inf"):
-        save_checkpoint(healthy_run, 30, broken, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": 0.1})
+    with pytest.raises(
+        CheckpointError, match=rf"refusing to write the checkpoint of step 30 .* weight {name} holds NaN or inf"
+    ):
+        save_checkpoint(
+            healthy_run, 30, broken, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": 0.1}
+        )
     assert [p.name for p in list_checkpoints(healthy_run)] == ["step_00000010", "step_00000020"]
     assert not list((healthy_run / "checkpoints").glob(".*"))
     # A checkpoint whose recorded val loss is not finite (or worse) never becomes best.
-    save_checkpoint(healthy_run, 40, weights, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": float("nan")})
-    save_checkpoint(healthy_run, 50, weights, {"optimizer": {"state": {}, "param_groups": []}}, [], {**state, "val_loss": state["val_loss"] + 1})
+    save_checkpoint(
+        healthy_run,
+        40,
+        weights,
+        {"optimizer": {"state": {}, "param_groups": []}},
+        [],
+        {**state, "val_loss": float("nan")},
+    )
+    save_checkpoint(
+        healthy_run,
+        50,
+        weights,
+        {"optimizer": {"state": {}, "param_groups": []}},
+        [],
+        {**state, "val_loss": state["val_loss"] + 1},
+    )
     assert resolve_checkpoint(healthy_run, "best")[0] == path
     assert resolve_checkpoint(healthy_run, "last")[0].name == "step_00000050"
 
@@ -117,12 +135,18 @@ def test_out_of_range_token_ids_are_a_clear_error_and_verify_names_the_file(data
         train(tiny_config("cpu", "max_iters=20"), damaged, tmp_path / "run")
     message = str(caught.value)
     assert message.startswith(f"{shard} holds token id {bad} at token ")
-    assert f"but the vocabulary has {manifest['vocab_size']} ids: the shard is damaged; check with `cortexcraft verify {damaged}`" in message
+    assert (
+        f"but the vocabulary has {manifest['vocab_size']} ids: the shard is damaged; check with `cortexcraft verify {damaged}`"
+        in message
+    )
 
     capsys.readouterr()
     assert main(["verify", str(damaged)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"cortexcraft verify: error: {shard} does not match its sha256 in manifest.json; re-run `cortexcraft prepare --out {damaged}`"
+    assert (
+        err
+        == f"cortexcraft verify: error: {shard} does not match its sha256 in manifest.json; re-run `cortexcraft prepare --out {damaged}`"
+    )
 
 
 def test_verify_checks_every_hash_of_a_shard_dir_and_a_run_dir(data_dir, healthy_run, capsys):
@@ -132,7 +156,10 @@ def test_verify_checks_every_hash_of_a_shard_dir_and_a_run_dir(data_dir, healthy
     assert out.strip() == f"{data_dir}: shard directory OK, the tokenizer and {files} shard files match their sha256"
 
     assert main(["verify", str(healthy_run)]) == 0
-    assert capsys.readouterr().out.strip() == f"{healthy_run}: run directory OK, 2 checkpoints (steps 10, 20) match their sha256"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{healthy_run}: run directory OK, 2 checkpoints (steps 10, 20) match their sha256"
+    )
 
     # One flipped byte in the middle of a checkpoint's weights, size and mtime kept.
     weights = healthy_run / "checkpoints" / "step_00000010" / "model.safetensors"
@@ -144,8 +171,10 @@ def test_verify_checks_every_hash_of_a_shard_dir_and_a_run_dir(data_dir, healthy
         handle.write(bytes([byte[0] ^ 0xFF]))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert main(["verify", str(healthy_run)]) == 2
-    assert capsys.readouterr().err.strip() == (f"cortexcraft verify: error: checkpoint file {weights} is missing or damaged "
-                                               "(hash mismatch); use another checkpoint")
+    assert capsys.readouterr().err.strip() == (
+        f"cortexcraft verify: error: checkpoint file {weights} is missing or damaged "
+        "(hash mismatch); use another checkpoint"
+    )
 
     assert main(["verify", str(healthy_run / "checkpoints")]) == 2
     assert "is neither a shard directory (no manifest.json) nor a run directory" in capsys.readouterr().err

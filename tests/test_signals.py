@@ -141,16 +141,27 @@ def sigterm_during_training(tmp_path: Path, source: Path, *extra: str, max_iters
             os.kill(pid, signal.SIGKILL)
     (run,) = run_dirs(data)
     (message,) = [line for line in log.read_text().splitlines() if line.startswith("cortexcraft pipeline: ")]
-    return {"message": message, "took": took, "returncode": proc.returncode, "log": log.read_text(), "run": run, "helpers": helpers,
-            "command": command, "env": env, "data": data}
+    return {
+        "message": message,
+        "took": took,
+        "returncode": proc.returncode,
+        "log": log.read_text(),
+        "run": run,
+        "helpers": helpers,
+        "command": command,
+        "env": env,
+        "data": data,
+    }
 
 
 @pytest.mark.slow
 def test_sigterm_to_pipeline_checkpoints_stops_the_temporary_server_and_cancels_the_run(tmp_path, tinyshakespeare_path):
     stopped = sigterm_during_training(tmp_path, tinyshakespeare_path)
     last_line = stopped["message"]
-    print(f"\ncortexcraft pipeline stopped {stopped['took']:.2f} s after SIGTERM "
-          f"({len(stopped['helpers'])} helper process(es), all gone): {last_line}")
+    print(
+        f"\ncortexcraft pipeline stopped {stopped['took']:.2f} s after SIGTERM "
+        f"({len(stopped['helpers'])} helper process(es), all gone): {last_line}"
+    )
     assert stopped["helpers"], "the pipeline ran no temporary API server"
     assert stopped["returncode"] == 130 and stopped["took"] < STOP_SECONDS
     assert last_line.startswith("cortexcraft pipeline: training stopped by SIGTERM at step ")
@@ -181,6 +192,7 @@ def test_sigterm_to_pipeline_stops_its_torchrun_trainers_at_a_checkpoint(tmp_pat
 
 # --- the parent-death signal, set by the child itself ------------------------------------------
 
+
 def cmdline(pid: int) -> str:
     try:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -195,15 +207,19 @@ def alive(pid: int) -> bool:
         return False
 
 
-CHILD = ("import os, time; from cortexcraft.interrupt import EXIT_WITH_PARENT_ENV, exit_with_parent_if_asked; "
-         "exit_with_parent_if_asked(); print(os.getpid(), EXIT_WITH_PARENT_ENV in os.environ, flush=True); time.sleep(60)")
+CHILD = (
+    "import os, time; from cortexcraft.interrupt import EXIT_WITH_PARENT_ENV, exit_with_parent_if_asked; "
+    "exit_with_parent_if_asked(); print(os.getpid(), EXIT_WITH_PARENT_ENV in os.environ, flush=True); time.sleep(60)"
+)
 
 
 def test_a_child_asked_to_exit_with_its_parent_gets_sigterm_when_the_parent_is_sigkilled(tmp_path):
     # The parent is a plain Python process that starts the child the way tasks/train.py does.
-    parent_code = ("import subprocess, sys, time; from cortexcraft.interrupt import exit_with_parent_env; "
-                   f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], env={{**__import__('os').environ, **exit_with_parent_env()}}); "
-                   "time.sleep(60)")
+    parent_code = (
+        "import subprocess, sys, time; from cortexcraft.interrupt import exit_with_parent_env; "
+        f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], env={{**__import__('os').environ, **exit_with_parent_env()}}); "
+        "time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         child_pid, still_asked = parent.stdout.readline().split()
@@ -222,25 +238,45 @@ def test_a_child_whose_parent_died_before_it_asked_terminates_at_once():
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # the pid of a parent that has already died
-    child = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, capture_output=True, text=True, timeout=30,
-                           env={**os.environ, EXIT_WITH_PARENT_ENV: str(gone.pid)})
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, EXIT_WITH_PARENT_ENV: str(gone.pid)},
+    )
     assert child.returncode == -signal.SIGTERM and child.stdout == ""
     # Not asked: nothing happens.
-    unasked = subprocess.run([sys.executable, "-c", CHILD.replace("time.sleep(60)", "pass")], cwd=REPO,
-                             capture_output=True, text=True, timeout=30)
+    unasked = subprocess.run(
+        [sys.executable, "-c", CHILD.replace("time.sleep(60)", "pass")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert unasked.returncode == 0 and unasked.stdout.split()[1] == "False"
 
 
 @pytest.mark.slow
 def test_sigkill_to_pipeline_stops_its_torchrun_trainers_at_a_checkpoint(tmp_path, tinyshakespeare_path):
     data, mark, log = tmp_path / "data", uuid.uuid4().hex, tmp_path / "pipeline.log"
-    proc = start_pipeline(pipeline_command(tinyshakespeare_path, data, 2000, "--nproc", "2"), pipeline_env(tmp_path, mark), log)
+    proc = start_pipeline(
+        pipeline_command(tinyshakespeare_path, data, 2000, "--nproc", "2"), pipeline_env(tmp_path, mark), log
+    )
     try:
-        wait_until("training to pass step 20",
-                   lambda: any(trained_to(r, 20) for r in run_dirs(data)) or proc.poll() is not None, 240, log)
+        wait_until(
+            "training to pass step 20",
+            lambda: any(trained_to(r, 20) for r in run_dirs(data)) or proc.poll() is not None,
+            240,
+            log,
+        )
         assert proc.poll() is None, log.read_text()
-        trainers = [p for p in processes_with_env(MARK, mark) if "cortexcraft train" in cmdline(p)
-                    or "torch.distributed.run" in cmdline(p)]
+        trainers = [
+            p
+            for p in processes_with_env(MARK, mark)
+            if "cortexcraft train" in cmdline(p) or "torch.distributed.run" in cmdline(p)
+        ]
         assert len(trainers) == 3, [cmdline(p) for p in trainers]  # torchrun and its two trainers
         os.kill(proc.pid, signal.SIGKILL)  # the pipeline process alone, as an OOM killer would
         t0 = time.monotonic()

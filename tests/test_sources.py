@@ -46,7 +46,9 @@ def serve():
     servers = []
 
     def start(directory):
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory))
+        )
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
@@ -130,10 +132,13 @@ def test_local_file_is_used_in_place_and_fingerprinted_by_content(tmp_path):
     assert download(DataConfig(source=str(path)), tmp_path / "cache")["fingerprint"] != manifest["fingerprint"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"ok\n\xff\xfe", r"is not UTF-8 text \(invalid start byte near byte 3\); convert it to UTF-8"),
-    (b"", "is empty; pass a file with text"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"ok\n\xff\xfe", r"is not UTF-8 text \(invalid start byte near byte 3\); convert it to UTF-8"),
+        (b"", "is empty; pass a file with text"),
+    ],
+)
 def test_bad_local_files_are_errors(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
@@ -195,9 +200,12 @@ def test_several_processes_collect_the_same_corpus_as_one(tmp_path, monkeypatch,
     assert _segments_collected(caplog) >= 8
     with open(two["path"], encoding="utf-8", newline="") as handle:
         assert handle.read() == "<|endoftext|>".join(documents)
-    assert np.array_equal(sources.document_starts(two), sources.document_starts(one)) and two["documents"] == len(documents)
-    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == \
-        {k: v for k, v in one.items() if k not in ("path", "doc_starts")}
+    assert np.array_equal(sources.document_starts(two), sources.document_starts(one)) and two["documents"] == len(
+        documents
+    )
+    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == {
+        k: v for k, v in one.items() if k not in ("path", "doc_starts")
+    }
     assert sorted(p.name for p in Path(two["path"]).parent.iterdir()) == ["corpus.json", "corpus.txt", "doc_starts.npy"]
     assert download(config, tmp_path / "two", workers=2) == two  # cached
 
@@ -209,7 +217,9 @@ def test_a_bad_file_met_by_a_worker_is_one_line_and_nothing_is_cached(tmp_path, 
     for index in range(4):
         (docs / f"{index}.txt").write_text(f"fine {index}", encoding="utf-8")
     (docs / "5.txt").write_bytes(b"ok\n\xff")
-    with pytest.raises(CortexCraftError, match=r"5.txt is not UTF-8 text \(invalid start byte near byte 3\); convert it to UTF-8"):
+    with pytest.raises(
+        CortexCraftError, match=r"5.txt is not UTF-8 text \(invalid start byte near byte 3\); convert it to UTF-8"
+    ):
         download(DataConfig(source=str(docs)), tmp_path / "cache", workers=2)
     assert _no_entries(tmp_path / "cache")
     (docs / "5.txt").write_bytes(b"")
@@ -230,7 +240,9 @@ def test_http_url_through_datasets_is_exact_and_cached(tmp_path, serve, tinyshak
 
 
 def test_unreachable_url_fails_fast_naming_it_and_caches_nothing(tmp_path, closed_url):
-    with pytest.raises(CortexCraftError, match=rf"cannot reach {closed_url}/x.txt \(.*\); download the text and pass --source"):
+    with pytest.raises(
+        CortexCraftError, match=rf"cannot reach {closed_url}/x.txt \(.*\); download the text and pass --source"
+    ):
         download(DataConfig(source=closed_url + "/x.txt"), tmp_path / "cache")
     assert _no_entries(tmp_path / "cache")
 
@@ -244,7 +256,9 @@ def test_missing_url_is_reported_as_http_404(tmp_path, serve):
 
 def test_default_source_offline_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CortexCraftError, match=r"HF_HUB_OFFLINE is set.*download input.txt and pass --source /path/to/input.txt"):
+    with pytest.raises(
+        CortexCraftError, match=r"HF_HUB_OFFLINE is set.*download input.txt and pass --source /path/to/input.txt"
+    ):
         download(DataConfig(), tmp_path / "cache")
 
 
@@ -263,16 +277,19 @@ def test_default_source_without_network_fails_fast_with_the_fix(tmp_path, monkey
 
 def _tinyshakespeare_hub(tmp_path, text, calls):
     cut1, cut2 = 1_003_854, 1_003_854 + 55_770
-    files = {name: _parquet(tmp_path / f"{name}.parquet", text=[piece])
-             for name, piece in (("train", text[:cut1]), ("validation", text[cut1:cut2]), ("test", text[cut2:]))}
+    files = {
+        name: _parquet(tmp_path / f"{name}.parquet", text=[piece])
+        for name, piece in (("train", text[:cut1]), ("validation", text[cut1:cut2]), ("test", text[cut2:]))
+    }
 
     def fake(path, *args, **kwargs):
         calls.append((path, kwargs.get("revision")))
         if path != "karpathy/tiny_shakespeare":
             return REAL_LOAD_DATASET(path, *args, **kwargs)
         # The real thing returns splits in an arbitrary order; ours must join train, validation, test.
-        return REAL_LOAD_DATASET("parquet", data_files={k: files[k] for k in ("test", "train", "validation")},
-                                 cache_dir=kwargs["cache_dir"])
+        return REAL_LOAD_DATASET(
+            "parquet", data_files={k: files[k] for k in ("test", "train", "validation")}, cache_dir=kwargs["cache_dir"]
+        )
 
     return fake
 
@@ -366,7 +383,9 @@ def test_hub_spec_with_revision_split_and_column(tmp_path, hub, monkeypatch):
 
 def test_a_broken_stream_is_one_line_and_is_not_cached(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", _streaming_hub(tmp_path, hub, ["a", "b", "c"], fail_after=2))
-    with pytest.raises(CortexCraftError, match=r"failed after 2 documents \(ConnectionError: connection reset by peer\)"):
+    with pytest.raises(
+        CortexCraftError, match=r"failed after 2 documents \(ConnectionError: connection reset by peer\)"
+    ):
         download(DataConfig(source="openwebtext"), tmp_path / "cache")
     assert _no_entries(tmp_path / "cache")
 
@@ -389,8 +408,9 @@ def test_a_hub_split_is_collected_in_shards_of_its_row_groups_into_the_same_corp
     assert _segments_collected(caplog) == 15
     assert Path(two["path"]).read_text(encoding="utf-8") == "\n\n".join(text or "" for text in texts)
     assert np.array_equal(sources.document_starts(two), sources.document_starts(one)) and two["documents"] == 101
-    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == \
-        {k: v for k, v in one.items() if k not in ("path", "doc_starts")}
+    assert {k: v for k, v in two.items() if k not in ("path", "doc_starts")} == {
+        k: v for k, v in one.items() if k not in ("path", "doc_starts")
+    }
     assert sorted(p.name for p in Path(two["path"]).parent.iterdir()) == ["corpus.json", "corpus.txt", "doc_starts.npy"]
 
 
@@ -398,7 +418,9 @@ def test_unreachable_hub_fails_fast_for_hub_ids(tmp_path, monkeypatch, closed_ur
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", closed_url)
-    with pytest.raises(CortexCraftError, match=r"cannot reach the Hugging Face hub for source 'openwebtext' \(.*\); download the text"):
+    with pytest.raises(
+        CortexCraftError, match=r"cannot reach the Hugging Face hub for source 'openwebtext' \(.*\); download the text"
+    ):
         download(DataConfig(source="openwebtext"), tmp_path / "cache")
 
 

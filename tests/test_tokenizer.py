@@ -51,7 +51,9 @@ def test_unknown_characters_map_to_unk_when_allowed():
     assert tok.decode(tok.encode("axb")) == "a<unk>b"
 
 
-@pytest.mark.parametrize("size, dtype", [(65, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)])
+@pytest.mark.parametrize(
+    "size, dtype", [(65, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32)]
+)
 def test_dtype_is_the_smallest_that_holds_the_ids(size, dtype):
     assert dtype_for(size) == np.dtype(dtype)
 
@@ -125,8 +127,9 @@ def test_bpe_round_trips_text_and_saves(tmp_path):
 
 
 def test_streamed_pieces_join_to_the_full_decode_and_hold_back_split_characters():
-    tok = BPETokenizer.train(iter(["To be, or not to be: that is the question.\n" * 30]), vocab_size=290,
-                             special_tokens=["<|endoftext|>"])
+    tok = BPETokenizer.train(
+        iter(["To be, or not to be: that is the question.\n" * 30]), vocab_size=290, special_tokens=["<|endoftext|>"]
+    )
     sample = "be 😀<|endoftext|>日本𝔘 not é"
     # None of these characters was seen in training, so each one spans several byte tokens.
     assert sum("\ufffd" in tok.decode([i]) for i in tok.encode(sample).tolist()) >= 12

@@ -33,7 +33,9 @@ def data_dir(tmp_path_factory) -> Path:
 def trained_run(data_dir, tmp_path_factory) -> tuple[Path, dict, list]:
     run = tmp_path_factory.mktemp("trained") / "run"
     records = []
-    summary = train(tiny_config("cpu", "max_iters=60", "lr=3e-3", "warmup_iters=5"), data_dir, run, on_eval=records.append)
+    summary = train(
+        tiny_config("cpu", "max_iters=60", "lr=3e-3", "warmup_iters=5"), data_dir, run, on_eval=records.append
+    )
     return run, summary, records
 
 
@@ -59,24 +61,30 @@ def test_generate_from_run_returns_only_the_continuation_and_streams_it(trained_
     assert len(text) == 40 and not text.startswith("ROMEO:")
     assert "".join(pieces) == text
     assert generate_from_run(run, prompt="ROMEO:", max_new_tokens=40, seed=3, kv_cache=False) == text
-    assert generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0) == \
-        generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0, seed=9)
+    assert generate_from_run(run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0) == generate_from_run(
+        run, checkpoint="last", prompt="\n", max_new_tokens=5, temperature=0, seed=9
+    )
 
 
 def test_streaming_bpe_text_decodes_each_id_once_and_joins_to_the_returned_text(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("ROMEO: 😀 日本 — é 𝔘 ojo\n" * 400, encoding="utf-8")
-    prepare(DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=270), tmp_path / "data",
-            cache_dir=tmp_path / "cache")
-    train(tiny_config("cpu", "max_iters=2", "eval_interval=2", "checkpoint_interval=2"), tmp_path / "data",
-          tmp_path / "run")
+    prepare(
+        DataConfig(source=str(corpus), tokenizer="bpe", vocab_size=270), tmp_path / "data", cache_dir=tmp_path / "cache"
+    )
+    train(
+        tiny_config("cpu", "max_iters=2", "eval_interval=2", "checkpoint_interval=2"),
+        tmp_path / "data",
+        tmp_path / "run",
+    )
     decoded_ids = []
     decode = BPETokenizer.decode
     monkeypatch.setattr(BPETokenizer, "decode", lambda self, ids: decoded_ids.extend(ids) or decode(self, ids))
     pieces = []
     # A nearly untrained model samples byte tokens in any order: split and broken UTF-8 both occur.
-    text = generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=120, temperature=1.5, seed=5,
-                             on_text=pieces.append)
+    text = generate_from_run(
+        tmp_path / "run", prompt="ROMEO:", max_new_tokens=120, temperature=1.5, seed=5, on_text=pieces.append
+    )
     assert "".join(pieces) == text and len(decoded_ids) == 120
     assert text == generate_from_run(tmp_path / "run", prompt="ROMEO:", max_new_tokens=120, temperature=1.5, seed=5)
 
@@ -87,7 +95,9 @@ def test_each_report_prompt_is_sampled_with_its_own_seed(trained_run):
     samples = sample_prompts(run, sample)
     assert [(prompt, seed) for prompt, seed, _ in samples] == [("\n", 7), ("\n", 8), ("ROMEO:", 9)]
     assert samples[0][2] != samples[1][2]
-    assert samples[1][2] == generate_from_run(run, prompt="\n", max_new_tokens=30, temperature=sample.temperature, seed=8)
+    assert samples[1][2] == generate_from_run(
+        run, prompt="\n", max_new_tokens=30, temperature=sample.temperature, seed=8
+    )
 
 
 def test_prompt_characters_outside_the_vocabulary_are_named(trained_run):
@@ -177,14 +187,27 @@ def test_weight_decay_applies_only_to_matrices():
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    cfg = build_config("cpu", ["n_layer=2", "n_embd=32", "n_head=2", "optimizer=muon", "muon_lr=0.05",
-                               "tie_weights=false", "normalization=rmsnorm", "qk_norm=true"])
+    cfg = build_config(
+        "cpu",
+        [
+            "n_layer=2",
+            "n_embd=32",
+            "n_head=2",
+            "optimizer=muon",
+            "muon_lr=0.05",
+            "tie_weights=false",
+            "normalization=rmsnorm",
+            "qk_norm=true",
+        ],
+    )
     model = GPT(cfg.model, 20)
     optimizers = Optimizers(model, cfg.train, torch.device("cpu"), NO_SCALER)
     muon = optimizers.muon
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
-    assert muon_names == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "ff.up", "ff.proj")}
+    assert muon_names == {
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "ff.up", "ff.proj")
+    }
     adamw_names = {names[id(p)] for g in optimizers.adamw.param_groups for p in g["params"]}
     assert adamw_names == set(names.values()) - muon_names
     assert {"tok_emb.weight", "lm_head.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
@@ -206,11 +229,26 @@ def test_warmup_stable_decay_ends_on_min_lr_by_steps_or_by_the_clock():
 
 
 def test_muon_momentum_warms_up_and_its_lr_follows_the_schedule():
-    cfg = build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2", "optimizer=muon", "lr=1e-3", "muon_lr=0.04",
-                               "warmup_iters=0", "lr_schedule=wsd", "decay_fraction=0.2", "min_lr=0", "muon_momentum=0.95",
-                               "muon_momentum_warmup_iters=100"]).train
-    optimizers = Optimizers(GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg,
-                            torch.device("cpu"), NO_SCALER)
+    cfg = build_config(
+        "cpu",
+        [
+            "n_layer=1",
+            "n_embd=32",
+            "n_head=2",
+            "optimizer=muon",
+            "lr=1e-3",
+            "muon_lr=0.04",
+            "warmup_iters=0",
+            "lr_schedule=wsd",
+            "decay_fraction=0.2",
+            "min_lr=0",
+            "muon_momentum=0.95",
+            "muon_momentum_warmup_iters=100",
+        ],
+    ).train
+    optimizers = Optimizers(
+        GPT(build_config("cpu", ["n_layer=1", "n_embd=32", "n_head=2"]).model, 20), cfg, torch.device("cpu"), NO_SCALER
+    )
     muon = optimizers.muon.param_groups[0]
     assert optimizers.schedule(0, 1000) == pytest.approx(1e-3)
     assert muon["momentum"] == pytest.approx(0.85) and muon["lr"] == pytest.approx(0.04)

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(command: list, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -34,9 +36,13 @@ def test_the_wheel_installs_with_the_constraints_and_runs_presets_and_a_pipeline
     elsewhere.mkdir()
     # Only the venv: no PYTHONPATH, no Prefect profile or server of the caller's.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PREFECT_", "VIRTUAL_ENV"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1"
+    )
     cortexcraft = venv / "bin" / "cortexcraft"
-    where = run([venv / "bin" / "python", "-c", "import cortexcraft, flows, tasks; print(cortexcraft.__file__)"], elsewhere, env)
+    where = run(
+        [venv / "bin" / "python", "-c", "import cortexcraft, flows, tasks; print(cortexcraft.__file__)"], elsewhere, env
+    )
     assert where.stdout.strip().startswith(str(venv))
     presets = run([cortexcraft, "presets"], elsewhere, env).stdout
     assert {line.split()[0] for line in presets.splitlines()[1:]} >= {"cpu", "gpt2-small", "shakespeare-char"}

@@ -31,7 +31,9 @@ def repetitive_text(chars: int = 30_000, seed: int = 0) -> str:
     things = ["the moon", "my lord", "the king", "sweet night"]
     lines = []
     while sum(len(line) for line in lines) < chars:
-        lines.append(f"{rng.choice(names)}:\nO, {rng.choice(names).lower()} {rng.choice(verbs)} {rng.choice(things)}.\n\n")
+        lines.append(
+            f"{rng.choice(names)}:\nO, {rng.choice(names).lower()} {rng.choice(verbs)} {rng.choice(things)}.\n\n"
+        )
     return "".join(lines)[:chars]
 
 
