@@ -24,8 +24,8 @@ CHILD = """
 import sys
 from cortexcraft.config import build_config
 from cortexcraft.train import train
-config = build_config("cpu", {{"train": {{"max_iters": {iters}, "eval_interval": {iters}, "checkpoint_interval": {iters},
-                                         "max_minutes": None}}}})
+config = build_config("cpu", {{"train": {{"max_iters": {iters}, "eval_interval": {iters},
+                                         "checkpoint_interval": {iters}, "max_minutes": None}}}})
 train(config, sys.argv[1], sys.argv[2], resume=False, progress=False)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(*(int(status[key].split()[0]) for key in ("VmHWM", "RssAnon", "RssFile")))

@@ -186,7 +186,8 @@ def main() -> None:
         return
     results = bench(args.repeats)
     print(
-        f"{'server':<10} {'flow':<8} {'process s':>10} {'1st call s':>11} {'2nd call s':>11}   (medians of {args.repeats})"
+        f"{'server':<10} {'flow':<8} {'process s':>10} {'1st call s':>11} {'2nd call s':>11}   "
+        f"(medians of {args.repeats})"
     )
     for mode, kinds in results["modes"].items():
         rows = [(kind, kinds[kind]) for kind in ("trivial", "cached")]

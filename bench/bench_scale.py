@@ -12,9 +12,9 @@ words with accented Latin, Cyrillic, Greek, CJK and emoji mixed in), generated o
   (char: ``[stoi[c] for c in text]``; BPE: the same tokenizer.json, ``encode(text).ids``, which ours
   loads with ``tokenizer_file``: training it is not timed) and
   writing one memmap per split. Char runs on ``--char-mb`` of the corpus, BPE on ``--bpe-mb``
-  (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run is a fresh child process, with
-  RAYON_NUM_THREADS=1 so the tokenizers library does not add threads of its own: the worker count
-  is the parallelism.
+  (the baseline's per-document Python encode and Arrow lists of ids run at a few MB/s). Every run
+  is a fresh child process, with RAYON_NUM_THREADS=1 so the tokenizers library does not add
+  threads of its own: the worker count is the parallelism.
 - the machine's ceiling: how much 2 processes gain over 1 on a pure-Python loop and on 64 MB
   array copies (memory bandwidth), printed before the throughput table.
 - collection (the download stage of a directory of parquet files: every row's text into one
@@ -92,7 +92,8 @@ start = time.perf_counter()
 import datasets
 datasets.disable_progress_bars()
 num_proc = args["num_proc"] if args["num_proc"] > 1 else None
-ds = datasets.load_dataset("parquet", data_files=args["files"], split="train", cache_dir=args["hf_cache"], num_proc=num_proc)
+ds = datasets.load_dataset("parquet", data_files=args["files"], split="train", cache_dir=args["hf_cache"],
+                          num_proc=num_proc)
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(ds)}))
 """
 

@@ -13,7 +13,8 @@ It runs from source on the GPU machine we can borrow (torch 2.11 + CUDA 13, Pyth
 pydantic, no network): missing wheels travel with the tree. Preparation, where pip reaches PyPI::
 
     python bench/gpu_check.py --fetch-wheels                 # pydantic & co. for CPython 3.12 into bench/gpu_wheels/
-    git clone https://github.com/karpathy/nanoGPT bench/nanogpt    # or any copy of its train.py, model.py, configurator.py
+    git clone https://github.com/karpathy/nanoGPT bench/nanogpt    # or any copy of its train.py, model.py,
+                                                                   # configurator.py
 
 Both folders are git-ignored: carry them to the GPU machine (the device tool's ``carry``), then::
 
@@ -95,7 +96,8 @@ def fetch_wheels() -> None:
         check=True,
     )
     print(
-        f"wheels for the GPU machine in {WHEELS.relative_to(REPO)}: {', '.join(sorted(p.name for p in WHEELS.glob('*.whl')))}"
+        f"wheels for the GPU machine in {WHEELS.relative_to(REPO)}: "
+        f"{', '.join(sorted(p.name for p in WHEELS.glob('*.whl')))}"
     )
 
 
@@ -672,7 +674,8 @@ def run_checks(plan: Plan, nanogpt: Optional[Path], work: Path) -> tuple[list[Ch
         Check(
             "same synthetic tokens",
             "pass" if facts["same_ids"] else "FAIL",
-            f"{facts['train_tokens']:,} train + {facts['val_tokens']:,} val tokens, vocabulary {facts['vocab_size']:,}; "
+            f"{facts['train_tokens']:,} train + {facts['val_tokens']:,} val tokens, "
+            f"vocabulary {facts['vocab_size']:,}; "
             f"our shards and nanoGPT's .bin files hold the generated ids: {facts['same_ids']}",
         )
     ]
@@ -770,8 +773,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     numbers["carried_wheels"] = str(carried) if carried else None
     print(
-        f"\nGPU check on {numbers.get('device', plan.device)} (torch {numbers.get('torch')}, Python {numbers.get('python')}, "
-        f"{numbers.get('total_seconds')} s of a {plan.budget_seconds:.0f} s budget)"
+        f"\nGPU check on {numbers.get('device', plan.device)} (torch {numbers.get('torch')}, "
+        f"Python {numbers.get('python')}, {numbers.get('total_seconds')} s of a {plan.budget_seconds:.0f} s budget)"
     )
     for check in checks:
         print(f"  {check.status:<8} {check.name:<24} {check.detail}")

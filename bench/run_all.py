@@ -98,9 +98,11 @@ def headline_rows() -> list[list[str]]:
         moon = train["moonshot"]
         rows.append(
             [
-                f"moonshot: best val within {moon['minutes']:g} min (cpu preset{' ' + ' '.join(moon['overrides']) if moon['overrides'] else ''}, "
+                f"moonshot: best val within {moon['minutes']:g} min "
+                f"(cpu preset{' ' + ' '.join(moon['overrides']) if moon['overrides'] else ''}, "
                 f"{moon['records'][-1]['step']:,} steps)",
-                f"{_num(moon['best_val'], 4)} ({_num(moon.get('best_full_val'), 4)} best checkpoint on the whole val split)",
+                f"{_num(moon['best_val'], 4)} "
+                f"({_num(moon.get('best_full_val'), 4)} best checkpoint on the whole val split)",
                 "1.47 (nanoGPT's baby GPT on an A100)",
                 "",
                 f"<= {moon['goal_val']}",
@@ -294,7 +296,8 @@ def main() -> None:
     m = machine()
     table = markdown_table(headers, rows)
     print(
-        f"\n## Performance\n\nMachine: {m['cpu']}, {m['cores']} cores ({m['isa']}), torch {m['torch']} ({m['torch_threads']} threads), "
+        f"\n## Performance\n\nMachine: {m['cpu']}, {m['cores']} cores ({m['isa']}), "
+        f"torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}; load average {m['load_average']:.1f} at the end.\n\n{table}\n\n"
         f"Reproduce: `python bench/run_all.py` ({time.perf_counter() - start:.0f} s here).\n"
     )

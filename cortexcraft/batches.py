@@ -47,7 +47,8 @@ class TokenWindows:
         self.tokens = self._shard_starts[-1]
         if self.tokens < block_size + 1:
             raise CortexCraftError(
-                f"the {split} split of {data_dir} has {self.tokens:,} tokens, fewer than block_size+1 = {block_size + 1}; "
+                f"the {split} split of {data_dir} has {self.tokens:,} tokens, "
+                f"fewer than block_size+1 = {block_size + 1}; "
                 f"lower block_size or prepare with a smaller --val-fraction / larger corpus"
             )
         self.split, self.block_size, self.batch_size, self.seed = split, block_size, batch_size, seed
@@ -78,8 +79,9 @@ class TokenWindows:
         position = int(starts[row]) + int(col)
         shard = bisect.bisect_right(self._shard_starts, position) - 1
         raise CortexCraftError(
-            f"{self._files[shard]} holds token id {rows[row, col]} at token {position - self._shard_starts[shard]:,} but the "
-            f"vocabulary has {self.vocab_size} ids: the shard is damaged; check with `cortexcraft verify {self.data_dir}` "
+            f"{self._files[shard]} holds token id {rows[row, col]} at token {position - self._shard_starts[shard]:,} "
+            f"but the vocabulary has {self.vocab_size} ids: the shard is damaged; "
+            f"check with `cortexcraft verify {self.data_dir}` "
             f"and re-run `cortexcraft prepare --out {self.data_dir}`"
         )
 

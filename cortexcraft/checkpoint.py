@@ -260,7 +260,8 @@ def resolve_checkpoint(run_dir: str | os.PathLike, which: str | os.PathLike = "b
         chosen = _best_of(valid) if which == "best" else (valid[-1] if valid else None)
         if chosen is None:
             raise CheckpointError(
-                f"no valid checkpoint in {checkpoints_dir(run_dir)}; train the run first (cortexcraft train --out {run_dir})"
+                f"no valid checkpoint in {checkpoints_dir(run_dir)}; "
+                f"train the run first (cortexcraft train --out {run_dir})"
             )
         return chosen
     path = Path(which)

@@ -396,7 +396,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         m = config.model
         params = parameter_count(m, preset_vocab_size(config.data))
         print(
-            f"{name:<18} {params:>12,}  {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>6} {m.block_size:>5}  {preset_description(name)}"
+            f"{name:<18} {params:>12,}  {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>6} {m.block_size:>5}  "
+            f"{preset_description(name)}"
         )
     return 0
 
@@ -417,7 +418,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         name, _ = registry.parse_ref(args.ref)
         registry.require_model(models_dir, name)
         print(
-            f"  {'version':<8} {'created':<25} {'policy':<9} {'steps':>7} {'val loss':>9} {'bits/char':>9}  {'data':<12}  decision"
+            f"  {'version':<8} {'created':<25} {'policy':<9} {'steps':>7} {'val loss':>9} {'bits/char':>9}  "
+            f"{'data':<12}  decision"
         )
         for row in registry.history_rows(models_dir, name):
             bits = f"{row['bits_per_char']:.4f}" if row["bits_per_char"] is not None else "-"

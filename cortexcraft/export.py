@@ -285,7 +285,8 @@ def model_card(
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        f'print(pipeline("text-generation", model="{name}")({json.dumps(prompt, ensure_ascii=False)}, max_new_tokens=50)[0]["generated_text"])',
+        f'print(pipeline("text-generation", model="{name}")({json.dumps(prompt, ensure_ascii=False)}, '
+        f'max_new_tokens=50)[0]["generated_text"])',
         "```",
         "",
         "## Model",

@@ -197,7 +197,8 @@ def build_dir(out_dir: str | os.PathLike, needed: Optional[int] = None, approxim
     remove_dead_temps(out_dir.parent)
     temp = TempDir(out_dir.parent, out_dir.name)
     try:
-        with disk_full_is_an_error(out_dir, needed, approximate, cleanup=lambda: shutil.rmtree(temp.path, ignore_errors=True)):
+        with disk_full_is_an_error(out_dir, needed, approximate,
+                                   cleanup=lambda: shutil.rmtree(temp.path, ignore_errors=True)):
             yield temp.path
             replace_dir(temp.path, out_dir)
     except BaseException:

@@ -146,7 +146,9 @@ def generate_from_run(
     """
     if not prompt:
         raise CortexCraftError("the prompt is empty; give at least one character, e.g. --prompt $'\\n'")
-    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
+        top_p is not None and not 0 < top_p <= 1
+    ):
         raise CortexCraftError(
             "invalid sampling settings; use max_new_tokens >= 1, temperature >= 0, top_k >= 1, 0 < top_p <= 1"
         )

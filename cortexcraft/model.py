@@ -210,7 +210,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.n_layer))
         self.ln_f = make_norm(model_cfg, model_cfg.n_embd)
         # Tied weights reuse the embedding matrix as the head, so there is no second copy to save.
-        self.lm_head = None if model_cfg.tie_weights else self._pad_vocab(nn.Linear(model_cfg.n_embd, vocab_size, bias=False))
+        self.lm_head = None if model_cfg.tie_weights else self._pad_vocab(
+            nn.Linear(model_cfg.n_embd, vocab_size, bias=False)
+        )
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):

@@ -23,8 +23,8 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     Downloads are cached in ``cache_dir`` (default: ``downloads/`` beside ``out_dir``). With
     ``workers`` > 1 that many processes collect a source of many documents (by file, parquet row
     groups or hub shards), then count and encode the corpus in parts of about ``part_bytes`` (by
-    default small enough to keep every worker busy to the end); the output is byte-identical. With ``init_from`` (``hf:...``) the shards use that
-    pretrained model's tokenizer (in one process)."""
+    default small enough to keep every worker busy to the end); the output is byte-identical. With
+    ``init_from`` (``hf:...``) the shards use that pretrained model's tokenizer (in one process)."""
     if workers < 1:
         raise CortexCraftError(f"--workers {workers} must be at least 1")
     if init_from and workers > 1:

@@ -179,7 +179,8 @@ def _fill_shard_dir(
         splits[split] = write_split(tmp, split, tok, *ranges[split])
         if splits[split]["tokens"] < 2:
             raise CortexCraftError(
-                f"the {split} split encodes to {splits[split]['tokens']} tokens; use a larger corpus or another --val-fraction"
+                f"the {split} split encodes to {splits[split]['tokens']} tokens; "
+                f"use a larger corpus or another --val-fraction"
             )
     manifest = {
         "format": SHARDS_FORMAT,

@@ -89,7 +89,8 @@ def iter_text(path: Path, start: int = 0, stop: int | None = None) -> Iterator[s
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
                 raise CortexCraftError(
-                    f"{path} is not UTF-8 text ({exc.reason} near byte {handle.tell() - len(raw) + exc.start:,}); convert it to UTF-8"
+                    f"{path} is not UTF-8 text ({exc.reason} near byte {handle.tell() - len(raw) + exc.start:,}); "
+                    f"convert it to UTF-8"
                 ) from None
             lo, hi = max(start - position, 0), len(text) if stop is None else min(stop - position, len(text))
             if lo < hi:
@@ -386,8 +387,8 @@ def _download_tinyshakespeare(data_cfg: DataConfig, cache_dir: Path, revision: d
             status, reason = probe(TINYSHAKESPEARE_URL)
             if reason is not None or status >= 400:
                 raise CortexCraftError(
-                    f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) nor its raw file URL "
-                    f"({reason or f'HTTP {status}'}); {local_copy_hint(spec)}"
+                    f"cannot reach the Hugging Face hub for source 'tinyshakespeare' ({hub_error}) "
+                    f"nor its raw file URL ({reason or f'HTTP {status}'}); {local_copy_hint(spec)}"
                 )
             text = "".join(_url_documents(TINYSHAKESPEARE_URL, writer.scratch, spec))
             writer.info["origin"] = TINYSHAKESPEARE_URL
@@ -557,7 +558,8 @@ def _open_parquet(path: Path, column: str):
         raise CortexCraftError(f"{path} is not a readable parquet file ({_first_line(exc)}); check the file") from None
     if column not in parquet.schema_arrow.names:
         raise CortexCraftError(
-            f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); pass --text-column NAME"
+            f"parquet file {path} has no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
+            f"pass --text-column NAME"
         )
     return parquet
 

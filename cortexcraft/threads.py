@@ -213,7 +213,8 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def choose_threads(configured: Optional[int], local_world_size: int = 1, sample_seconds: float = 0.2) -> tuple[int, Optional[ThreadTuner], dict]:
+def choose_threads(configured: Optional[int], local_world_size: int = 1,
+                   sample_seconds: float = 0.2) -> tuple[int, Optional[ThreadTuner], dict]:
     """(threads to start with, a tuner when the count may adapt, a description for the summary).
 
     Each of ``local_world_size`` processes on this machine gets an equal share of the cores."""

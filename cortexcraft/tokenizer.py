@@ -135,7 +135,8 @@ def read_vocab_file(path: Path) -> tuple[list[str], str]:
     if len(set(tokens)) != len(tokens):
         duplicates = sorted({t for t in tokens if tokens.count(t) > 1})
         raise CortexCraftError(
-            f"vocab file {path} lists tokens twice: {', '.join(map(escape_token, duplicates[:10]))}; remove the duplicates"
+            f"vocab file {path} lists tokens twice: {', '.join(map(escape_token, duplicates[:10]))}; "
+            f"remove the duplicates"
         )
     return tokens, "cortexcraft"
 
@@ -470,7 +471,8 @@ def check_tokenizer_config(data_cfg: DataConfig) -> None:
         floor = 256 + len(bpe_special_tokens(data_cfg))
         if data_cfg.vocab_size < floor:
             raise CortexCraftError(
-                f"--vocab-size {data_cfg.vocab_size} is below the {floor} byte and special tokens BPE starts from; use at least {floor}"
+                f"--vocab-size {data_cfg.vocab_size} is below the {floor} byte and special tokens BPE starts from; "
+                f"use at least {floor}"
             )
         if data_cfg.vocab_file:
             raise CortexCraftError("--vocab applies to the char tokenizer only; drop it or use --tokenizer char")
@@ -555,7 +557,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         tok = BPETokenizer.from_file(path, section.get("special_tokens", []))
     if tok.vocab_size != section["vocab_size"]:
         raise CortexCraftError(
-            f"tokenizer file {path} has {tok.vocab_size} tokens, its section says {section['vocab_size']}; re-run `cortexcraft prepare`"
+            f"tokenizer file {path} has {tok.vocab_size} tokens, its section says {section['vocab_size']}; "
+            f"re-run `cortexcraft prepare`"
         )
     return tok
 

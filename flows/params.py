@@ -67,7 +67,8 @@ class PipelineParams(BaseModel):
     crash_retries: int = Field(
         2,
         ge=0,
-        description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, resuming from the last checkpoint",
+        description="deployment runs whose process died (SIGKILL, OOM) are re-run automatically this many times, "
+        "resuming from the last checkpoint",
     )
 
     _config: RunConfig = PrivateAttr()

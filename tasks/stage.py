@@ -5,8 +5,9 @@ A stage's key is the sha256 of (stage name, the content hashes of its inputs, it
 source of the code it runs). Its outputs live in ``DATA_DIR/<stage dir>/<key>/`` (e.g.
 ``runs/<key>`` for train) beside a ``stage.json`` record (files with sizes and sha256) that is also
 the task's result. Prefect's cache record for the key lives in ``DATA_DIR/.prefect-results``, so it
-travels with the data, not with ``~/.prefect``. Prefect cannot see that an output was deleted after the record was written, so
-``run_stage`` checks ``stage.json`` against the files first and drops the cache record if it fails.
+travels with the data, not with ``~/.prefect``. Prefect cannot see that an output was deleted
+after the record was written, so ``run_stage`` checks ``stage.json`` against the files first and
+drops the cache record if it fails.
 
 One writer per stage output: every stage task runs as a SERIALIZABLE transaction over its cache
 key, locked by ``StageLockManager`` (``DATA_DIR/.locks/<key>.lock``, released by the kernel when

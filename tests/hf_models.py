@@ -127,7 +127,8 @@ class LoopbackHub:
                 url = urllib.parse.urlsplit(self.path)
                 path = url.path
                 repo_route = path.startswith((api + "/", resolve))
-                authorised = not repo_route or hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}"
+                authorised = (not repo_route or hub.token is None
+                              or self.headers.get("Authorization") == f"Bearer {hub.token}")
                 hub.requests.append((self.command, path, authorised))
                 if not authorised and hub.gated:
                     status = 403 if self.headers.get("Authorization") else 401

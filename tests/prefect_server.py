@@ -171,7 +171,8 @@ def run_deployment(env: dict[str, str], name: str, params: dict) -> str:
     return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
 
-def wait_for_flow_run(api: str, run_id: str, log: Path, timeout: float = 150, auth: tuple[str, str] | None = None) -> dict:
+def wait_for_flow_run(api: str, run_id: str, log: Path, timeout: float = 150,
+                      auth: tuple[str, str] | None = None) -> dict:
     def finished():
         run = api_get(api, f"/flow_runs/{run_id}", auth)
         return run if run and run["state_type"] in TERMINAL else None

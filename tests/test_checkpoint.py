@@ -160,7 +160,9 @@ def test_writing_a_checkpoint_holds_no_second_copy_of_its_tensors_in_memory(tmp_
 
 
 @pytest.mark.parametrize("tied", ["false", "true"])
-def test_a_gpu_padded_vocabulary_checkpoints_the_true_vocabulary_and_resumes_bitwise(data_dir, tmp_path, monkeypatch, tied):
+def test_a_gpu_padded_vocabulary_checkpoints_the_true_vocabulary_and_resumes_bitwise(
+    data_dir, tmp_path, monkeypatch, tied
+):
     import cortexcraft.train as train_module
     from safetensors.torch import load_file
 

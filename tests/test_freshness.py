@@ -185,5 +185,7 @@ def test_a_same_size_edit_that_keeps_the_mtime_is_caught_through_the_inode(tmp_p
 def test_hub_revision_404_is_a_clear_error(tmp_path, server, monkeypatch):
     url, _ = server()
     monkeypatch.setenv("HF_ENDPOINT", url.rsplit("/", 1)[0])
-    with pytest.raises(CortexCraftError, match=r"the hub has no dataset me/gone at revision 'main' \(HTTP 404\); check the id"):
+    with pytest.raises(
+        CortexCraftError, match=r"the hub has no dataset me/gone at revision 'main' \(HTTP 404\); check the id"
+    ):
         source_revision(DataConfig(source="hf:me/gone"), tmp_path / "cache")

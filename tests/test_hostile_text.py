@@ -91,7 +91,8 @@ def test_the_report_page_in_chromium_has_no_injected_element_and_shows_every_sam
         found = page.evaluate("""() => ({
             injected: window.injected || null,
             images: [...document.querySelectorAll('img')].map(i => i.getAttribute('src').slice(0, 30)),
-            handlers: [...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
+            handlers: [...document.querySelectorAll('*')]
+                .filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
             evilLinks: [...document.querySelectorAll('a')].filter(a => (a.href || '').includes('evil.example')).length,
             boldTags: document.querySelectorAll('b').length,
             codeBlocks: [...document.querySelectorAll('pre')].map(p => p.innerText),

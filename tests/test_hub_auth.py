@@ -69,8 +69,9 @@ def test_a_private_dataset_is_refused_without_the_token_naming_hf_token_and_down
         refused = prepare(hub, tmp_path, None, "without")
         assert refused.returncode == 2
         assert last_line(refused) == (
-            "cortexcraft prepare: error: the hub has no dataset me/private-corpus at revision 'main' (HTTP 401); check the "
-            "id and revision, or, if it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)"
+            "cortexcraft prepare: error: the hub has no dataset me/private-corpus at revision 'main' (HTTP 401); "
+            "check the id and revision, or, if it is private or gated, set HF_TOKEN to a token that can read it "
+            "(or run `hf auth login`)"
         )
         assert not (tmp_path / "without").exists()
 
@@ -145,8 +146,8 @@ def test_a_pretrained_hub_model_is_keyed_by_its_commit_and_fetched_with_the_toke
         refused = pretrained(hub, home, None)
         assert refused == {
             "error": (
-                "the hub has no model someone/private-gpt2 at revision 'main' (HTTP 401); check the id and revision, or, if "
-                "it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)"
+                "the hub has no model someone/private-gpt2 at revision 'main' (HTTP 401); check the id and revision, "
+                "or, if it is private or gated, set HF_TOKEN to a token that can read it (or run `hf auth login`)"
             )
         }
         first = pretrained(hub, home, TOKEN)

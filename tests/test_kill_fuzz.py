@@ -6,8 +6,8 @@ weights equal an uninterrupted run's; no temporary file or directory and no held
 The schedule: every stage once plus K-5 seeded extra kills, in pipeline order; each kill lands a
 seeded fraction into its stage, timed from the log line that ends the stage before it (the
 uninterrupted run gives the stage lengths; a kill that came too late is made again, earlier). A
-data-stage or report kill re-runs its stage with --refresh so that it computes. CORTEXCRAFT_FUZZ_SEED (default 0) and CORTEXCRAFT_FUZZ_KILLS
-(default 8) pick another schedule.
+data-stage or report kill re-runs its stage with --refresh so that it computes.
+CORTEXCRAFT_FUZZ_SEED (default 0) and CORTEXCRAFT_FUZZ_KILLS (default 8) pick another schedule.
 """
 
 from __future__ import annotations

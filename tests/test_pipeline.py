@@ -213,7 +213,9 @@ def test_changed_source_reruns_every_stage(project):
         source.write_bytes(original)
 
 
-def test_url_source_is_revalidated_each_run_and_downloaded_only_when_it_changed(tmp_path, tinyshakespeare_path, temporary_prefect_server):
+def test_url_source_is_revalidated_each_run_and_downloaded_only_when_it_changed(
+    tmp_path, tinyshakespeare_path, temporary_prefect_server
+):
     from test_freshness import CountingHandler, bodies_sent, edit
 
     site = tmp_path / "site"

@@ -153,7 +153,8 @@ def test_bpe_document_separator_is_one_special_token(tmp_path):
     docs.mkdir()
     for i in range(6):
         (docs / f"{i}.txt").write_text(f"Document number {i}.\nIt has two lines.", encoding="utf-8")
-    manifest = prepare(DataConfig(source=str(docs), tokenizer="bpe", vocab_size=280), tmp_path / "out", cache_dir=tmp_path / "cache")
+    manifest = prepare(DataConfig(source=str(docs), tokenizer="bpe", vocab_size=280), tmp_path / "out",
+                       cache_dir=tmp_path / "cache")
     tok = load_tokenizer(tmp_path / "out")
     (separator,) = tok.encode("<|endoftext|>")
     ids = np.concatenate([_read_split(tmp_path / "out", manifest, split) for split in ("train", "val")])

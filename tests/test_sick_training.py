@@ -136,7 +136,8 @@ def test_out_of_range_token_ids_are_a_clear_error_and_verify_names_the_file(data
     message = str(caught.value)
     assert message.startswith(f"{shard} holds token id {bad} at token ")
     assert (
-        f"but the vocabulary has {manifest['vocab_size']} ids: the shard is damaged; check with `cortexcraft verify {damaged}`"
+        f"but the vocabulary has {manifest['vocab_size']} ids: the shard is damaged; "
+        f"check with `cortexcraft verify {damaged}`"
         in message
     )
 
@@ -145,7 +146,8 @@ def test_out_of_range_token_ids_are_a_clear_error_and_verify_names_the_file(data
     err = capsys.readouterr().err.strip()
     assert (
         err
-        == f"cortexcraft verify: error: {shard} does not match its sha256 in manifest.json; re-run `cortexcraft prepare --out {damaged}`"
+        == f"cortexcraft verify: error: {shard} does not match its sha256 in manifest.json; "
+        f"re-run `cortexcraft prepare --out {damaged}`"
     )
 
 

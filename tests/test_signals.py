@@ -217,7 +217,8 @@ def test_a_child_asked_to_exit_with_its_parent_gets_sigterm_when_the_parent_is_s
     # The parent is a plain Python process that starts the child the way tasks/train.py does.
     parent_code = (
         "import subprocess, sys, time; from cortexcraft.interrupt import exit_with_parent_env; "
-        f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], env={{**__import__('os').environ, **exit_with_parent_env()}}); "
+        f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], "
+        f"env={{**__import__('os').environ, **exit_with_parent_env()}}); "
         "time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
