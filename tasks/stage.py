@@ -84,8 +84,10 @@ def _source_info(name: str) -> tuple[str, frozenset[str]] | None:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            # `from package import module` imports that module; the package's own code counts only
+            # where a name defined in it is imported (as for `from package.module import name`).
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names}
+            names.update({m for m in submodules if _module_file(m) is not None} or {node.module})
     own = frozenset(n for n in names if n.split(".")[0] in _OWN_PACKAGES)
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), own
 

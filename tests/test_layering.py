@@ -112,11 +112,13 @@ def test_only_the_hugging_face_modules_import_transformers():
 # What each stage must never run: training, model, report or export code before training;
 # report or export code in training.
 NEVER = {
-    "download": {"cortexcraft.tokenizer", "cortexcraft.shards", "cortexcraft.train", "cortexcraft.model"},
+    "download": {"cortexcraft.tokenizer", "cortexcraft.shards", "cortexcraft.train", "cortexcraft.model",
+                 "cortexcraft.threads"},
     "vocab": {"cortexcraft.train", "cortexcraft.model", "cortexcraft.report", "cortexcraft.export",
-              "cortexcraft.checkpoint", "cortexcraft.evaluate", "cortexcraft.generate", "cortexcraft.optim"},
+              "cortexcraft.checkpoint", "cortexcraft.evaluate", "cortexcraft.generate", "cortexcraft.optim",
+              "cortexcraft.threads"},
     "shards": {"cortexcraft.train", "cortexcraft.model", "cortexcraft.report", "cortexcraft.export",
-               "cortexcraft.pretrained", "cortexcraft.checkpoint", "cortexcraft.generate"},
+               "cortexcraft.pretrained", "cortexcraft.checkpoint", "cortexcraft.generate", "cortexcraft.threads"},
     "train": {"cortexcraft.report", "cortexcraft.export", "cortexcraft.markdown", "cortexcraft.generate",
               "cortexcraft.registry"},
     "report": {"cortexcraft.export", "cortexcraft.train", "cortexcraft.optim"},
