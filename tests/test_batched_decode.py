@@ -12,7 +12,6 @@ from cortexcraft.batched_decode import KVSlots, Row, decode_step, full_pass, nex
 from cortexcraft.config import ModelConfig
 from cortexcraft.generate import generate, sample_next
 from cortexcraft.model import GPT, KVCache
-from tiny_runs import one_thread  # noqa: F401 (a fixture)
 
 VOCAB = 50
 OPTIONS = {

@@ -23,7 +23,6 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.generate import TextPieces, generate_from_run
 from cortexcraft.tokenizer import BPETokenizer
 from live_server import NAME, corrupt_copy_of_version, registered_versions
-from tiny_runs import one_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
