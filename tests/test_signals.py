@@ -107,7 +107,8 @@ def pipeline_command(source: Path, data: Path, max_iters: int, *extra: str) -> l
 
 
 def run_dirs(data: Path) -> list[Path]:
-    return list((data / "runs").glob("*")) if (data / "runs").is_dir() else []
+    # Directories only: a trainer killed mid-run leaves its run directory's lock file beside it.
+    return [p for p in (data / "runs").glob("*") if p.is_dir()] if (data / "runs").is_dir() else []
 
 
 def flow_run_states(prefect_home: Path) -> list[str]:
