@@ -21,6 +21,22 @@ TINY = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "
         "eval_interval=25", "eval_iters=2", "checkpoint_interval=25", "max_new_tokens=20", "device=cpu"]
 
 
+def run_at_once(commands: list[list[str]], logs: list, env: dict[str, str]) -> None:
+    """Start every command at the same moment, each logging to its file; all must exit 0."""
+    procs = []
+    for command, log in zip(commands, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * len(commands), "\n\n".join(tail(log) for log in logs)
+
+
 def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, tinyshakespeare_path):
     data = tmp_path / "data"
     base = [sys.executable, "-m", "flows", "pipeline", "--source", str(tinyshakespeare_path),
@@ -29,19 +45,8 @@ def test_three_pipelines_at_once_compute_each_output_once(api_server, tmp_path, 
     since = datetime.now(timezone.utc).isoformat()
     logs = [tmp_path / f"pipeline-{i}.log" for i in range(3)]
     t0 = time.monotonic()
-    procs = []
-    for command, log in zip(commands, logs):
-        with open(log, "w") as out:
-            procs.append(subprocess.Popen(command, cwd=REPO, env=api_server["env"], stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    run_at_once(commands, logs, api_server["env"])
     took = time.monotonic() - t0
-    assert codes == [0, 0, 0], "\n\n".join(tail(log) for log in logs)
 
     states = list(stage_states(api_server["api"], since).values())
     assert len(states) == 3
@@ -79,19 +84,8 @@ def test_two_preparations_in_parts_at_once_count_and_encode_each_part_once(api_s
     data = tmp_path / "data"
     since = datetime.now(timezone.utc).isoformat()
     logs = [tmp_path / f"prepare-{i}.log" for i in range(2)]
-    procs = []
-    for log in logs:
-        with open(log, "w") as out:
-            command = [sys.executable, "-c", PREPARE_IN_PARTS, str(tinyshakespeare_path), str(data)]
-            procs.append(subprocess.Popen(command, cwd=REPO, env=api_server["env"], stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0], "\n\n".join(tail(log) for log in logs)
+    command = [sys.executable, "-c", PREPARE_IN_PARTS, str(tinyshakespeare_path), str(data)]
+    run_at_once([command] * len(logs), logs, api_server["env"])
 
     runs = api_post(api_server["api"], "/flow_runs/filter", {"flow_runs": {"start_time": {"after_": since}}})
     task_runs = api_post(api_server["api"], "/task_runs/filter",
