@@ -5,7 +5,6 @@ repository."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from prefect_server import REPO, stage_states, tail
+from prefect_server import stage_states, tail
+from test_layering import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,8 @@ CACHED_STAGES = ("download", "vocab", "shards", "train", "report")
 
 @pytest.fixture
 def project(tmp_path: Path, tinyshakespeare_path: Path) -> dict[str, Path]:
-    src = tmp_path / "src"
-    for package in ("cortexcraft", "tasks", "flows"):
-        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return {"src": src, "corpus": tinyshakespeare_path, "data": tmp_path / "data", "log": tmp_path / "pipeline.log"}
+    return {"src": copy_project(tmp_path / "src"), "corpus": tinyshakespeare_path, "data": tmp_path / "data",
+            "log": tmp_path / "pipeline.log"}
 
 
 def pipeline(project: dict[str, Path], api_server: dict) -> dict[str, str]:
