@@ -49,15 +49,17 @@ class Cadence:
     def of(cls, cfg: TrainConfig, start_step: int, segment_start: int, resumed: bool) -> "Cadence":
         return cls(cfg.eval_interval, cfg.checkpoint_interval, start_step, segment_start, resumed)
 
+    def _new(self, step: int) -> bool:
+        # A resumed run already evaluated and saved its first step before it stopped.
+        return step > self.start_step or not self.resumed
+
     def evaluates(self, step: int, at_end: bool, stopping: bool) -> bool:
         # The first evaluation of a run started from a checkpoint scores that model on this data. A
         # stop by signal skips the final evaluation (it can take long).
-        new_step = step > self.start_step or not self.resumed
-        return new_step and (step % self.eval_interval == 0 or (at_end and not stopping))
+        return self._new(step) and (step % self.eval_interval == 0 or (at_end and not stopping))
 
     def checkpoints(self, step: int, at_end: bool) -> bool:
-        new_step = step > self.start_step or not self.resumed
-        return new_step and step > self.segment_start and (step % self.checkpoint_interval == 0 or at_end)
+        return self._new(step) and step > self.segment_start and (step % self.checkpoint_interval == 0 or at_end)
 
 
 @torch.inference_mode()
