@@ -4,8 +4,9 @@
 
 run in a fresh process on a fresh data directory (download, vocab, shards, train, report; Prefect's
 ephemeral server included), exactly as a user runs it. Reports the wall time from this process,
-the best val loss of the run, and the share of the training wall time spent evaluating.
-Goal: best val <= 1.50 within 6 minutes on 2 cores.
+the best val loss of the run (on its eval windows), that best checkpoint's loss on the whole val
+split (scored afterwards, outside the timed command), and the share of the training wall time
+spent evaluating. Goal: whole-val-split loss <= 1.45 within 6 minutes on 2 cores.
 
     python bench/bench_main_command.py [--quick] [--set KEY=VALUE ...]
 
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 
 from benchlib import REPO, markdown_table, parse_args, print_table, save_results, tinyshakespeare_text
+from cortexcraft.evaluate import evaluate_run
 from cortexcraft.fileio import read_json
 
-GOAL_VAL = 1.50
+GOAL_VAL = 1.45
 GOAL_SECONDS = 360.0
 QUICK = ["max_iters=20", "eval_interval=10", "eval_iters=2", "max_new_tokens=20"]
 
@@ -43,17 +45,21 @@ def main() -> None:
             raise SystemExit(f"the pipeline failed:\n{out.stderr[-3000:]}")
         summaries = sorted((data_dir / "runs").glob("*/summary.json"))
         summary = read_json(summaries[-1])
+        run_dir = summaries[-1].parent
+        whole_val = evaluate_run(run_dir, read_json(run_dir / "run.json")["data_dir"], checkpoint="best")["val_loss"]
     result = {"command": " ".join(command[2:]), "overrides": overrides, "wall_seconds": wall,
-              "best_val_loss": summary["best_val_loss"], "best_step": summary["best_step"], "steps": summary["steps"],
+              "best_val_loss": summary["best_val_loss"], "whole_val_loss": whole_val, "best_step": summary["best_step"],
+              "steps": summary["steps"], "stopped_by": summary["stopped_by"],
               "train_wall_seconds": summary["wall_seconds"], "eval_seconds": summary["eval_seconds"],
               "eval_share": summary["eval_share"], "tokens_per_second": summary["tokens_per_second"],
               "dtype": summary["dtype"], "threads": summary["threads"],
-              "goal_met": summary["best_val_loss"] <= GOAL_VAL and wall <= GOAL_SECONDS}
+              "goal_met": whole_val <= GOAL_VAL and wall <= GOAL_SECONDS}
     headers = ["measure", "value", "goal"]
     rows = [
         ["wall seconds, whole pipeline", wall, f"<= {GOAL_SECONDS:.0f}"],
-        ["best val loss", summary["best_val_loss"], f"<= {GOAL_VAL}"],
-        ["steps", summary["steps"], ""],
+        ["best val loss, eval windows", summary["best_val_loss"], ""],
+        ["that checkpoint's loss on the whole val split", whole_val, f"<= {GOAL_VAL}"],
+        ["steps (stopped by)", f"{summary['steps']:,} ({summary['stopped_by']})", ""],
         ["train stage seconds", summary["wall_seconds"], ""],
         ["share of training wall time spent evaluating", f"{100 * summary['eval_share']:.1f}%", ""],
         ["training tokens/s", summary["tokens_per_second"], ""],

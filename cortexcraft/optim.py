@@ -45,6 +45,66 @@ def max_steps_for(cfg: TrainConfig, train_tokens: int, tokens_per_step: int) -> 
     return max(1, math.ceil(cfg.max_epochs * train_tokens / tokens_per_step))
 
 
+def orthogonalize(
+    updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (torch's, in bf16) on a stack of same-shaped matrices
+    at once: a batched product per iteration instead of one per matrix."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def muon_lr_ratio(adjust_lr_fn: Optional[str], shape: torch.Size) -> float:
+    """torch's Muon learning-rate adjustment for a matrix of ``shape``."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch's Muon, stepping the matrices of one shape together: the blocks hold ``n_layer``
+    matrices of each of four shapes, and orthogonalizing each alone spent 18 ms of the cpu
+    preset's 117 ms step on 2 CPU cores in many small products.
+    Same arithmetic, same state and hyperparameters, so checkpoints of either load in the other."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                by_shape.setdefault(param.shape, []).append((param, update))
+            for shape, pairs in by_shape.items():
+                stacked = torch.stack([update for _, update in pairs])
+                ortho = orthogonalize(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                step_size = lr * muon_lr_ratio(group["adjust_lr_fn"], shape)
+                for (param, _), direction in zip(pairs, ortho):
+                    param.mul_(1 - lr * group["weight_decay"])
+                    param.add_(direction, alpha=-step_size)
+        return loss
+
+
 class Optimizers:
     """AdamW, which decays only matrices and embeddings (>= 2-D), never biases or norm gains; with
     ``optimizer=muon``, Muon takes the 2-D matrices inside the blocks and AdamW keeps the
@@ -66,10 +126,10 @@ class Optimizers:
         # CPU shape (bench_train).
         self.adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                        fused=device.type in ("cuda", "cpu"))
-        self.muon: Optional[torch.optim.Muon] = None
+        self.muon: Optional[BatchedMuon] = None
         if muon_params:
             # weight_decay is always passed: torch's default (0.1) is far from the speedrun's (none).
-            self.muon = torch.optim.Muon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
+            self.muon = BatchedMuon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
                                          momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
 
     def by_name(self) -> dict[str, torch.optim.Optimizer]:

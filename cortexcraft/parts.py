@@ -31,7 +31,8 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import atomic_open, sha256_file
 from cortexcraft.shards import SPLITS, build_shard_dir, encode_range, shard_file_name, split_ranges
 from cortexcraft.sources import COPY_BYTES, READ_BYTES, corpus_byte_range_text
-from cortexcraft.tokenizer import MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars, load_tokenizer
+from cortexcraft.tokenizer import (MAX_CODE_POINT, CharTokenizer, Tokenizer, build_vocab, count_chars,
+                                   limit_encode_threads, load_tokenizer)
 
 PART_BYTES = 64 << 20
 # Parts per worker when the size is left to prepare_parts: fewer leave a worker idle at the end
@@ -89,8 +90,11 @@ def add_counts(sparse_counts: Iterable[np.ndarray]) -> np.ndarray:
     return total
 
 
-def encode_part(vocab_dir: str, corpus: dict, part: dict, out_path: str) -> dict:
-    """Write the raw ids of one part to ``out_path``; returns the part with ``tokens`` and ``path``."""
+def encode_part(vocab_dir: str, corpus: dict, part: dict, out_path: str, encode_threads: int | None = None) -> dict:
+    """Write the raw ids of one part to ``out_path``; returns the part with ``tokens`` and ``path``.
+    ``encode_threads`` caps a BPE tokenizer's threads in this (worker) process."""
+    if encode_threads is not None:
+        limit_encode_threads(encode_threads)
     tok = load_tokenizer(Path(vocab_dir))
     tokens = 0
     with atomic_open(out_path) as handle:
@@ -275,9 +279,11 @@ def prepare_parts(
     out_dir: Path,
     workers: int,
     part_bytes: int | None = None,
+    encode_threads: int = 1,
 ) -> dict:
     """Vocabulary and shards of ``corpus`` with ``workers`` processes; returns the shards manifest.
-    Parts are ``part_bytes`` long, by default ``balanced_part_bytes``.
+    Parts are ``part_bytes`` long, by default ``balanced_part_bytes``; a BPE tokenizer encodes with
+    ``encode_threads`` threads in each worker (the workers' share of the cores).
 
     The character vocabulary is a map-reduce of per-part counts, and those counts place every
     part's ids in the shard files directly; BPE is trained in this process (on a bounded sample)
@@ -296,5 +302,7 @@ def prepare_parts(
             part_tokens = [int(counts[1].sum()) for counts in part_counts]
             return write_shards_in_place(corpus, vocab, data_cfg, out_dir, parts, part_tokens, pool, workers)
         paths = [str(parts_dir / f"part-{p['index']:05d}.bin") for p in parts]
-        encoded = list(pool.map(encode_part, repeat(vocab["dir"]), repeat(corpus), parts, paths))
+        encoded = list(
+            pool.map(encode_part, repeat(vocab["dir"]), repeat(corpus), parts, paths, repeat(encode_threads))
+        )
         return write_shards_from_parts(corpus, vocab, data_cfg, out_dir, encoded, workers)

@@ -11,6 +11,7 @@ from cortexcraft.errors import CortexCraftError
 from cortexcraft.parts import prepare_parts
 from cortexcraft.shards import check_out_dir, write_shards
 from cortexcraft.sources import download
+from cortexcraft.threads import threads_per_worker
 from cortexcraft.tokenizer import build_vocab, check_tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def prepare(data_cfg: DataConfig, out_dir: Path, cache_dir: Path | None = None, 
     try:
         if workers > 1:
             return prepare_parts(
-                corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes
+                corpus, data_cfg, vocab_dir.path, vocab_dir.path / "parts", out_dir, workers, part_bytes,
+                encode_threads=threads_per_worker(workers),
             )
         vocab = build_vocab(corpus, data_cfg, vocab_dir.path, tokenizer=pretrained)
         log.info("vocabulary: %s", vocab["preview"])

@@ -99,6 +99,11 @@ def available_cores(cpus: Optional[list[int]] = None, quota: Optional[float] = N
     return max(1, min(len(cpus), math.ceil(limit)) if limit else len(cpus))
 
 
+def threads_per_worker(workers: int) -> int:
+    """This process's cores divided among ``workers`` processes that each run threaded code."""
+    return max(1, available_cores() // workers)
+
+
 def _cpu_times(cpus: list[int], stat: Path) -> dict[int, tuple[int, int]]:
     """(busy, total) jiffies per CPU from /proc/stat."""
     times = {}

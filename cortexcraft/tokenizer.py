@@ -18,6 +18,7 @@ spelling encodes to that token's id.
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -61,6 +62,18 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
     def stream_decoder(self) -> Callable[[int], str | None]: ...
     def save(self, out_dir: Path) -> dict: ...
+
+
+def limit_encode_threads(threads: int) -> None:
+    """At most ``threads`` threads for this process's batched BPE encoding (the tokenizers library
+    otherwise starts one per core in every process, and workers sharing the cores then fight over
+    them). Call it in a worker before it encodes: rayon sizes its pool once per process, while
+    "no parallelism" (``threads`` 1) is read at every call."""
+    if threads <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
 
 
 def dtype_for(vocab_size: int) -> np.dtype:

@@ -10,6 +10,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 from cortexcraft.config import RunConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.parts import plan_parts
+from cortexcraft.threads import threads_per_worker
 from flows.params import PipelineParams
 from tasks.download import download_key, download_task, revalidate_task
 from tasks.parts import count_part_task, encode_part_task, map_parts
@@ -110,7 +111,8 @@ def prepare_in_parts(corpus: dict[str, Any], params: PipelineParams) -> dict[str
     key = shards_key(corpus, vocab, data_cfg)
     encoded = None
     if _needed(data_dir, refresh, "shards", key):
-        encoded = map_parts(encode_part_task, planned(), data_dir, corpus=corpus, vocab=vocab)
+        encoded = map_parts(encode_part_task, planned(), data_dir, corpus=corpus, vocab=vocab,
+                            encode_threads=threads_per_worker(params.workers))
     shards = run_stage(
         write_shards_task, key, refresh, corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir, parts=encoded
     )

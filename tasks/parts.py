@@ -45,13 +45,13 @@ def count_part_task(corpus: dict[str, Any], part: dict[str, Any], data_dir: str)
       retries=1, retry_condition_fn=retry_unless_user_error,
       cache_policy=NO_CACHE)  # map_parts gives it its key, lock and result storage
 def encode_part_task(
-    corpus: dict[str, Any], vocab: dict[str, Any], part: dict[str, Any], data_dir: str
+    corpus: dict[str, Any], vocab: dict[str, Any], part: dict[str, Any], data_dir: str, encode_threads: int = 1
 ) -> dict[str, Any]:
     from cortexcraft.parts import encode_part
 
     key = part_key(ENCODE, corpus, part, vocab)
     path = stage_dir(data_dir, ENCODE, key) / IDS_FILE
-    encoded = encode_part(vocab["manifest"]["dir"], corpus["manifest"], part, str(path))
+    encoded = encode_part(vocab["manifest"]["dir"], corpus["manifest"], part, str(path), encode_threads)
     return write_record(data_dir, ENCODE, key, [path], part=part, tokens=encoded["tokens"])
 
 

@@ -3,7 +3,10 @@ safe cut points, char counts as a map-reduce, BPE on a bounded sample, an existi
 local parquet corpora."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,7 @@ from cortexcraft.parts import (
 )
 from cortexcraft.prepare import prepare
 from cortexcraft.sources import download
+from cortexcraft.threads import available_cores, threads_per_worker
 from cortexcraft.tokenizer import BPETokenizer, build_vocab, count_chars, load_tokenizer
 
 PIECES = ["the", "quick", "Grüße", "😀", "日本語", " ", "\n", "\n\n", "  indented", "\t", "x\u2028y", "é", "a\u0301",
@@ -275,3 +279,34 @@ def test_a_part_that_does_not_fill_its_promised_place_is_a_one_line_error(docs, 
         r"characters promised; prepare again with --workers 1$",
     ):
         encode_part_in_place(vocab["dir"], corpus, part, [(str(shard), 0, tokens + 1)])
+
+
+ENCODE_THREADS = """
+import os, sys
+from pathlib import Path
+from cortexcraft.tokenizer import limit_encode_threads, load_tokenizer
+limit_encode_threads(int(sys.argv[2]))
+tok = load_tokenizer(Path(sys.argv[1]))
+before = len(os.listdir("/proc/self/task"))
+tok.encode_batch(["a few words of text to encode, " * 20] * 4000)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_worker_encodes_bpe_with_its_share_of_the_threads(tokenizer_json, threads):
+    """Issue 20: each worker got one tokenizer thread per core, so 2 workers were slower than 1."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    out = subprocess.run([sys.executable, "-c", ENCODE_THREADS, str(tokenizer_json.parent), str(threads)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # One thread encodes in the calling thread; more start a pool of exactly that many.
+    assert int(out.stdout.strip().splitlines()[-1]) == (0 if threads == 1 else threads)
+
+
+def test_workers_divide_the_cores():
+    cores = available_cores()
+    assert threads_per_worker(1) == cores
+    assert threads_per_worker(cores) == 1
+    assert threads_per_worker(cores + 5) == 1

@@ -15,7 +15,7 @@ from cortexcraft.model import GPT
 from cortexcraft.prepare import prepare
 from cortexcraft.evaluate import eval_plan, evaluate_run
 from cortexcraft.metrics import read_metrics
-from cortexcraft.optim import Optimizers, learning_rate, max_steps_for
+from cortexcraft.optim import BatchedMuon, Optimizers, learning_rate, max_steps_for
 from cortexcraft.tokenizer import BPETokenizer
 from cortexcraft.train import train
 from tiny_runs import make_data_dir, tiny_config
@@ -311,3 +311,27 @@ def test_evaluation_uses_the_same_windows_in_fewer_larger_batches_and_reports_it
     # Both times are rounded to milliseconds, so on a sub-second run their ratio moves by up to 1 ms / wall.
     rounding = 1e-4 + 1e-3 / summary["wall_seconds"]
     assert summary["eval_share"] == pytest.approx(summary["eval_seconds"] / summary["wall_seconds"], abs=rounding)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_batched_muon_steps_exactly_like_torchs_muon(adjust_lr_fn):
+    """Issue 20: the blocks' matrices are orthogonalized shape by shape in one batched product."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (48, 16), (16, 64), (16, 16), (16, 64), (7, 5)]
+    ours = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    settings = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=adjust_lr_fn)
+    batched, reference = BatchedMuon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    for _ in range(4):
+        for mine, other in zip(ours, theirs):
+            mine.grad = torch.randn(mine.shape)
+            other.grad = mine.grad.clone()
+        batched.step()
+        reference.step()
+    for mine, other in zip(ours, theirs):
+        assert torch.equal(mine, other)
+    # Same state layout: a checkpoint of torch's Muon resumes in ours.
+    resumed = BatchedMuon([torch.nn.Parameter(p.detach().clone()) for p in theirs], **settings)
+    resumed.load_state_dict(reference.state_dict())
+    assert all(torch.equal(resumed.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
+               for p, q in zip(resumed.param_groups[0]["params"], theirs))

@@ -1,0 +1,210 @@
+"""Distance to the hardware's limit: MFU of training on this CPU, and where a step's time goes.
+
+MFU = model FLOPs per second / this CPU's peak matmul FLOP/s, both measured in this run: the peak
+is the best of large square matmuls (fp32 and bf16) at the thread count training uses. Model
+FLOPs per token are nanoGPT's (PaLM's) estimate: 6 x the parameters that multiply (every Linear
+weight, the LM head included) + 12 x layers x width x context for attention. A step's time is
+that of the trainer itself (``cortexcraft.train``, timed between its first and last eval), for
+the ``cpu`` preset and for nanoGPT's CPU config, beside the nanoGPT-style reference.
+
+The profile runs the trainer's own step function (``cortexcraft.train._train_step``) on the
+``cpu`` preset under torch.profiler and sorts each op's self time into: matmuls (forward and
+backward), attention (the fused SDPA kernels), optimizer (Muon, AdamW, clipping, zero_grad),
+dtype casts (autocast), other ops (norms, activations, embedding, loss...), and the rest of the
+wall time: Python and dispatcher overhead between ops. The profiler adds overhead of its own, so
+shares are of the profiled step, printed beside the unprofiled step time.
+
+    python bench/bench_limits.py [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+import tempfile
+
+import torch
+
+from benchlib import markdown_table, parse_args, prepared_tinyshakespeare, print_table, save_results
+
+PEAK_SIZES = (1024, 2048)
+CATEGORIES = ("matmul", "attention", "optimizer", "dtype casts", "other ops", "Python and dispatch overhead")
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm"}
+CAST_OPS = {"aten::to", "aten::_to_copy", "aten::copy_"}
+
+
+def peak_matmul_flops(dtype: torch.dtype, seconds: float) -> dict:
+    """The best FLOP/s of n x n @ n x n matmuls over ``PEAK_SIZES``, each timed for ``seconds``."""
+    best = {}
+    for n in PEAK_SIZES:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        rate, end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            a @ b
+            rate = max(rate, 2 * n**3 / (time.perf_counter() - start))
+        best[n] = rate
+    size = max(best, key=best.get)
+    return {"flops": best[size], "size": size, "by_size": best}
+
+
+def flops_per_token(model: torch.nn.Module, n_layer: int, n_embd: int, block_size: int) -> float:
+    multiplying = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * multiplying + 12 * n_layer * n_embd * block_size
+
+
+def our_model(overrides: dict, vocab_size: int):
+    from cortexcraft.config import build_config
+    from cortexcraft.model import GPT
+
+    config = build_config("cpu", overrides)
+    with torch.device("meta"):
+        return config, GPT(config.model, vocab_size)
+
+
+def category(event, optimizer_scope: bool) -> str:
+    name = event.name
+    if optimizer_scope or name.startswith(("aten::_foreach", "aten::_fused_adam")):
+        return "optimizer"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name in CAST_OPS:
+        return "dtype casts"
+    return "other ops"
+
+
+def breakdown(events, wall_us: float) -> dict[str, float]:
+    """Microseconds per category: each op's self time goes to its category; an op inside an
+    optimizer step or an attention kernel counts wholly for it; the rest of the wall is overhead."""
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+
+    def walk(event, inherited: str | None, optimizer_scope: bool) -> None:
+        scope = optimizer_scope or event.name.startswith(("Optimizer.step", "Optimizer.zero_grad"))
+        own = inherited or category(event, scope)
+        if not event.name.startswith(("Optimizer.", "ProfilerStep", "step")):
+            totals[own] += event.self_cpu_time_total
+        # Everything an attention kernel calls is attention; other ops' children are judged alone.
+        keep = own if own in ("attention",) else None
+        for child in event.cpu_children:
+            walk(child, keep, scope)
+
+    roots = [e for e in events if e.cpu_parent is None]
+    for root in roots:
+        walk(root, None, False)
+    totals["Python and dispatch overhead"] = max(0.0, wall_us - sum(totals.values()))
+    return totals
+
+
+def profile_cpu_preset(data_dir: Path, steps: int, warmup: int) -> dict:
+    from cortexcraft.batches import TokenWindows
+    from cortexcraft.config import build_config
+    from cortexcraft.device import grad_scaler, select_dtype, vocab_multiple
+    from cortexcraft.distributed import Distributed
+    from cortexcraft.fileio import read_json
+    from cortexcraft.model import GPT, matmul_shapes
+    from cortexcraft.optim import Optimizers
+    from cortexcraft.train import HealthMonitor, _train_step
+
+    vocab_size = read_json(data_dir / "manifest.json")["vocab_size"]
+    config = build_config("cpu", {})
+    tcfg, mcfg = config.train, config.model
+    device = torch.device("cpu")
+    dtype = select_dtype(device, tcfg.dtype, matmul_shapes(mcfg, vocab_size, tcfg.batch_size * mcfg.block_size))
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg, vocab_size, pad_vocab_to=vocab_multiple(device))
+    optimizers = Optimizers(model, tcfg, device, grad_scaler(device, dtype))
+    windows = TokenWindows(data_dir, "train", mcfg.block_size, tcfg.batch_size, tcfg.seed, device)
+    ddp = Distributed("cpu")
+    health = HealthMonitor(device, ddp, tcfg.lr)
+    params = list(model.parameters())
+
+    def run(first: int, count: int) -> None:
+        for step in range(first, first + count):
+            optimizers.schedule(step, tcfg.max_iters)
+            _train_step(model, params, optimizers, windows, step, tcfg, device, dtype, ddp, health)
+
+    run(0, warmup)
+    start = time.perf_counter()
+    run(warmup, steps)
+    plain = (time.perf_counter() - start) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run(warmup + steps, steps)
+        profiled = (time.perf_counter() - start) / steps
+    totals = breakdown(prof.events(), profiled * steps * 1e6)
+    return {"dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "steps": steps,
+            "step_ms": 1000 * plain, "profiled_step_ms": 1000 * profiled,
+            "ms_per_step": {name: us / steps / 1000 for name, us in totals.items()}}
+
+
+def main() -> None:
+    from bench_train import NANOGPT_ARCH, NANOGPT_BATCH, NANOGPT_SHAPE, throughput_nanogpt, throughput_ours
+    from cortexcraft.fileio import read_json
+
+    args = parse_args(__doc__.splitlines()[0])
+    iters, peak_seconds, profile_steps = (10, 0.2, 3) if args.quick else (100, 2.0, 20)
+    peaks = {name: peak_matmul_flops(dtype, peak_seconds) for name, dtype in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    with tempfile.TemporaryDirectory(prefix="bench-limits-") as tmp:
+        work = Path(tmp)
+        data_dir = prepared_tinyshakespeare(work / "tinyshakespeare")
+        vocab = read_json(data_dir / "manifest.json")["vocab_size"]
+        cpu_config, cpu_model = our_model({}, vocab)
+        mcfg = cpu_config.model
+        cpu_tokens = cpu_config.train.batch_size * mcfg.block_size
+        nano_config, nano_model = our_model({"model": {**NANOGPT_SHAPE, **NANOGPT_ARCH}}, vocab)
+        nano_tokens = NANOGPT_BATCH * NANOGPT_SHAPE["block_size"]
+        runs = {
+            "cpu preset, ours (bf16 autocast)": (
+                lambda: cpu_step(data_dir, work, iters, "bfloat16"), cpu_model, mcfg, cpu_tokens, "bf16"),
+            "cpu preset, ours (fp32)": (
+                lambda: cpu_step(data_dir, work, iters, "float32"), cpu_model, mcfg, cpu_tokens, "fp32"),
+            "nanoGPT CPU config, ours (bf16 autocast)": (
+                lambda: throughput_ours(data_dir, work, iters, "bfloat16"), nano_model, nano_config.model,
+                nano_tokens, "bf16"),
+            "nanoGPT CPU config, nanoGPT-style reference (fp32)": (
+                lambda: throughput_nanogpt(data_dir, iters), nano_model, nano_config.model, nano_tokens, "fp32"),
+        }
+        rows, results = [], {}
+        for name, (measure, model, m, tokens, precision) in runs.items():
+            seconds = measure()
+            per_token = flops_per_token(model, m.n_layer, m.n_embd, m.block_size)
+            achieved = per_token * tokens / seconds
+            results[name] = {"step_ms": 1000 * seconds, "tokens_per_second": tokens / seconds,
+                             "flops_per_token": per_token, "model_flops": achieved, "precision": precision,
+                             "mfu": achieved / peaks[precision]["flops"],
+                             "mfu_vs_bf16_peak": achieved / peaks["bf16"]["flops"]}
+            rows.append([name, 1000 * seconds, tokens / seconds, achieved / 1e9,
+                         f"{100 * achieved / peaks[precision]['flops']:.1f}% of {precision}",
+                         f"{100 * achieved / peaks['bf16']['flops']:.1f}%"])
+        peak_line = ", ".join(f"{name} {p['flops'] / 1e9:,.0f} GFLOP/s (n={p['size']})" for name, p in peaks.items())
+        headers = ["run", "ms/step", "tokens/s", "model GFLOP/s", "MFU (own precision's peak)", "MFU vs bf16 peak"]
+        print_table(f"MFU on this CPU ({torch.get_num_threads()} threads); peak matmul: {peak_line}", headers, rows)
+        profile = profile_cpu_preset(data_dir, profile_steps, warmup=5)
+    shares = profile["ms_per_step"]
+    total = sum(shares.values())
+    profile_rows = [[name, ms, f"{100 * ms / total:.1f}%"] for name, ms in shares.items()]
+    print_table(f"Where one step of the cpu preset goes ({profile['dtype']}, {profile['threads']} threads; "
+                f"{profile['step_ms']:.1f} ms unprofiled, {profile['profiled_step_ms']:.1f} ms profiled)",
+                ["part", "ms/step (profiled)", "share"], profile_rows)
+    save_results("bench_limits", {"peaks": peaks, "runs": results, "profile": profile,
+                                  "markdown": markdown_table(headers, rows),
+                                  "profile_markdown": markdown_table(["part", "ms/step", "share"], profile_rows)})
+
+
+def cpu_step(data_dir: Path, work: Path, iters: int, dtype: str) -> float:
+    """Seconds per step of the cpu preset as it ships, in ``dtype`` (evals only at both ends)."""
+    from bench_train import run_ours, ours_config
+
+    config = ours_config({"train": {"max_iters": iters, "eval_interval": iters, "eval_iters": 1,
+                                    "checkpoint_interval": iters, "dtype": dtype, "max_minutes": None,
+                                    "threads": torch.get_num_threads()}})
+    records = run_ours(config, data_dir, work)
+    return (records[-1]["elapsed_seconds"] - records[0]["elapsed_seconds"]) / iters
+
+
+if __name__ == "__main__":
+    main()
