@@ -72,9 +72,10 @@ class Distributed:
         return out
 
     def close(self, completed: bool) -> None:
-        """Leave the process group once every rank is done: after a completed run, a rank that
-        left while rank 0 was still writing tore down the store rank 0 talks to (a finished run
-        then died of SIGABRT). An error while tearing down a completed run is only a warning."""
+        """Leave the process group once every rank is done. A finished 2-process run once ended in
+        SIGABRT on a loaded machine; the suspect (never reproduced here) is a rank tearing down its
+        group while rank 0 still writes the last checkpoint. An error while tearing down a
+        completed run is only a warning."""
         if not self.owns_group:
             return
         try:
