@@ -130,7 +130,7 @@ class Optimizers:
         if muon_params:
             # weight_decay is always passed: torch's default (0.1) is far from the speedrun's (none).
             self.muon = BatchedMuon(muon_params, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay,
-                                         momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
+                                    momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn=cfg.muon_adjust_lr)
 
     def by_name(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers under their checkpoint names ("optimizer" is AdamW, "muon" is Muon)."""
