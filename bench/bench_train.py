@@ -14,8 +14,9 @@ the text; the best checkpoint of our runs is re-scored on the whole val split.
 Moonshot: the best val loss given 15 minutes (``max_minutes`` with the schedule decaying over the
 last 30% of the time) of the ``cpu`` preset widened to 192 with dropout 0.1 outside attention
 (``MOONSHOT_SET``: the 0.8M-parameter preset is capacity-bound over 15 minutes, and a wider one
-overfits 1M characters without dropout); goal <= 1.47, nanoGPT's own A100 result for its
-10.7M-parameter baby GPT. ``--moonshot-set KEY=VALUE`` (repeated) tries other overrides instead.
+overfits 1M characters without dropout); goal: the best checkpoint's loss on the whole val split
+<= 1.44 (issue 20), below nanoGPT's own A100 result for its 10.7M-parameter baby GPT (1.47).
+``--moonshot-set KEY=VALUE`` (repeated) tries other overrides instead.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ NANOGPT_ARCH = {"pos_encoding": "learned", "normalization": "layernorm", "activa
                 "zero_init": False, "tie_weights": True, "logit_softcap": None, "bias": True}
 # Seconds of a budgeted run's process outside the trainer's clock: Python's start, imports, the final eval.
 START_UP_ALLOWANCE = 5.0
-MOONSHOT_VAL = 1.47
+MOONSHOT_VAL = 1.44
 MOONSHOT_MINUTES = 15.0
 MOONSHOT_SET = ["n_embd=192", "n_head=6", "dropout=0.1", "attn_dropout=0"]
 
@@ -331,7 +332,7 @@ def main() -> None:
                     res.get("best_full_val"),
                     res["records"][-1]["step"],
                     res["wall_seconds"],
-                    f"<= {MOONSHOT_VAL}",
+                    f"full val <= {MOONSHOT_VAL}",
                 ]
             ]
             headers = ["run", "best val", "best ckpt, full val", "steps", "wall s", "goal"]

@@ -107,7 +107,7 @@ def headline_rows() -> list[list[str]]:
                 f"({_num(moon.get('best_full_val'), 4)} best checkpoint on the whole val split)",
                 "1.47 (nanoGPT's baby GPT on an A100)",
                 "",
-                f"<= {moon['goal_val']}",
+                f"whole val split <= {moon['goal_val']}",
             ]
         )
     main_command = _load("bench_main_command.json")
