@@ -240,7 +240,7 @@ def headline_rows() -> list[list[str]]:
                     f"{two['nanogpt_mb_per_s']:,.1f} (nanoGPT-style datasets.map, num_proc=2)",
                     f"{speeds[f'{name} scaling 2 vs 1 worker']:.2f}x vs 1 worker / "
                     f"{two['ours_mb_per_s'] / two['nanogpt_mb_per_s']:.1f}x nanoGPT",
-                    ">= 1.0x vs 1 worker (never slower)" if name == "bpe" else ">= 1.7x on 2 cores",
+                    ">= 1.0x vs 1 worker (never slower)",
                 ]
             )
     if scale and "collection" in scale:
