@@ -88,9 +88,8 @@ def breakdown(events, wall_us: float) -> dict[str, float]:
         if not event.name.startswith(("Optimizer.", "ProfilerStep", "step")):
             totals[own] += event.self_cpu_time_total
         # Everything an attention kernel calls is attention; other ops' children are judged alone.
-        keep = own if own in ("attention",) else None
         for child in event.cpu_children:
-            walk(child, keep, scope)
+            walk(child, "attention" if own == "attention" else None, scope)
 
     roots = [e for e in events if e.cpu_parent is None]
     for root in roots:
@@ -142,7 +141,8 @@ def profile_cpu_preset(data_dir: Path, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    from bench_train import NANOGPT_ARCH, NANOGPT_BATCH, NANOGPT_SHAPE, throughput_nanogpt, throughput_ours
+    from bench_train import (NANOGPT_ARCH, NANOGPT_BATCH, NANOGPT_SHAPE, seconds_per_step, throughput_nanogpt,
+                             throughput_ours)
     from cortexcraft.fileio import read_json
 
     args = parse_args(__doc__.splitlines()[0])
@@ -160,9 +160,9 @@ def main() -> None:
         nano_tokens = NANOGPT_BATCH * NANOGPT_SHAPE["block_size"]
         runs = {
             "cpu preset, ours (bf16 autocast)": (
-                lambda: cpu_step(data_dir, work, iters, "bfloat16"), cpu_model, mcfg, cpu_tokens, "bf16"),
+                lambda: seconds_per_step(data_dir, work, iters, "bfloat16"), cpu_model, mcfg, cpu_tokens, "bf16"),
             "cpu preset, ours (fp32)": (
-                lambda: cpu_step(data_dir, work, iters, "float32"), cpu_model, mcfg, cpu_tokens, "fp32"),
+                lambda: seconds_per_step(data_dir, work, iters, "float32"), cpu_model, mcfg, cpu_tokens, "fp32"),
             "nanoGPT CPU config, ours (bf16 autocast)": (
                 lambda: throughput_ours(data_dir, work, iters, "bfloat16"), nano_model, nano_config.model,
                 nano_tokens, "bf16"),
@@ -199,17 +199,6 @@ def main() -> None:
     save_results("bench_limits", {"peaks": peaks, "runs": results, "profile": profile,
                                   "markdown": markdown_table(headers, rows),
                                   "profile_markdown": markdown_table(["part", "ms/step", "share"], profile_rows)})
-
-
-def cpu_step(data_dir: Path, work: Path, iters: int, dtype: str) -> float:
-    """Seconds per step of the cpu preset as it ships, in ``dtype`` (evals only at both ends)."""
-    from bench_train import run_ours, ours_config
-
-    config = ours_config({"train": {"max_iters": iters, "eval_interval": iters, "eval_iters": 1,
-                                    "checkpoint_interval": iters, "dtype": dtype, "max_minutes": None,
-                                    "threads": torch.get_num_threads()}})
-    records = run_ours(config, data_dir, work)
-    return (records[-1]["elapsed_seconds"] - records[0]["elapsed_seconds"]) / iters
 
 
 if __name__ == "__main__":

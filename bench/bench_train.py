@@ -63,16 +63,25 @@ def run_ours(config, data_dir: Path, work: Path) -> list[dict]:
     return records
 
 
-def throughput_ours(data_dir: Path, work: Path, iters: int, dtype: str) -> float:
-    """Seconds per iteration of our trainer, timed between its first and last eval (one batch each)."""
+def seconds_per_step(data_dir: Path, work: Path, iters: int, dtype: str, model: dict | None = None,
+                     train: dict | None = None) -> float:
+    """Seconds per step of our trainer on the cpu preset with ``model`` and ``train`` overrides,
+    timed between its first and last eval (one batch each)."""
     config = ours_config({
-        "model": {**NANOGPT_SHAPE, **NANOGPT_ARCH},
-        "train": {"batch_size": NANOGPT_BATCH, "max_iters": iters, "eval_interval": iters, "eval_iters": 1,
-                  "checkpoint_interval": iters, "dtype": dtype, "max_minutes": None, "warmup_iters": 0,
-                  "optimizer": "adamw", "lr_schedule": "cosine", "threads": torch.get_num_threads()},
+        "model": model or {},
+        "train": {**(train or {}), "max_iters": iters, "eval_interval": iters, "eval_iters": 1,
+                  "checkpoint_interval": iters, "dtype": dtype, "max_minutes": None,
+                  "threads": torch.get_num_threads()},
     })
     records = run_ours(config, data_dir, work)
     return (records[-1]["elapsed_seconds"] - records[0]["elapsed_seconds"]) / iters
+
+
+def throughput_ours(data_dir: Path, work: Path, iters: int, dtype: str) -> float:
+    """Seconds per step of our trainer at nanoGPT's CPU config, architecture and optimizer."""
+    return seconds_per_step(data_dir, work, iters, dtype, model={**NANOGPT_SHAPE, **NANOGPT_ARCH},
+                            train={"batch_size": NANOGPT_BATCH, "warmup_iters": 0, "optimizer": "adamw",
+                                   "lr_schedule": "cosine"})
 
 
 def throughput_nanogpt(data_dir: Path, iters: int) -> float:
