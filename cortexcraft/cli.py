@@ -81,13 +81,15 @@ def add_parts_options(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes counting and encoding the corpus in parts (same output for any number)",
+        help="processes collecting the source, and encoding it in parts where that is faster than one "
+        "(char corpora from ~200 MB; BPE encodes on every core in one process); same output for any number",
     )
     parser.add_argument(
         "--part-mb",
         type=float,
         default=None,
-        help="size of a part in MB (pipeline: 64; prepare: 64, or less so each worker gets 8 parts)",
+        help="size of a part in MB (pipeline: 64; prepare: 64, or less so each worker gets 8 parts); "
+        "given, every worker encodes parts, even where one process would be faster",
     )
 
 

@@ -61,6 +61,10 @@ def _slices(chunks: Iterable[str], size: int) -> Iterator[str]:
 def _encode_stream(tok: Tokenizer, chunks: Iterable[str]) -> Iterator[np.ndarray]:
     """Encode text chunks so the ids equal encoding the whole text at once. BPE goes through the
     tokenizers batch API (all cores) in small pieces, so memory stays bounded."""
+    if isinstance(tok, CharTokenizer) and not tok.special_tokens:
+        # One id per character: every cut is safe, and looking for safe cuts took a quarter of the time.
+        yield from map(tok.encode, chunks)
+        return
     if not isinstance(tok, BPETokenizer):
         yield from map(tok.encode, _safe_pieces(chunks))
         return

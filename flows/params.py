@@ -9,10 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cortexcraft.config import RunConfig, build_config, describe_validation_error, parse_overrides
 from cortexcraft.errors import CortexCraftError
+from cortexcraft.parts import PART_BYTES, workers_that_pay
 from cortexcraft.registry import check_name
 from tasks.stage import STAGES
 
 Stage = Literal["download", "vocab", "shards", "train", "report", "all"]
+
+
+# Prefect's process pool takes ~9 s to start and every part is a task run: on 200 MB of characters
+# 2 workers took 17-18 s where the ordinary stages took 7-9 s, so parts pay only on gigabytes.
+PIPELINE_CHAR_BYTES_PER_WORKER = 1_500_000_000
 
 
 class PipelineParams(BaseModel):
@@ -63,7 +69,9 @@ class PipelineParams(BaseModel):
     dask_address: Optional[str] = Field(
         None, description="an existing Dask scheduler, tcp://HOST:PORT (implies task_runner dask)"
     )
-    part_mb: float = Field(64.0, gt=0, description="size of a corpus part in MB")
+    part_mb: Optional[float] = Field(
+        None, gt=0, description="size of a corpus part in MB (default 64); given, local workers always encode in parts"
+    )
     crash_retries: int = Field(
         2,
         ge=0,
@@ -83,7 +91,7 @@ class PipelineParams(BaseModel):
             check_name(self.model_name())
         except CortexCraftError as exc:
             raise ValueError(str(exc)) from None
-        if self._config.train.init_from and self.in_parts():
+        if self._config.train.init_from and (self.workers > 1 or self.on_dask()):
             raise ValueError(
                 f"init_from={self._config.train.init_from} with workers={self.workers} or a Dask task runner: "
                 f"a pretrained tokenizer is applied in one process only; use workers=1 and the default task runner"
@@ -99,8 +107,21 @@ class PipelineParams(BaseModel):
     def refreshed(self) -> set[str]:
         return set(STAGES) if "all" in self.refresh else set(self.refresh)
 
-    def in_parts(self) -> bool:
-        return self.workers > 1 or self.task_runner == "dask" or self.dask_address is not None
+    def on_dask(self) -> bool:
+        return self.task_runner == "dask" or self.dask_address is not None
+
+    def encoding_workers(self, corpus_bytes: int) -> int:
+        """Local processes encoding a corpus of ``corpus_bytes`` in part tasks: all ``workers`` with
+        Dask or a given ``part_mb``, else only those that finish sooner than the ordinary stages."""
+        if self.on_dask() or self.part_mb is not None:
+            return self.workers
+        return workers_that_pay(corpus_bytes, self._config.data.tokenizer, self.workers, PIPELINE_CHAR_BYTES_PER_WORKER)
+
+    def in_parts(self, corpus_bytes: int) -> bool:
+        return self.on_dask() or self.encoding_workers(corpus_bytes) > 1
+
+    def part_bytes(self) -> int:
+        return int(self.part_mb * 1e6) if self.part_mb is not None else PART_BYTES
 
     def data_path(self) -> str:
         # Absolute, so every task of the run resolves the same directory whatever its cwd.

@@ -28,11 +28,10 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     revision = revalidate_task(data_cfg, data_dir)
     corpus = run_stage(download_task, download_key(data_cfg, revision), refresh,
                        data_cfg=data_cfg, revision=revision, data_dir=data_dir, workers=params.workers)
-    if params.in_parts() and not _prepared(corpus, data_cfg, data_dir, refresh):
-        return {
-            "download": corpus,
-            **prepare_in_parts.with_options(task_runner=parts_task_runner(params))(corpus, params),
-        }
+    corpus_bytes = corpus["manifest"]["bytes"]
+    if params.in_parts(corpus_bytes) and not _prepared(corpus, data_cfg, data_dir, refresh):
+        runner = parts_task_runner(params, params.encoding_workers(corpus_bytes))
+        return {"download": corpus, **prepare_in_parts.with_options(task_runner=runner)(corpus, params)}
     init_from = config.train.init_from
     vocab = run_stage(
         build_vocab_task,
@@ -55,11 +54,11 @@ def run_prepare(config: RunConfig, params: PipelineParams) -> dict[str, dict[str
     return {"download": corpus, "vocab": vocab, "shards": shards}
 
 
-def parts_task_runner(params: PipelineParams) -> TaskRunner:
-    """Local processes (threads would share one GIL), or Dask: a LocalCluster of ``workers``
-    single-threaded processes, or the scheduler at ``dask_address``."""
-    if params.task_runner == "process" and params.dask_address is None:
-        return ProcessPoolTaskRunner(max_workers=params.workers)
+def parts_task_runner(params: PipelineParams, workers: int) -> TaskRunner:
+    """``workers`` local processes (threads would share one GIL), or Dask: a LocalCluster of
+    ``workers`` single-threaded processes, or the scheduler at ``dask_address``."""
+    if not params.on_dask():
+        return ProcessPoolTaskRunner(max_workers=workers)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -68,7 +67,7 @@ def parts_task_runner(params: PipelineParams) -> TaskRunner:
         ) from None
     if params.dask_address:
         return DaskTaskRunner(address=params.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
 
 
 def _needed(data_dir: str, refresh: set[str], stage: str, key: str) -> bool:
@@ -92,11 +91,11 @@ def prepare_in_parts(corpus: dict[str, Any], params: PipelineParams) -> dict[str
 
     def planned() -> list[dict[str, Any]]:  # only when a stage has to run: planning reads the corpus
         if not parts:
-            parts.extend(plan_parts(corpus["manifest"], config.data, int(params.part_mb * 1e6)))
+            parts.extend(plan_parts(corpus["manifest"], config.data, params.part_bytes()))
             get_run_logger().info(
                 "%d parts of about %s MB; task runner %s",
                 len(parts),
-                params.part_mb,
+                f"{params.part_bytes() / 1e6:g}",
                 type(FlowRunContext.get().task_runner).__name__,
             )
         return parts
@@ -112,7 +111,7 @@ def prepare_in_parts(corpus: dict[str, Any], params: PipelineParams) -> dict[str
     encoded = None
     if _needed(data_dir, refresh, "shards", key):
         encoded = map_parts(encode_part_task, planned(), data_dir, corpus=corpus, vocab=vocab,
-                            encode_threads=threads_per_worker(params.workers))
+                            encode_threads=threads_per_worker(params.encoding_workers(corpus["manifest"]["bytes"])))
     shards = run_stage(
         write_shards_task, key, refresh, corpus=corpus, vocab=vocab, data_cfg=data_cfg, data_dir=data_dir, parts=encoded
     )

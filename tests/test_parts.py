@@ -3,6 +3,7 @@ safe cut points, char counts as a map-reduce, BPE on a bounded sample, an existi
 local parquet corpora."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
@@ -19,7 +20,8 @@ from cortexcraft.config import DataConfig
 from cortexcraft.errors import CortexCraftError
 from cortexcraft.fileio import read_json
 from cortexcraft.parts import (
-    PART_BYTES, add_counts, balanced_part_bytes, count_part, encode_part_in_place, plan_parts, prepare_parts,
+    CHAR_BYTES_PER_WORKER, PART_BYTES, add_counts, balanced_part_bytes, count_part, encode_part_in_place, plan_parts,
+    prepare_parts, workers_that_pay,
 )
 from cortexcraft.prepare import prepare
 from cortexcraft.sources import download
@@ -248,7 +250,40 @@ def test_dask_runner_without_prefect_dask_says_how_to_install_it(monkeypatch, tm
 
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # what an install without the extra gives
     with pytest.raises(CortexCraftError, match=r"--task-runner dask needs prefect-dask; install it with .*\[dask\]"):
-        parts_task_runner(PipelineParams(data_dir=str(tmp_path), task_runner="dask"))
+        parts_task_runner(PipelineParams(data_dir=str(tmp_path), task_runner="dask"), 2)
+
+
+def test_only_the_workers_that_finish_sooner_encode():
+    assert workers_that_pay(10 * CHAR_BYTES_PER_WORKER, "bpe", 8) == 1  # the tokenizer's threads use every core
+    assert workers_that_pay(CHAR_BYTES_PER_WORKER - 1, "char", 2) == 1
+    assert workers_that_pay(2 * CHAR_BYTES_PER_WORKER, "char", 2) == 2
+    assert workers_that_pay(3 * CHAR_BYTES_PER_WORKER, "char", 8) == 3
+    assert workers_that_pay(100 * CHAR_BYTES_PER_WORKER, "char", 4) == 4
+
+
+@pytest.mark.parametrize("name", ["char", "bpe"])
+def test_workers_on_a_small_corpus_encode_in_one_process(name, docs, tmp_path, caplog):
+    config = DataConfig(source=str(docs), **TOKENIZERS[name])
+    serial = prepare(config, tmp_path / "serial", cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="cortexcraft.prepare"):
+        assert prepare(config, tmp_path / "two", cache_dir=tmp_path / "cache", workers=2) == serial
+    assert f"encoding with 1 of 2 workers: on 0 MB of {name} text more would not finish sooner" in caplog.text
+    assert _files(tmp_path / "two") == _files(tmp_path / "serial")
+
+
+def test_pipeline_parts_run_where_they_pay_or_where_asked(tmp_path):
+    from flows.params import PIPELINE_CHAR_BYTES_PER_WORKER, PipelineParams
+
+    def in_parts(corpus_bytes, **params):
+        return PipelineParams(data_dir=str(tmp_path), **params).in_parts(corpus_bytes)
+
+    assert not in_parts(10**6, workers=2)
+    assert not in_parts(2 * CHAR_BYTES_PER_WORKER, workers=2)  # the task runner takes seconds to start
+    assert in_parts(2 * PIPELINE_CHAR_BYTES_PER_WORKER, workers=2)
+    assert not in_parts(10**12, workers=2, overrides=["tokenizer=bpe"])
+    assert in_parts(10**6, workers=2, part_mb=0.2)  # a part size asks for parts
+    assert in_parts(10**6, task_runner="dask")  # Dask workers may be other machines
+    assert not in_parts(10**12)
 
 
 def test_default_parts_keep_every_worker_busy_to_the_end():
