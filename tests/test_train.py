@@ -212,7 +212,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert adamw_names == set(names.values()) - muon_names
     assert {"tok_emb.weight", "lm_head.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
     # torch's Muon defaults to weight_decay=0.1; ours is explicit.
-    assert muon.param_groups[0]["weight_decay"] == cfg.train.muon_weight_decay == 0.0
+    assert muon.param_groups[0]["weight_decay"] == cfg.train.muon_weight_decay == 0.05
 
 
 def test_warmup_stable_decay_ends_on_min_lr_by_steps_or_by_the_clock():
