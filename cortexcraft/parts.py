@@ -36,7 +36,8 @@ from cortexcraft.tokenizer import (MAX_CODE_POINT, CharTokenizer, Tokenizer, bui
 
 PART_BYTES = 64 << 20
 # A worker pays for its start (a spawned process importing numpy and this package: 0.4 s on 2
-# cores) only on enough text. One process encodes characters at ~130 MB/s, and 2 workers measured 0.38-0.40x of that on 25 MB, 0.78-0.82x on 100 MB and 1.15-1.18x on 200 MB.
+# cores) only on enough text. One process encodes characters at ~130 MB/s, and 2 workers measured
+# 0.38-0.40x of that on 25 MB, 0.78-0.82x on 100 MB and 1.15-1.18x on 200 MB.
 CHAR_BYTES_PER_WORKER = 80_000_000
 # Parts per worker when the size is left to prepare_parts: fewer leave a worker idle at the end
 # while the other finishes a big part (with 9 parts of 64 MB on 2 workers, up to an eighth).
