@@ -10,7 +10,8 @@ nanoGPT-style reference.
 
 The profile runs the trainer's own step function (``cortexcraft.train._train_step``) on the
 ``cpu`` preset under torch.profiler and sorts each op's self time into: matmuls (forward and
-backward), attention (the fused SDPA kernels), optimizer (Muon, AdamW, clipping, zero_grad),
+backward), attention (the fused SDPA kernels, or the batched matmuls and softmax of the
+short-context path), optimizer (Muon, AdamW, clipping, zero_grad),
 dtype casts (autocast), other ops (norms, activations, embedding, loss...), and the rest of the
 wall time: Python and dispatcher overhead between ops. The profiler adds overhead of its own, so
 shares are of the profiled step, printed beside the unprofiled step time.
@@ -29,7 +30,10 @@ from benchlib import markdown_table, parse_args, prepared_tinyshakespeare, print
 
 PEAK_SIZES = (1024, 2048)
 CATEGORIES = ("matmul", "attention", "optimizer", "dtype casts", "other ops", "Python and dispatch overhead")
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::baddbmm", "aten::_weight_int8pack_mm"}
+# Outside the optimizer only attention multiplies batched (4-D) tensors: its short-context path's
+# two matmuls and softmax, forward and backward.
+ATTENTION_OPS = {"aten::bmm", "aten::_softmax", "aten::_softmax_backward_data"}
 CAST_OPS = {"aten::to", "aten::_to_copy", "aten::copy_"}
 
 
@@ -50,6 +54,34 @@ def peak_matmul_flops(dtype: torch.dtype, seconds: float) -> dict:
     return {"flops": best[size], "size": size, "by_size": best}
 
 
+def attention_kernels(batch: int, heads: int, context: int, head_dim: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of one causal attention's forward + backward at one shape (best of ``repeats``):
+    the model's CPU short-context path (bf16 matmuls around a masked softmax) and torch's flash
+    kernel in fp32 (what CPU autocast ran before) and in bf16."""
+    import torch.nn.functional as F
+
+    from cortexcraft.model import masked_softmax_attention
+
+    def flash(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    kernels = {"masked softmax, bf16 (ours)": (lambda q, k, v: masked_softmax_attention(q, k, v, 0.0, q.dtype),
+                                               torch.bfloat16),
+               "flash, fp32": (flash, torch.float32), "flash, bf16": (flash, torch.bfloat16)}
+    best = {}
+    for name, (kernel, dtype) in kernels.items():
+        q, k, v = (torch.randn(batch, heads, context, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+        kernel(q, k, v).backward(grad)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel(q, k, v).backward(grad)
+            times.append(time.perf_counter() - start)
+        best[name] = 1000 * min(times)
+    return best
+
+
 def flops_per_token(model: torch.nn.Module, n_layer: int, n_embd: int, block_size: int) -> float:
     multiplying = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return 6 * multiplying + 12 * n_layer * n_embd * block_size
@@ -68,7 +100,7 @@ def category(event, optimizer_scope: bool) -> str:
     name = event.name
     if optimizer_scope or name.startswith(("aten::_foreach", "aten::_fused_adam")):
         return "optimizer"
-    if "scaled_dot_product" in name or "flash_attention" in name:
+    if "scaled_dot_product" in name or "flash_attention" in name or name in ATTENTION_OPS:
         return "attention"
     if name in MATMUL_OPS:
         return "matmul"
@@ -190,6 +222,13 @@ def main() -> None:
         headers = ["run", "ms/step", "tokens/s", "model GFLOP/s", "MFU (own precision's peak)", "MFU vs bf16 peak"]
         print_table(f"MFU on this CPU ({torch.get_num_threads()} threads); peak matmul: {peak_line}", headers, rows)
         profile = profile_cpu_preset(data_dir, profile_steps, warmup=5)
+    attention_shape = (cpu_config.train.batch_size, mcfg.n_head, mcfg.block_size, mcfg.n_embd // mcfg.n_head)
+    attention = attention_kernels(*attention_shape, repeats=3 if args.quick else 20)
+    ours = attention["masked softmax, bf16 (ours)"]
+    attention_rows = [[name, ms, f"{ms / ours:.2f}x"] for name, ms in attention.items()]
+    attention_headers = ["kernel", "ms (forward + backward)", "time vs ours"]
+    print_table(f"One attention layer of the cpu preset, batch x heads x context x head size = "
+                f"{' x '.join(map(str, attention_shape))}", attention_headers, attention_rows)
     shares = profile["ms_per_step"]
     total = sum(shares.values())
     profile_rows = [[name, ms, f"{100 * ms / total:.1f}%"] for name, ms in shares.items()]
@@ -197,6 +236,8 @@ def main() -> None:
                 f"{profile['step_ms']:.1f} ms unprofiled, {profile['profiled_step_ms']:.1f} ms profiled)",
                 ["part", "ms/step (profiled)", "share"], profile_rows)
     save_results("bench_limits", {"peaks": peaks, "runs": results, "profile": profile,
+                                  "attention_shape": attention_shape, "attention_ms": attention,
+                                  "attention_markdown": markdown_table(attention_headers, attention_rows),
                                   "markdown": markdown_table(headers, rows),
                                   "profile_markdown": markdown_table(["part", "ms/step", "share"], profile_rows)})
 

@@ -204,6 +204,19 @@ def test_rope_with_an_odd_head_size_is_refused_with_the_fix():
         build_config("cpu", ["pos_encoding=rope", "n_embd=132", "n_head=44"])
 
 
+def sdpa_calls(monkeypatch) -> list:
+    """(query length, dropout_p) of every call of torch's fused attention from now on."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((args[0].size(-2), kwargs["dropout_p"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
 @pytest.mark.parametrize(
     "fields, attention_p",
     [
@@ -213,25 +226,18 @@ def test_rope_with_an_odd_head_size_is_refused_with_the_fix():
     ],
 )
 def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(fields, attention_p, monkeypatch):
-    seen = []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["dropout_p"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    seen = sdpa_calls(monkeypatch)
     torch.manual_seed(0)
     model = GPT(tiny(**fields), VOCAB)
     idx = torch.randint(0, VOCAB, (2, 8))
     model.train()
     first, _ = model(idx)
-    assert seen == [attention_p] * 2
+    assert seen == [(8, attention_p)] * 2
     second, _ = model(idx)
     assert not torch.equal(first, second)  # some dropout is on in training
     model.eval()
     seen.clear()
-    assert torch.equal(model(idx)[0], model(idx)[0]) and seen == [0.0] * 4
+    assert torch.equal(model(idx)[0], model(idx)[0]) and seen == [(8, 0.0)] * 4
 
 
 def padded_pair(**fields) -> tuple[GPT, GPT]:
@@ -288,3 +294,47 @@ def test_padding_rows_get_no_gradient_and_the_optimizer_state_dict_holds_the_tru
     moments = fresh_padded.state[padded.tok_emb.weight]["exp_avg"]
     assert moments.shape[0] == 16 and not moments[VOCAB:].any()
     torch.testing.assert_close(moments[:VOCAB], optimizers[0].state[plain.tok_emb.weight]["exp_avg"])
+
+
+def test_short_contexts_under_cpu_autocast_attend_in_bf16_like_the_fp32_flash_kernel(monkeypatch):
+    import cortexcraft.model as model_module
+
+    calls = sdpa_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS[4]), VOCAB)
+    idx = torch.randint(0, VOCAB, (3, 8))
+
+    def logits_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, idx)
+        loss.backward()
+        return logits.float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    short, short_grads = logits_and_grads()
+    assert calls == []  # every layer took the bf16 path
+    monkeypatch.setattr(model_module, "CPU_SHORT_CONTEXT", 4)
+    flash, flash_grads = logits_and_grads()
+    assert calls == [(8, 0.0)] * 2
+    torch.testing.assert_close(short, flash, rtol=0.05, atol=0.05)
+    for a, b in zip(short_grads, flash_grads):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.02)
+
+
+def test_the_bf16_attention_is_causal_applies_attention_dropout_and_matches_the_kv_cache():
+    torch.manual_seed(0)
+    model = GPT(tiny(**VARIANTS[4], attn_dropout=0.3), VOCAB)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    changed = idx.clone()
+    changed[:, 5] = (idx[:, 5] + 1) % VOCAB
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()
+        assert not torch.equal(model(idx, idx)[0], model(idx, idx)[0])
+        model.eval()
+        full, _ = model(idx, idx)
+        assert torch.equal(full[:, :5], model(changed, changed)[0][:, :5])
+        cache = KVCache(model.config.n_layer)
+        model(idx[:, :3], cache=cache)
+        for t in range(3, 8):
+            cached, _ = model(idx[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(cached[:, 0].float(), full[:, t].float(), rtol=0.05, atol=0.05)
