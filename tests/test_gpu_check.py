@@ -32,7 +32,7 @@ def test_the_gpu_check_runs_end_to_end_on_cpu_in_well_under_a_minute(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     status = {check["name"]: check["status"] for check in report["checks"]}
-    expected = {"same synthetic tokens", "training on the device", "bf16 autocast", "fused AdamW", "flash attention",
+    expected = {"same synthetic tokens", "training on the device", "bf16 autocast", "fused AdamW", "attention kernels",
                 "throughput", "resume after SIGKILL"}
     assert {name for name, s in status.items() if s == "pass"} == expected
     assert status["torch.compile"] == "skipped"
