@@ -24,6 +24,7 @@ from typing import Any, Optional
 from cortexcraft.errors import CortexCraftError
 
 POLL_SECONDS = 0.1
+NAMING_SECONDS = 1.0
 
 
 def _try_flock(fd: int) -> bool:
@@ -115,16 +116,20 @@ def lock_holder(path: str | os.PathLike) -> Optional[dict[str, Any]]:
     except FileNotFoundError:
         return None
     try:
-        if _try_flock(fd):  # free: a dead holder's file at most
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        data = os.pread(fd, 4096, 0)
+        # A holder writes its name just after locking: give it a moment rather than answer {}.
+        deadline = time.monotonic() + NAMING_SECONDS
+        while True:
+            if _try_flock(fd):  # free: a dead holder's file at most
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None
+            try:
+                return json.loads(os.pread(fd, 4096, 0))
+            except ValueError:
+                if time.monotonic() >= deadline:
+                    return {}
+            time.sleep(0.01)
     finally:
         os.close(fd)
-    try:
-        return json.loads(data)
-    except ValueError:  # the holder is between locking and writing its name
-        return {}
 
 
 def describe_holder(holder: Optional[dict[str, Any]]) -> str:
@@ -147,7 +152,10 @@ def run_dir_lock(run_dir: str | os.PathLike) -> FileLock:
 def lock_run_dir(run_dir: str | os.PathLike) -> FileLock:
     """Hold ``run_dir`` for training, or LockBusy naming the live process that trains it."""
     lock = run_dir_lock(run_dir)
-    if not lock.try_acquire():
-        raise LockBusy(f"run directory {run_dir} is being trained by {describe_holder(lock_holder(lock.path))}; "
+    while not lock.try_acquire():
+        holder = lock_holder(lock.path)
+        if holder is None:  # released between our two looks: try again
+            continue
+        raise LockBusy(f"run directory {run_dir} is being trained by {describe_holder(holder)}; "
                        f"wait for it to finish or train into another --out")
     return lock

@@ -74,6 +74,19 @@ def test_a_lock_file_left_by_a_reboot_is_taken_and_removed(tmp_path):
     assert not path.exists()
 
 
+def test_a_holder_caught_between_locking_and_naming_itself_is_still_named(tmp_path, holding):
+    # Two trainers started together: the loser looks while the winner has locked but not yet
+    # written its name. The loser must wait for the name rather than say "another process".
+    path = tmp_path / "train-abc.lock"
+    holder = holding("import fcntl, json, os\n"
+                     "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+                     "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                     "print('held', flush=True)\n"
+                     "time.sleep(0.3)\n"
+                     "os.pwrite(fd, json.dumps({'pid': os.getpid()}).encode(), 0)", path)
+    assert lock_holder(path) == {"pid": holder.pid}
+
+
 def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
     data_dir = make_data_dir(tmp_path)
     run = tmp_path / "run"
