@@ -152,6 +152,10 @@ class TrainConfig(_Section):
     muon_weight_decay: float = Field(
         0.0, ge=0, description="Muon's decoupled weight decay (torch's default would be 0.1)"
     )
+    muon_normalize: bool = Field(
+        False, description="NorMuon: divide each neuron's orthogonalized update by its running RMS, keeping the norm"
+    )
+    muon_beta2: float = Field(0.95, gt=0, lt=1, description="decay of NorMuon's per-neuron running RMS")
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = Field(
         "original",
         description="Muon's per-shape lr scale: original = sqrt(max(1, rows/cols)), or match AdamW's update RMS",

@@ -63,10 +63,12 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(data_dir
 
 
 def test_muon_and_the_speedrun_model_resume_bitwise_from_a_middle_checkpoint(data_dir, tmp_path):
-    # Both optimizers' states (AdamW moments, Muon momentum buffers) must come back exactly.
-    config = tiny_config("cpu", "max_iters=40", "keep_last=10", "optimizer=muon", "muon_momentum_warmup_iters=30",
-                         "lr_schedule=wsd", "pos_encoding=rope", "normalization=rmsnorm", "activation=relu2",
-                         "qk_norm=true", "zero_init=true", "tie_weights=false", "logit_softcap=30", "dropout=0.1")
+    # Both optimizers' states (AdamW moments, Muon momentum buffers, NorMuon's neuron RMS) must come
+    # back exactly.
+    config = tiny_config("cpu", "max_iters=40", "keep_last=10", "optimizer=muon", "muon_normalize=true",
+                         "muon_momentum_warmup_iters=30", "lr_schedule=wsd", "pos_encoding=rope",
+                         "normalization=rmsnorm", "activation=relu2", "qk_norm=true", "zero_init=true",
+                         "tie_weights=false", "logit_softcap=30", "dropout=0.1")
     reference = tmp_path / "uninterrupted"
     train(config, data_dir, reference)
     resumed = tmp_path / "resumed"

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import shutil
@@ -335,3 +336,39 @@ def test_batched_muon_steps_exactly_like_torchs_muon(adjust_lr_fn):
     resumed.load_state_dict(reference.state_dict())
     assert all(torch.equal(resumed.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
                for p, q in zip(resumed.param_groups[0]["params"], theirs))
+
+
+def test_normalized_muon_gives_every_neuron_an_equal_share_of_muons_step():
+    """Issue 20 (NorMuon): same update norm as Muon's, spread evenly over the rows at first, and
+    each row's share then follows its own running RMS, which checkpoints carry."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 64), (16, 64)]
+    start = [torch.randn(shape) * 0.02 for shape in shapes]
+    settings = dict(lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, adjust_lr_fn="original")
+    plain_params = [torch.nn.Parameter(w.clone()) for w in start]
+    normed_params = [torch.nn.Parameter(w.clone()) for w in start]
+    plain = BatchedMuon(plain_params, **settings)
+    normed = BatchedMuon(normed_params, normalize=True, beta2=0.95, **settings)
+    # Gradients whose rows differ in size by 100x: Muon's update keeps part of that imbalance.
+    grads = [torch.randn(shape) * torch.logspace(-1, 1, shape[0]).unsqueeze(1) for shape in shapes]
+    for params, optimizer in ((plain_params, plain), (normed_params, normed)):
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        optimizer.step()
+    for w, a, b in zip(start, plain_params, normed_params):
+        plain_step, normed_step = a.detach() - w, b.detach() - w
+        assert normed_step.norm() == pytest.approx(plain_step.norm().item(), rel=1e-3)
+        row_norms = normed_step.norm(dim=1)
+        assert row_norms.max() / row_norms.min() == pytest.approx(1.0, abs=1e-3)
+        assert plain_step.norm(dim=1).max() / plain_step.norm(dim=1).min() > 1.1
+        moment = normed.state[b]["neuron_moment"]
+        assert moment.shape == (w.size(0),) and bool((moment > 0).all())
+    # A resumed optimizer carries each neuron's RMS on: its next step is the same.
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in normed_params]
+    resumed = BatchedMuon(resumed_params, normalize=True, beta2=0.95, **settings)
+    resumed.load_state_dict(copy.deepcopy(normed.state_dict()))  # as from disk: no shared tensors
+    for params, optimizer in ((normed_params, normed), (resumed_params, resumed)):
+        for param, grad in zip(params, grads):
+            param.grad = grad.flip(0).clone()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(normed_params, resumed_params))
