@@ -80,8 +80,8 @@ class BatchedMuon(torch.optim.Muon):
     update is divided by that row's running RMS (an EMA with decay ``beta2``, kept per parameter as
     ``neuron_moment``), and the update is then scaled back to its norm before, so Muon's step size
     is unchanged. Orthogonalization evens out the directions of an update but not how much of it
-    each neuron gets; on the cpu preset this took the whole-val loss of a 2,400-step run from 1.470 to
-    1.458 (mean of two seeds)."""
+    each neuron gets. On the cpu preset it took the whole-val loss of a 2,400-step run from 1.4727 to
+    1.4575 (seed 1337), and of a 5.5-minute run from 1.4685 to 1.4626 (seed 7)."""
 
     def __init__(self, params, normalize: bool = False, beta2: float = 0.95, **settings: Any):
         super().__init__(params, **settings)
