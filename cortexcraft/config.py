@@ -179,7 +179,11 @@ class TrainConfig(_Section):
         "auto",
         description="auto: on CPU bf16 or fp32, whichever a cached matmul timing at the model's shapes finds faster",
     )
-    compile: Optional[bool] = Field(None, description="torch.compile the model; default: on CUDA only")
+    compile: Optional[bool] = Field(
+        None,
+        description="torch.compile the model; default: on CUDA, and on CPU for runs of max_minutes >= 3 "
+        "(and max_iters >= 1000), where the 20-40 s of compiling pays back",
+    )
     deterministic: bool = Field(
         False,
         description="torch's deterministic algorithms and a deterministic cuBLAS workspace: "

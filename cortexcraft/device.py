@@ -244,3 +244,29 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
     """fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 get a disabled
     scaler, which passes everything through unchanged."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def cpu_compiler_problem() -> Optional[str]:
+    """Why torch.compile cannot build CPU kernels here (inductor writes C++ and needs a compiler:
+    ``g++``, or ``$CXX``), or None when it can."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor's InvalidCxxCompiler, or a compiler that fails to run
+        return str(exc).splitlines()[0]
+    return None
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile`` with static shapes. On CPU the generated kernels read the thread count when
+    they run, so the thread tuner's changes never trigger a recompile; without a C++ compiler the
+    model trains uncompiled, with a warning, rather than failing at its first step."""
+    if device.type == "cpu":
+        if problem := cpu_compiler_problem():
+            log.warning("compile=true: %s; training uncompiled (install g++ or set CXX to compile on CPU)", problem)
+            return model
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.dynamic_threads = True
+    return torch.compile(model, dynamic=False)

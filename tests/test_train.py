@@ -18,7 +18,8 @@ from cortexcraft.evaluate import eval_plan, evaluate_run
 from cortexcraft.metrics import read_metrics
 from cortexcraft.optim import BatchedMuon, Optimizers, learning_rate, max_steps_for
 from cortexcraft.tokenizer import BPETokenizer
-from cortexcraft.train import train
+from cortexcraft.device import compile_model
+from cortexcraft.train import compiles, train
 from tiny_runs import make_data_dir, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,6 +155,43 @@ def test_the_time_budget_ends_the_run_with_a_checkpoint(data_dir, tmp_path):
     assert read_metrics(tmp_path / "run")[-1]["step"] == summary["steps"]
 
 
+def test_cpu_runs_compile_by_default_only_when_the_clock_budget_is_long_enough_to_repay_it():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    preset = build_config("cpu").train
+    assert compiles(preset, cpu, preset.max_iters)  # the 5.5-min pipeline default
+    assert not compiles(preset, cpu, 200)  # a step cap ends it within a minute
+    assert not compiles(preset.model_copy(update={"max_minutes": 1.5}), cpu, preset.max_iters)
+    assert not compiles(preset.model_copy(update={"max_minutes": None}), cpu, preset.max_iters)
+    assert not compiles(preset.model_copy(update={"compile": False}), cpu, preset.max_iters)
+    assert compiles(preset.model_copy(update={"compile": True}), cpu, 10)
+    assert compiles(build_config("shakespeare-char").train, cuda, 10)
+    assert not compiles(build_config("shakespeare-char").train, cpu, 5000)
+
+
+def test_without_a_cpu_compiler_the_model_trains_uncompiled_with_a_warning(caplog):
+    import torch._inductor.config as inductor_config
+
+    model = torch.nn.Linear(2, 2)
+    no_compiler = inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)})
+    with no_compiler, caplog.at_level("WARNING", logger="cortexcraft.device"):
+        assert compile_model(model, torch.device("cpu")) is model
+    assert "training uncompiled (install g++ or set CXX" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_compiled_cpu_step_matches_the_eager_step_and_the_budget_includes_compiling(data_dir, tmp_path):
+    eager = train(tiny_config("cpu", "max_iters=1", "compile=false"), data_dir, tmp_path / "eager")
+    # A 0.6 s budget: compiling alone takes longer, so the budget ends the run after its first step.
+    compiled = train(tiny_config("cpu", "max_iters=100", "max_minutes=0.01", "compile=true"), data_dir,
+                     tmp_path / "compiled")
+    assert (eager["compiled"], compiled["compiled"]) == (False, True)
+    assert (compiled["steps"], compiled["stopped_by"]) == (1, "max_minutes")
+    after_one_step = [read_metrics(tmp_path / run)[-1] for run in ("eager", "compiled")]
+    assert [record["step"] for record in after_one_step] == [1, 1]
+    assert after_one_step[1]["val_loss"] == pytest.approx(after_one_step[0]["val_loss"], abs=1e-3)
+    assert after_one_step[1]["val_loss"] != read_metrics(tmp_path / "eager")[0]["val_loss"]
+
+
 def test_max_epochs_sets_the_number_of_steps(data_dir, tmp_path):
     summary = train(tiny_config("cpu", "max_epochs=0.05", "eval_interval=1000"), data_dir, tmp_path / "run")
     train_tokens = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["tokens"]
@@ -213,7 +251,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert adamw_names == set(names.values()) - muon_names
     assert {"tok_emb.weight", "lm_head.weight", "blocks.0.attn.q_norm.weight"} <= adamw_names
     # torch's Muon defaults to weight_decay=0.1; ours is explicit.
-    assert muon.param_groups[0]["weight_decay"] == cfg.train.muon_weight_decay == 0.05
+    assert muon.param_groups[0]["weight_decay"] == cfg.train.muon_weight_decay == 0.15
 
 
 def test_warmup_stable_decay_ends_on_min_lr_by_steps_or_by_the_clock():
