@@ -7,7 +7,9 @@ weight, the LM head included) + 12 x layers x width x context for attention. A s
 that of the trainer itself (``cortexcraft.train``, timed between its last two evals; best of two
 alternating rounds), for the ``cpu`` preset (eager in bf16 and fp32, and compiled in bf16 as its
 5.5-minute runs train, timed after the compiling steps) and for nanoGPT's CPU config, beside the
-nanoGPT-style reference.
+nanoGPT-style reference. Compiling itself is timed too: seconds to the first step from an empty
+compile cache, and the time per step after, for the blocks compiled as the trainer does and for one
+whole-model graph, each in a fresh process.
 
 The profile runs the trainer's own step function (``cortexcraft.train._train_step``) on the
 ``cpu`` preset under torch.profiler and sorts each op's self time into: matmuls (forward and
@@ -21,6 +23,11 @@ shares are of the profiled step, printed beside the unprofiled step time.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 import tempfile
@@ -131,10 +138,13 @@ def breakdown(events, wall_us: float) -> dict[str, float]:
     return totals
 
 
-def profile_cpu_preset(data_dir: Path, steps: int, warmup: int) -> dict:
+def cpu_preset_steps(data_dir: Path, compiled: str | None = None):
+    """``run(first, count)``: the trainer's own step function (``cortexcraft.train._train_step``) on
+    the ``cpu`` preset, uncompiled, or compiled as the trainer does (``"blocks"``) or as one
+    whole-model graph (``"whole model"``)."""
     from cortexcraft.batches import TokenWindows
     from cortexcraft.config import build_config
-    from cortexcraft.device import grad_scaler, select_dtype, vocab_multiple
+    from cortexcraft.device import compile_model, grad_scaler, select_dtype, vocab_multiple
     from cortexcraft.distributed import Distributed
     from cortexcraft.fileio import read_json
     from cortexcraft.model import GPT, matmul_shapes
@@ -153,12 +163,50 @@ def profile_cpu_preset(data_dir: Path, steps: int, warmup: int) -> dict:
     ddp = Distributed("cpu")
     health = HealthMonitor(device, ddp, tcfg.lr)
     params = list(model.parameters())
+    stepped = model
+    if compiled is not None:
+        stepped = compile_model(model, device)  # also sets the inductor options the trainer uses
+        if compiled == "whole model":
+            stepped = torch.compile(model, dynamic=False)
 
     def run(first: int, count: int) -> None:
         for step in range(first, first + count):
             optimizers.schedule(step, tcfg.max_iters)
-            _train_step(model, params, optimizers, windows, step, tcfg, device, dtype, ddp, health)
+            _train_step(stepped, params, optimizers, windows, step, tcfg, device, dtype, ddp, health)
 
+    return run, dtype
+
+
+def compile_probe(data_dir: Path, compiled: str, steps: int) -> dict:
+    """Seconds to the first compiled step (in a fresh process with an empty compile cache, as the
+    parent runs it), then ms per step, best of two rounds."""
+    run, _ = cpu_preset_steps(data_dir, compiled)
+    start = time.perf_counter()
+    run(0, 1)
+    first = time.perf_counter() - start
+    best = float("inf")
+    for r in range(2):
+        start = time.perf_counter()
+        run(1 + r * steps, steps)
+        best = min(best, (time.perf_counter() - start) / steps)
+    return {"first_step_s": first, "step_ms": 1000 * best}
+
+
+def compile_costs(data_dir: Path, steps: int, threads: int | None) -> dict[str, dict]:
+    """``compile_probe`` for each way of compiling, each in its own process and empty cache."""
+    results = {}
+    for compiled in ("whole model", "blocks"):
+        with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+            command = [sys.executable, __file__, "--compile-probe", compiled, "--data", str(data_dir),
+                       "--steps", str(steps), *(["--threads", str(threads)] if threads else [])]
+            out = subprocess.run(command, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
+                                 check=True, capture_output=True, text=True).stdout
+        results[compiled] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+def profile_cpu_preset(data_dir: Path, steps: int, warmup: int) -> dict:
+    run, dtype = cpu_preset_steps(data_dir)
     run(0, warmup)
     start = time.perf_counter()
     run(warmup, steps)
@@ -178,7 +226,15 @@ def main() -> None:
                              throughput_ours)
     from cortexcraft.fileio import read_json
 
-    args = parse_args(__doc__.splitlines()[0])
+    def probe_arguments(parser):
+        parser.add_argument("--compile-probe", choices=("whole model", "blocks"), help=argparse.SUPPRESS)
+        parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+        parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+
+    args = parse_args(__doc__.splitlines()[0], probe_arguments)
+    if args.compile_probe:
+        print(json.dumps(compile_probe(args.data, args.compile_probe, args.steps)))
+        return
     iters, rounds, peak_seconds, profile_steps = (10, 1, 0.2, 3) if args.quick else (100, 2, 2.0, 20)
     peaks = {name: peak_matmul_flops(dtype, peak_seconds) for name, dtype in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -226,6 +282,10 @@ def main() -> None:
         headers = ["run", "ms/step", "tokens/s", "model GFLOP/s", "MFU (own precision's peak)", "MFU vs bf16 peak"]
         print_table(f"MFU on this CPU ({torch.get_num_threads()} threads); peak matmul: {peak_line}", headers, rows)
         profile = profile_cpu_preset(data_dir, profile_steps, warmup=5)
+        compiling = compile_costs(data_dir, profile_steps, args.threads)
+    compile_rows = [[name, res["first_step_s"], res["step_ms"]] for name, res in compiling.items()]
+    compile_headers = ["compiled as", "s to the first step (empty cache)", "ms/step after (best of 2)"]
+    print_table("Compiling the cpu preset's training step, each in a fresh process", compile_headers, compile_rows)
     attention_shape = (cpu_config.train.batch_size, mcfg.n_head, mcfg.block_size, mcfg.n_embd // mcfg.n_head)
     attention = attention_kernels(*attention_shape, repeats=3 if args.quick else 20)
     ours = attention["masked softmax, bf16 (ours)"]
@@ -242,7 +302,8 @@ def main() -> None:
     save_results("bench_limits", {"peaks": peaks, "runs": results, "profile": profile,
                                   "attention_shape": attention_shape, "attention_ms": attention,
                                   "attention_markdown": markdown_table(attention_headers, attention_rows),
-                                  "markdown": markdown_table(headers, rows),
+                                  "markdown": markdown_table(headers, rows), "compile": compiling,
+                                  "compile_markdown": markdown_table(compile_headers, compile_rows),
                                   "profile_markdown": markdown_table(["part", "ms/step", "share"], profile_rows)})
 
 

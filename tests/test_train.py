@@ -192,6 +192,25 @@ def test_a_compiled_cpu_step_matches_the_eager_step_and_the_budget_includes_comp
     assert after_one_step[1]["val_loss"] != read_metrics(tmp_path / "eager")[0]["val_loss"]
 
 
+@pytest.mark.slow
+def test_on_cpu_every_block_runs_one_compiled_graph_and_the_model_itself_stays_uncompiled():
+    from torch._dynamo.utils import counters
+
+    model = GPT(build_config("cpu", ["n_layer=3", "n_embd=24", "n_head=2", "block_size=12"]).model, 20)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(model, torch.device("cpu"))
+    idx = torch.randint(0, 20, (3, 12))
+    compiled_logits, loss = compiled(idx, idx)
+    loss.backward()
+    assert counters["frames"]["ok"] == 1  # one graph, built once, for all three blocks
+    eager_logits, _ = model(idx, idx)
+    assert counters["frames"]["ok"] == 1  # evaluation's model was not compiled along the way
+    assert torch.allclose(compiled_logits, eager_logits, atol=1e-5)
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_max_epochs_sets_the_number_of_steps(data_dir, tmp_path):
     summary = train(tiny_config("cpu", "max_epochs=0.05", "eval_interval=1000"), data_dir, tmp_path / "run")
     train_tokens = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["tokens"]
