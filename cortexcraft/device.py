@@ -264,10 +264,10 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
     On CPU only the transformer blocks are compiled, as one graph that every block reuses: the C++
     compiler's time per kernel dominates there, and a whole-model graph compiles each block's
-    kernels again (33 s against 20 s before the `cpu` preset's first step on 2 cores, at the same
-    time per step). The generated kernels read the thread count when they run, so the thread
-    tuner's changes never trigger a recompile. Without a C++ compiler the model trains uncompiled,
-    with a warning, rather than failing at its first step."""
+    kernels again (35 s against 19 s before the `cpu` preset's first step on 2 cores in
+    ``bench/bench_limits.py``, at the same time per step). The generated kernels read the thread
+    count when they run, so the thread tuner's changes never trigger a recompile. Without a C++
+    compiler the model trains uncompiled, with a warning, rather than failing at its first step."""
     if device.type != "cpu":
         return torch.compile(model, dynamic=False)
     if problem := cpu_compiler_problem():
