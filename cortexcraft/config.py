@@ -164,6 +164,13 @@ class TrainConfig(_Section):
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.999, gt=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
+    z_loss: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the squared log of the softmax normalizer (z-loss) added to the training objective: "
+        "it keeps the logits near log-probabilities, which regularizes a small model on a small corpus; "
+        "logged and evaluated losses stay plain cross-entropy",
+    )
     eval_interval: int = Field(500, gt=0)
     eval_iters: int = Field(200, gt=0)
     checkpoint_interval: int = Field(1000, gt=0)

@@ -472,9 +472,10 @@ def _train_step(
         sync = nullcontext() if not ddp.enabled or micro == cfg.grad_accum - 1 else model.no_sync()
         with sync:
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
+            objective = loss if not cfg.z_loss else loss + cfg.z_loss * squared_log_normalizer(logits)
             loss = loss / cfg.grad_accum
-            optimizers.scaler.scale(loss).backward()
+            optimizers.scaler.scale(objective / cfg.grad_accum).backward()
         step_losses += loss.detach().float()
     fp16 = optimizers.scaler.is_enabled()
     if cfg.grad_clip is not None:
@@ -486,6 +487,11 @@ def _train_step(
     health.record(step, step_losses if fp16 else step_losses + grad_norm)
     optimizers.step()
     return loss
+
+
+def squared_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared log of the softmax normalizer over every position (PaLM's z-loss)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
 def _save(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cortexcraft.checkpoint import load_model
 from cortexcraft.cli import main
 from cortexcraft.config import DataConfig, build_config
 from cortexcraft.errors import CortexCraftError
@@ -153,6 +154,19 @@ def test_the_time_budget_ends_the_run_with_a_checkpoint(data_dir, tmp_path):
     assert 1 <= summary["steps"] < 100000
     assert Path(summary["checkpoint_last"]).name == f"step_{summary['steps']:08d}"
     assert read_metrics(tmp_path / "run")[-1]["step"] == summary["steps"]
+
+
+def test_z_loss_pulls_the_log_of_the_softmax_normalizer_toward_zero(data_dir, tmp_path):
+    mean_squared_log_normalizer = {}
+    for weight in (0.0, 1.0):
+        run = tmp_path / f"z{weight}"
+        train(tiny_config("cpu", "max_iters=40", "lr=3e-3", "warmup_iters=5", f"z_loss={weight}"), data_dir, run)
+        model, _ = load_model(run, "last")
+        windows = torch.randint(0, model.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits, _ = model(windows, windows)
+        mean_squared_log_normalizer[weight] = torch.logsumexp(logits, dim=-1).square().mean().item()
+    assert mean_squared_log_normalizer[1.0] < 0.25 * mean_squared_log_normalizer[0.0]
 
 
 def test_cpu_runs_compile_by_default_only_when_the_clock_budget_is_long_enough_to_repay_it():
